@@ -1,0 +1,259 @@
+"""The codec interface: a narrow ``encode`` / ``decode`` pair over a flat ``Encoded`` payload.
+
+A codec is a small class registered by name when it is defined::
+
+    class Rtn(Codec, name="rtn", version=1):
+        def __init__(self, bits: int = 4, group_size: int = 128): ...
+        def encode(self, weight, spec, ctx) -> Encoded: ...
+        @classmethod
+        def decode(cls, enc, spec, shared, device, dtype) -> Tensor: ...
+        @classmethod
+        def expected_fields(cls, spec, params) -> dict[str, FieldSpec]: ...
+
+An instance is an *encoder configuration* (bits, group size, ...). Everything decoding needs is in
+the payload's ``params``, so ``decode`` and ``expected_fields`` are class methods: the runtime
+never constructs an encoder. Generic code (the file format, byte counting, moving payloads to a
+device) only ever sees named tensors plus JSON-able params.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import CodecError, UnknownCodecError
+
+__all__ = [
+    "Codec",
+    "EncodeContext",
+    "Encoded",
+    "FieldSpec",
+    "TensorSpec",
+    "SharedState",
+    "registered_codecs",
+    "get_codec",
+]
+
+# Tensor roles the compression plan assigns; codecs may use them (e.g. embeddings decode per row).
+ROLES = ("linear", "embedding", "lm_head", "other")
+
+# A codec's per-file shared state: "<id>.<param>" -> tensor, already on the decode device.
+SharedState = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What is known about an original tensor before and after encoding."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # dtype of the original tensor in the source model
+    role: str = "other"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Expected dtype and shape of one payload field, derived from the tensor spec and params."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A codec's payload for one tensor: named tensors plus JSON-able params.
+
+    Field tensors are contiguous and live on the CPU when written; the runtime may move them to
+    the decode device once. ``params`` must round-trip through ``json.dumps``/``json.loads``.
+    """
+
+    fields: dict[str, Tensor]
+    params: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte of this tensor (codes and side information)."""
+        return sum(t.numel() * t.element_size() for t in self.fields.values())
+
+    def to(self, device: torch.device | str) -> "Encoded":
+        return Encoded({k: v.to(device, non_blocking=True) for k, v in self.fields.items()}, self.params)
+
+
+@dataclass
+class EncodeContext:
+    """Per-tensor information the compression pipeline hands to ``encode``.
+
+    ``importance``: optional per-input-column importance from calibration (e.g. E[x^2]);
+    codecs that do not use calibration ignore it. ``seed`` makes randomised encoders repeatable.
+    """
+
+    name: str
+    role: str = "other"
+    importance: Tensor | None = None
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, type["Codec"]] = {}
+
+# Built-in codecs are imported on first lookup, so importing thawed.codecs stays cheap and a
+# broken optional codec cannot stop the others from loading.
+_BUILTIN_MODULES: dict[str, str] = {
+    "raw": "thawed.codecs.raw",
+    "rtn": "thawed.codecs.rtn",
+    "lossless": "thawed.codecs.lossless",
+}
+
+
+class Codec:
+    """Base class of every weight codec. Subclass with ``name=`` and ``version=`` keywords."""
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    # Roles this codec may be planned for by default. "other" tensors (norms, biases) stay raw.
+    roles: ClassVar[tuple[str, ...]] = ("linear", "embedding", "lm_head")
+
+    def __init_subclass__(cls, name: str | None = None, version: int = 1, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is None:  # an abstract intermediate class
+            return
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise CodecError(
+                f"codec name {name!r} is already registered by {_REGISTRY[name].__qualname__}; "
+                f"pick another name for {cls.__qualname__}"
+            )
+        cls.name = name
+        cls.version = int(version)
+        _REGISTRY[name] = cls
+
+    # ---- encoding (offline) -------------------------------------------------------------------
+    def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
+        raise NotImplementedError
+
+    def shared_tensors(self) -> dict[str, Tensor]:
+        """Per-file shared state to store once under ``__codec__.<name>.<id>.<param>``.
+
+        Keys are ``"<id>.<param>"``. Codecs without shared state return ``{}``.
+        """
+        return {}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> "Codec":
+        """Build an encoder from string options (``bits=4,group_size=128``), typed by ``__init__``."""
+        sig = inspect.signature(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)
+        allowed = [p for p in sig.parameters if p != "self"]
+        kwargs: dict[str, Any] = {}
+        for key, raw in options.items():
+            if key not in allowed:
+                raise CodecError(
+                    f"codec {cls.name!r} has no option {key!r}; its options are: "
+                    + (", ".join(allowed) or "(none)")
+                )
+            kwargs[key] = _convert_option(cls.name, key, raw, hints.get(key, str))
+        return cls(**kwargs)
+
+    def options(self) -> dict[str, Any]:
+        """The encoder configuration, for the checkpoint's record of compression settings."""
+        return {k: getattr(self, k) for k in inspect.signature(type(self).__init__).parameters
+                if k != "self" and hasattr(self, k)}
+
+    # ---- decoding (runtime) -------------------------------------------------------------------
+    @classmethod
+    def decode(
+        cls,
+        enc: Encoded,
+        spec: TensorSpec,
+        shared: SharedState,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        """Dtype and shape every field must have for this tensor and these params.
+
+        Raises ``CodecError`` naming the parameter when params are missing or out of range; the
+        checkpoint reader calls this on open, before any payload byte is read.
+        """
+        raise NotImplementedError
+
+
+def _convert_option(codec: str, key: str, raw: str, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if raw.lower() in ("none", "null") and len(args) < len(typing.get_args(typ)):
+            return None
+        typ = args[0] if args else str
+    try:
+        if typ is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ in (int, float, str):
+            return typ(raw)
+    except ValueError:
+        raise CodecError(
+            f"codec {codec!r} option {key!r}: cannot read {raw!r} as {getattr(typ, '__name__', typ)}"
+        ) from None
+    return raw
+
+
+def registered_codecs() -> dict[str, type[Codec]]:
+    """All codecs, the built-ins imported first. Name -> class."""
+    for name in list(_BUILTIN_MODULES):
+        get_codec(name)
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_codec(name: str) -> type[Codec]:
+    """Look a codec class up by name, importing a built-in one on first use."""
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        import importlib
+
+        importlib.import_module(_BUILTIN_MODULES[name])
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+        raise UnknownCodecError(
+            f"unknown codec {name!r}; available codecs: {', '.join(known)}. "
+            "If the checkpoint was written by a newer thawed, upgrade thawed."
+        ) from None
+
+
+def check_param(codec: str, tensor: str, params: Mapping[str, Any], key: str, typ: type,
+                lo: float | None = None, hi: float | None = None) -> Any:
+    """Read a required param and check its type and range; errors name tensor and param."""
+    if key not in params:
+        raise CodecError(f"tensor {tensor!r}: codec {codec!r} param {key!r} is missing from the index")
+    val = params[key]
+    ok = isinstance(val, typ) and not (typ is int and isinstance(val, bool))
+    if typ is float and isinstance(val, int) and not isinstance(val, bool):
+        ok = True
+    if not ok:
+        raise CodecError(
+            f"tensor {tensor!r}: codec {codec!r} param {key!r} is {val!r}, expected {typ.__name__}"
+        )
+    if (lo is not None and val < lo) or (hi is not None and val > hi):
+        raise CodecError(
+            f"tensor {tensor!r}: codec {codec!r} param {key!r}={val!r} is outside [{lo}, {hi}]"
+        )
+    return val

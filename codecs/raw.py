@@ -1,0 +1,33 @@
+"""``raw``: the tensor stored as it is (norms, biases, anything the plan leaves uncompressed)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec
+
+__all__ = ["Raw"]
+
+
+class Raw(Codec, name="raw", version=1):
+    """One field ``data`` with the original shape and dtype. Bit-exact."""
+
+    roles = ("linear", "embedding", "lm_head", "other")
+
+    def __init__(self) -> None:
+        pass
+
+    def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
+        return Encoded({"data": weight.detach().to("cpu").contiguous()}, {})
+
+    @classmethod
+    def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
+               device: torch.device, dtype: torch.dtype) -> Tensor:
+        return enc.fields["data"].to(device=device, dtype=dtype)
+
+    @classmethod
+    def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        return {"data": FieldSpec(spec.dtype, tuple(spec.shape))}

@@ -1,0 +1,1 @@
+"""thawed HTTP server (see issue: server)."""
