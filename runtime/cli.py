@@ -1,0 +1,219 @@
+"""The ``thawed`` command line: demo-model, compress, inspect, generate, eval.
+
+Config flows one way: argv -> argparse namespace -> frozen config objects -> constructors.
+Errors thawed raises for bad input print one line (``error: ...``) and exit 2; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from thawed.codecs.errors import ThawedError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("thawed")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
+    p.add_argument("--cache-budget", default="auto",
+                   help="decoded-weight cache budget: auto (hold every layer), bytes, 512MiB, 2G, or 25%% of the decoded model")
+    p.add_argument("--prefetch", type=int, default=1, metavar="LAYERS",
+                   help="decode this many layers ahead in the background (0 = off; default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thawed", description="Compress, inspect and run compressed LLM checkpoints.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo-model", help="convert the bundled SmolLM2-135M-Instruct into an HF directory (once) and print it")
+    p.add_argument("--out", default=None, help="target directory (default: $THAWED_CACHE/smollm2-135m-instruct)")
+
+    p = sub.add_parser("compress", help="compress an HF model directory into a thawed checkpoint")
+    p.add_argument("src", help="Hugging Face model directory (config.json + *.safetensors)")
+    p.add_argument("out", help="output checkpoint directory (new or empty)")
+    p.add_argument("--codec", required=True,
+                   help="codec for linear weights/embeddings, with options: rtn:bits=4,group_size=128 | lossless | raw")
+    p.add_argument("--codec-for", action="append", default=[], metavar="PATTERN=CODEC[:k=v,...]",
+                   help="override by tensor-name glob, repeatable, later wins: '*.v_proj.weight=rtn:bits=6'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("inspect", help="per-tensor codec, bytes and bits per weight of a checkpoint")
+    p.add_argument("ckpt")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--totals", action="store_true", help="only the totals")
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (or an HF directory)")
+    p.add_argument("ckpt")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--stats", action="store_true", help="print timing and cache statistics to stderr")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint or a dense HF directory, fixed protocol")
+    p.add_argument("model", help="thawed checkpoint or Hugging Face model directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--corpus", choices=["ptb-test", "ptb-valid", "ptb-train"])
+    g.add_argument("--text-file")
+    p.add_argument("--tokens", type=int, default=20000, help="score the first N tokens (default 20000)")
+    p.add_argument("--ctx", type=int, default=1024, help="window length (default 1024)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default ctx/2)")
+    p.add_argument("--json", action="store_true")
+    _add_runtime_args(p)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except ThawedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from .demo_model import demo_model_dir
+
+    print(demo_model_dir(args.out))
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import compress
+    from .plan import Plan, parse_codec_choice, parse_override
+
+    plan = Plan(parse_codec_choice(args.codec), tuple(parse_override(o) for o in args.codec_for))
+    report = compress(args.src, args.out, plan, progress=False if args.no_progress else None, seed=args.seed)
+    ratio = report.source_bytes / report.payload_bytes if report.payload_bytes else 0
+    print(f"wrote {report.path}: {report.tensors} tensors, {report.payload_bytes:,} bytes "
+          f"({ratio:.2f}x smaller than the source) in {report.seconds:.1f}s")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import Checkpoint
+    from .inspection import format_inspect, inspect_checkpoint
+
+    with Checkpoint.open(args.ckpt) as ckpt:
+        report = inspect_checkpoint(ckpt)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_inspect(report, show_tensors=not args.totals))
+    return 0
+
+
+def _runtime_config(args: argparse.Namespace):
+    from .model import RuntimeConfig, parse_budget
+
+    return RuntimeConfig(device=args.device, dtype=args.dtype, cache_budget=parse_budget(args.cache_budget),
+                         prefetch_layers=args.prefetch)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import SamplingParams, generate_tokens
+    from .loading import load_for_inference
+
+    t0 = time.perf_counter()
+    loaded = load_for_inference(args.ckpt, _runtime_config(args))
+    try:
+        tok = loaded.tokenizer
+        if args.chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        else:
+            ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        if not args.chat:
+            sys.stdout.write(args.prompt)
+        out: list[int] = []
+        printed = ""
+        first = None
+        for step in generate_tokens(loaded.model, list(ids), params, loaded.eos_token_ids, loaded.device):
+            first = first or time.perf_counter()
+            out.append(step.token)
+            text = tok.decode(out, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+        sys.stdout.write("\n")
+        if args.stats:
+            t1 = time.perf_counter()
+            n = len(out)
+            info = {"load_seconds": round(loaded.load_seconds, 3),
+                    "time_to_first_token": round((first or t1) - t0, 3),
+                    "new_tokens": n,
+                    "tokens_per_second_after_first": round((n - 1) / (t1 - first), 2) if first and n > 1 else None}
+            if loaded.lazy is not None:
+                info["cache"] = loaded.lazy.cache.stats().as_dict()
+                info["cache"].pop("keys", None)
+            print(json.dumps(info), file=sys.stderr)
+    finally:
+        loaded.close()
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import load_corpus, perplexity
+    from .loading import load_for_inference
+
+    name, text = load_corpus(args.corpus, args.text_file)
+    loaded = load_for_inference(args.model, _runtime_config(args))
+    try:
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
+        show = sys.stderr.isatty() and not args.json
+
+        def progress(i: int, n: int) -> None:
+            if show:
+                print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)
+
+        res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=args.ctx,
+                         stride=args.stride, corpus=name, device=loaded.device, progress=progress)
+        if show:
+            print(file=sys.stderr)
+    finally:
+        loaded.close()
+    out = res.as_dict() | {"model": str(args.model), "kind": loaded.kind}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.model} ({loaded.kind}): perplexity {res.perplexity:.3f} on {res.scored_tokens} tokens "
+              f"[{res.protocol}] in {res.seconds:.1f}s")
+    return 0
+
+
+_COMMANDS = {
+    "demo-model": _cmd_demo_model,
+    "compress": _cmd_compress,
+    "inspect": _cmd_inspect,
+    "generate": _cmd_generate,
+    "eval": _cmd_eval,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

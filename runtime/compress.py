@@ -1,0 +1,87 @@
+"""The compression pipeline: HF model directory in, thawed checkpoint directory out.
+
+Tensors are read one at a time from the memory-mapped source and written to the payload file as
+soon as they are encoded, so peak memory is about one tensor plus its encoding (never the model
+twice). Roles (linear / embedding / lm_head / other) come from the architecture built with no
+weights, so any decoder-only transformers model with ``nn.Linear`` projections works.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from thawed.codecs import Codec, EncodeContext, TensorSpec
+from thawed.codecs.errors import ThawedError
+
+from .plan import CodecChoice, Plan
+from .skeleton import build_skeleton, load_config, tensor_roles
+from .source import SourceModel
+from .writer import CheckpointWriter
+
+__all__ = ["compress", "CompressReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    path: Path
+    tensors: int
+    source_bytes: int
+    payload_bytes: int
+    seconds: float
+    codecs: dict[str, int]
+
+
+def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | None = None,
+             seed: int = 0) -> CompressReport:
+    t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ThawedError(f"output directory {out} exists and is not empty; choose a new path or delete it")
+    config = load_config(src)
+    roles = tensor_roles(build_skeleton(config))
+    encoders: dict[CodecChoice, Codec] = {}
+    counts: dict[str, int] = {}
+    source_bytes = 0
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm import tqdm
+
+    with SourceModel(src) as source:
+        names = source.names()
+        settings = {"plan": plan.as_dict(), "seed": seed}
+        with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer:
+            for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
+                shape, dtype = source.shape_dtype(name)
+                role = roles.get(name, "other")
+                choice = plan.choose(name, role, dtype, len(shape))
+                codec = encoders.get(choice)
+                if codec is None:
+                    codec = encoders[choice] = choice.build()
+                weight = source.get(name)
+                source_bytes += weight.numel() * weight.element_size()
+                spec = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
+                try:
+                    enc = codec.encode(weight, spec, EncodeContext(name=name, role=role, seed=seed))
+                except ThawedError as exc:
+                    raise ThawedError(f"tensor {name!r} ({choice}): {exc}") from exc
+                writer.add(spec, codec.name, codec.version, enc)
+                counts[codec.name] = counts.get(codec.name, 0) + 1
+                del weight, enc
+            for codec in encoders.values():
+                shared = codec.shared_tensors()
+                if shared:
+                    writer.add_shared(codec.name, shared)
+            path = writer.finish()
+    payload = path.stat().st_size if path.is_file() else 0
+    report = CompressReport(path=out, tensors=len(names), source_bytes=source_bytes,
+                            payload_bytes=payload, seconds=time.perf_counter() - t0, codecs=counts)
+    log.info("compressed %d tensors in %.1fs: %s", report.tensors, report.seconds, counts)
+    return report

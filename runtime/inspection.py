@@ -1,0 +1,64 @@
+"""``thawed inspect``: per-tensor codec, shape, bytes and bits per weight; totals; ratio to bf16."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import Checkpoint
+
+__all__ = ["inspect_checkpoint", "format_inspect"]
+
+
+def _bpw(nbytes: int, numel: int) -> float:
+    return nbytes * 8 / numel if numel else 0.0
+
+
+def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
+    """Every byte counts: a tensor's bpw includes codes and side info; the file total also counts
+    shared codec state and the header."""
+    rows = []
+    lin_bytes = lin_numel = all_bytes = all_numel = 0
+    for name, e in ckpt.index.items():
+        numel = e.spec.numel
+        rows.append({"name": name, "codec": e.codec, "role": e.role, "shape": list(e.shape),
+                     "dtype": str(e.dtype).replace("torch.", ""), "bytes": e.nbytes,
+                     "bpw": round(_bpw(e.nbytes, numel), 4), "params": e.params})
+        all_bytes += e.nbytes
+        all_numel += numel
+        if e.role in ("linear",):
+            lin_bytes += e.nbytes
+            lin_numel += numel
+    file_bytes = ckpt.file_nbytes
+    return {
+        "path": str(ckpt.path),
+        "tensors": rows,
+        "linear": {"weights": lin_numel, "bytes": lin_bytes, "bpw": round(_bpw(lin_bytes, lin_numel), 4)},
+        "total": {
+            "weights": all_numel,
+            "tensor_bytes": all_bytes,
+            "file_bytes": file_bytes,
+            "bpw": round(_bpw(file_bytes, all_numel), 4),
+            "ratio_to_bf16": round(all_numel * 2 / file_bytes, 3) if file_bytes else 0.0,
+        },
+        "codecs": sorted({r["codec"] for r in rows}),
+        "source": ckpt.metadata.get("source"),
+        "settings": ckpt.metadata.get("settings"),
+    }
+
+
+def format_inspect(report: dict[str, Any], show_tensors: bool = True) -> str:
+    lines = []
+    if show_tensors:
+        w = max([len(r["name"]) for r in report["tensors"]] + [6])
+        lines.append(f"{'tensor':<{w}}  {'codec':<9} {'role':<9} {'shape':<14} {'bytes':>11} {'bpw':>7}")
+        for r in report["tensors"]:
+            shape = "x".join(map(str, r["shape"]))
+            lines.append(f"{r['name']:<{w}}  {r['codec']:<9} {r['role']:<9} {shape:<14} {r['bytes']:>11,} {r['bpw']:>7.3f}")
+        lines.append("")
+    lin, tot = report["linear"], report["total"]
+    lines.append(f"linear layers: {lin['weights']:,} weights, {lin['bytes']:,} bytes, {lin['bpw']:.3f} bits/weight")
+    lines.append(
+        f"whole file:    {tot['weights']:,} weights, {tot['file_bytes']:,} bytes (header and shared state "
+        f"included), {tot['bpw']:.3f} bits/weight, {tot['ratio_to_bf16']:.2f}x smaller than bf16"
+    )
+    return "\n".join(lines)

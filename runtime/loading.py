@@ -1,0 +1,93 @@
+"""Open a model for inference: a thawed checkpoint (lazy) or an ordinary HF directory (dense).
+
+``eval`` and ``generate`` take either, so the dense baseline is measured by the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from thawed.codecs.errors import ThawedError
+
+from .format import PAYLOAD_FILE
+from .model import LazyModel, RuntimeConfig, resolve_device, resolve_dtype
+
+__all__ = ["Loaded", "load_for_inference", "is_checkpoint", "load_tokenizer"]
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / PAYLOAD_FILE).is_file() or (p.is_file() and p.name.endswith(".safetensors"))
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ThawedError(f"cannot load the tokenizer from {path}: {exc}") from exc
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    eos_token_ids: tuple[int, ...]
+    kind: str  # "thawed" | "dense"
+    load_seconds: float
+    lazy: LazyModel | None = None
+
+    def close(self) -> None:
+        if self.lazy is not None:
+            self.lazy.close()
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+def load_for_inference(path: str | Path, config: RuntimeConfig = RuntimeConfig()) -> Loaded:
+    t0 = time.perf_counter()
+    path = Path(path)
+    if is_checkpoint(path):
+        lazy = LazyModel.load(path, config)
+        model = lazy.model
+        tokenizer = load_tokenizer(lazy.checkpoint.config_dir)
+        _attach_generation_config(model, lazy.checkpoint.config_dir)
+        return Loaded(model, tokenizer, lazy.device, _eos_ids(model, tokenizer), "thawed",
+                      time.perf_counter() - t0, lazy)
+    if not (path / "config.json").is_file():
+        raise ThawedError(f"{path} is neither a thawed checkpoint nor a Hugging Face model directory")
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(path)
+    return Loaded(model, tokenizer, device, _eos_ids(model, tokenizer), "dense", time.perf_counter() - t0)
+
+
+def _attach_generation_config(model: nn.Module, folder: Path) -> None:
+    if (Path(folder) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        except (OSError, ValueError):
+            pass

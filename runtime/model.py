@@ -1,0 +1,242 @@
+"""The lazy model: a thawed checkpoint opened as a transformers model whose weights decode on use.
+
+``LazyModel.load(path, RuntimeConfig(...))`` validates the checkpoint (no payload read), builds
+the architecture with no weights, loads the small ``raw`` tensors (norms, biases), and attaches
+every compressed weight to the decoded-weight cache. The first forward through a layer decodes
+its weights (on the GPU when the model runs there); the prefetcher decodes the next layers ahead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from thawed.codecs import Encoded, get_codec
+from thawed.codecs.errors import ThawedError
+
+from .cache import WeightCache
+from .checkpoint import Checkpoint
+from .lazy import attach_lazy_weight
+from .prefetch import Prefetcher
+from .skeleton import build_skeleton, load_config, tied_sources
+
+__all__ = ["RuntimeConfig", "LazyModel", "resolve_device", "resolve_dtype", "parse_budget"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run a checkpoint. ``cache_budget``: bytes, ``None``/"auto" = hold every layer."""
+
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    cache_budget: int | None = None
+    prefetch_layers: int = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ThawedError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ThawedError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ThawedError(f"--device {name!r} is not supported; use auto, cpu or cuda")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ThawedError(f"--dtype {name!r} is not supported; use auto, float32, bfloat16 or float16") from None
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30}
+
+
+def parse_budget(text: str | int | None) -> int | None:
+    """``auto``/``none`` -> None (hold everything); ``123``, ``512MiB``, ``1.5G`` -> bytes;
+    ``25%`` -> returned as a negative permille marker resolved by ``LazyModel`` against the
+    decoded size (``-250`` means 25 %)."""
+    if text is None or isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    if s in ("auto", "none", "all", ""):
+        return None
+    if s.endswith("%"):
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            pct = -1
+        if not 0 < pct <= 100:
+            raise ThawedError(f"--cache-budget {text!r}: a percentage must be in (0, 100]")
+        return -max(1, round(pct * 10))
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ThawedError(
+            f"--cache-budget {text!r} is not a size; use bytes (123456), units (512MiB, 2G), a share "
+            "of the decoded model (25%) or auto"
+        ) from None
+    if value < 0:
+        raise ThawedError(f"--cache-budget {text!r} must not be negative")
+    return int(value)
+
+
+class LazyModel:
+    """A causal LM over a thawed checkpoint; ``.model`` is an ordinary transformers module."""
+
+    def __init__(self, checkpoint: Checkpoint, model: nn.Module, cache: WeightCache,
+                 prefetcher: Prefetcher, device: torch.device, dtype: torch.dtype,
+                 decoded_nbytes: int, lazy_keys: list[str], load_seconds: float) -> None:
+        self.checkpoint = checkpoint
+        self.model = model
+        self.cache = cache
+        self.prefetcher = prefetcher
+        self.device = device
+        self.dtype = dtype
+        self.decoded_nbytes = decoded_nbytes
+        self.lazy_keys = lazy_keys
+        self.load_seconds = load_seconds
+        self.config = model.config
+
+    @classmethod
+    def load(cls, path: str | Path, config: RuntimeConfig = RuntimeConfig()) -> "LazyModel":
+        t0 = time.perf_counter()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        ckpt = Checkpoint.open(path)
+        try:
+            return cls._build(ckpt, config, device, dtype, t0)
+        except BaseException:
+            ckpt.close()
+            raise
+
+    @classmethod
+    def _build(cls, ckpt: Checkpoint, config: RuntimeConfig, device: torch.device,
+               dtype: torch.dtype, t0: float) -> "LazyModel":
+        hf_config = load_config(ckpt.config_dir)
+        model = build_skeleton(hf_config, dtype)
+        tied = tied_sources(model)
+        index = ckpt.index
+
+        # Which checkpoint tensor backs each parameter (tied parameters share their source's key).
+        param_key: dict[str, str] = {}
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            if name in index:
+                param_key[name] = name
+            elif name in tied and tied[name] in index:
+                param_key[name] = tied[name]
+            else:
+                raise ThawedError(
+                    f"the checkpoint {ckpt.path} has no tensor for parameter {name!r} of "
+                    f"{type(model).__name__}; it was compressed from a different model or is incomplete"
+                )
+
+        payload_cache: dict[str, Encoded] = {}
+        payload_lock = threading.Lock()
+        shared_cache: dict[str, dict[str, torch.Tensor]] = {}
+
+        def payload(key: str) -> Encoded:
+            # Payloads move to the decode device once (they are small) and stay there.
+            with payload_lock:
+                enc = payload_cache.get(key)
+                if enc is None:
+                    enc = ckpt.encoded(key)
+                    if device.type != "cpu":
+                        enc = enc.to(device)
+                        payload_cache[key] = enc
+                codec = index[key].codec
+                if codec not in shared_cache:
+                    shared_cache[codec] = {k: v.to(device) for k, v in ckpt.shared(codec).items()}
+                return enc
+
+        def decode(key: str):
+            entry = index[key]
+            enc = payload(key)
+            weight = get_codec(entry.codec).decode(enc, entry.spec, shared_cache[entry.codec], device, dtype)
+            ready = None
+            if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+                ready = torch.cuda.Event()
+                ready.record()
+            return weight, entry.codec, ready
+
+        cache_budget = config.cache_budget
+        lazy_modules: list[tuple[nn.Module, str, str]] = []
+        decoded_nbytes = 0
+        seen_keys: set[str] = set()
+        for mname, mod in model.named_modules():
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                full = f"{mname}.{pname}" if mname else pname
+                key = param_key[full]
+                entry = index[key]
+                if tuple(entry.shape) != tuple(param.shape):
+                    raise ThawedError(
+                        f"checkpoint tensor {key!r} has shape {list(entry.shape)} but {full!r} of the "
+                        f"model needs {list(param.shape)}; the config.json does not match the weights"
+                    )
+                if entry.codec == "raw":
+                    value = ckpt.decode(key, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
+                    setattr(mod, pname, nn.Parameter(value, requires_grad=False))
+                else:
+                    lazy_modules.append((mod, pname, key))
+                    if key not in seen_keys:
+                        seen_keys.add(key)
+                        decoded_nbytes += entry.spec.numel * torch.empty((), dtype=dtype).element_size()
+
+        if cache_budget is not None and cache_budget < 0:  # a share of the decoded size
+            cache_budget = decoded_nbytes * (-cache_budget) // 1000
+        cache = WeightCache(decode, cache_budget)
+        lazy_keys = [key for _, _, key in lazy_modules]
+        prefetcher = Prefetcher(cache, lazy_keys, config.prefetch_layers, device)
+        for mod, pname, key in lazy_modules:
+            entry = index[key]
+            attach_lazy_weight(mod, pname, key, cache, tuple(entry.shape), dtype, prefetcher.on_access)
+        if cache_budget is not None and cache_budget < decoded_nbytes:
+            log.warning(
+                "cache budget %.1f MiB is below the decoded model size %.1f MiB: layers will be "
+                "decoded again on every forward (streaming decode), which is much slower",
+                cache_budget / 2**20, decoded_nbytes / 2**20,
+            )
+        model.to(device)  # buffers (RoPE inv_freq) and raw parameters
+        return cls(ckpt, model, cache, prefetcher, device, dtype, decoded_nbytes, lazy_keys,
+                   time.perf_counter() - t0)
+
+    def warm(self) -> None:
+        """Decode every compressed weight now (fills the cache up to its budget)."""
+        for key in dict.fromkeys(self.lazy_keys):
+            self.cache.prefetch(key)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.cache.clear()
+        self.checkpoint.close()
+
+    def __enter__(self) -> "LazyModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

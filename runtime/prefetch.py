@@ -1,0 +1,99 @@
+"""Decode the next layers ahead while the current one computes.
+
+Keys are grouped by layer (the first integer in the name: ``model.layers.7.mlp.up_proj.weight``
+is layer 7; keys without one, such as the embedding, form their own groups) in execution order.
+When a key of group ``g`` is accessed, the keys of groups ``g+1 .. g+depth`` (wrapping around to
+the start, which the next token needs) are queued to a single worker thread that decodes them
+into the cache. On CUDA the worker decodes on a side stream and the cache makes the consumer
+wait on an event, so decode overlaps compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from typing import Iterable
+
+import torch
+
+from .cache import WeightCache
+
+__all__ = ["Prefetcher", "layer_groups"]
+
+log = logging.getLogger(__name__)
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_groups(keys_in_order: Iterable[str]) -> list[list[str]]:
+    """Group keys by their layer number, keeping first-seen order of groups and keys."""
+    groups: dict[str, list[str]] = {}
+    for key in keys_in_order:
+        m = _LAYER.search(key)
+        gid = m.group(0) if m else key
+        groups.setdefault(gid, [])
+        if key not in groups[gid]:
+            groups[gid].append(key)
+    return list(groups.values())
+
+
+class Prefetcher:
+    """Background decoder of upcoming layers. ``depth=0`` disables it."""
+
+    def __init__(self, cache: WeightCache, keys_in_order: list[str], depth: int,
+                 device: torch.device) -> None:
+        self.cache = cache
+        self.depth = depth
+        self.groups = layer_groups(keys_in_order)
+        self._group_of = {k: i for i, g in enumerate(self.groups) for k in g}
+        self._queue: "queue.Queue[str | None]" = queue.Queue()
+        self._queued: set[str] = set()
+        self._lock = threading.Lock()
+        self._errors = 0
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread: threading.Thread | None = None
+        if depth > 0 and self.groups:
+            self._thread = threading.Thread(target=self._run, name="thawed-prefetch", daemon=True)
+            self._thread.start()
+
+    def on_access(self, key: str) -> None:
+        if self._thread is None:
+            return
+        g = self._group_of.get(key)
+        if g is None:
+            return
+        n = len(self.groups)
+        for step in range(1, min(self.depth, n - 1) + 1):
+            for nxt in self.groups[(g + step) % n]:
+                if self.cache.contains(nxt):
+                    continue
+                with self._lock:
+                    if nxt in self._queued:
+                        continue
+                    self._queued.add(nxt)
+                self._queue.put(nxt)
+
+    def _run(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            try:
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        self.cache.prefetch(key)
+                else:
+                    self.cache.prefetch(key)
+            except Exception:  # the forward will decode it again and raise the error itself
+                self._errors += 1
+                log.debug("prefetch of %s failed", key, exc_info=True)
+            finally:
+                with self._lock:
+                    self._queued.discard(key)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None

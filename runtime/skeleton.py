@@ -1,0 +1,92 @@
+"""Build a transformers model with no weights, and tell which tensors are linears, embeddings, heads.
+
+Parameters go on the meta device (no memory, no init); buffers stay real. Building the whole
+model under ``torch.device("meta")`` would also put RoPE's ``inv_freq`` on meta, which silently
+breaks positions, so only parameter registration is redirected (accelerate's
+``init_empty_weights(include_buffers=False)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from thawed.codecs.errors import ThawedError
+
+__all__ = ["load_config", "build_skeleton", "tensor_roles", "tied_sources"]
+
+
+def load_config(path: str | Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ThawedError(
+            f"cannot read the model config in {path}: {exc}. The folder needs the config.json "
+            "of a transformers model"
+        ) from exc
+
+
+def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal-LM of ``config``'s architecture with parameters on meta and real buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise ThawedError(
+            f"transformers cannot build a causal LM for model_type {getattr(config, 'model_type', '?')!r}: {exc}"
+        ) from exc
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tensor_roles(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> role: ``linear`` | ``embedding`` | ``lm_head`` | ``other``.
+
+    Roles come from module types, so the plan works for any decoder-only architecture whose
+    projections are ``nn.Linear`` (Llama, Mistral, Qwen2/3, Gemma 2/3 ...), not from name tables.
+    """
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    roles: dict[str, str] = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if pname == "weight" and out_emb is not None and mod is out_emb:
+                role = "lm_head"
+            elif pname == "weight" and isinstance(mod, nn.Embedding):
+                role = "embedding"
+            elif pname == "weight" and isinstance(mod, nn.Linear):
+                role = "linear"
+            else:
+                role = "other"
+            roles[full] = role
+    return roles
+
+
+def tied_sources(model: nn.Module) -> dict[str, str]:
+    """Tied parameter name -> the name whose tensor it shares (e.g. lm_head -> embed_tokens)."""
+    tied: dict[str, str] = {}
+    keys = getattr(model, "_tied_weights_keys", None)
+    cfg = getattr(model, "config", None)
+    want_tie = bool(getattr(cfg, "tie_word_embeddings", False))
+    if isinstance(keys, dict) and want_tie:
+        tied.update(keys)
+    elif want_tie and hasattr(model, "get_output_embeddings"):
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        if out_emb is not None and in_emb is not None:
+            tied[f"{names[id(out_emb)]}.weight"] = f"{names[id(in_emb)]}.weight"
+    # Parameters that are literally the same object are tied too.
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        first.setdefault(id(p), name)
+    return tied
