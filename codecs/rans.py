@@ -207,7 +207,9 @@ def decode(freq: Tensor, states: Tensor, words: Tensor, lane_words: Tensor, n: i
             "the payload is damaged or truncated"
         )
     if checks[4]:
-        raise CorruptPayloadError(f"{what}: {checks[4]} lane states are below the rANS lower bound; the payload is damaged")
+        raise CorruptPayloadError(
+            f"{what}: {checks[4]} lane states are below the rANS lower bound; the payload is damaged"
+        )
     steps = -(-n // lanes)
     # Per-slot tables: symbol, and (slot - cum[symbol], frequency) as one [M, 2] row per slot.
     sym_of_slot = torch.repeat_interleave(torch.arange(alphabet, device=device), f64, output_size=m_total)

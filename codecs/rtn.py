@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
-from .errors import CodecError
+from .errors import CodecError, CorruptPayloadError
 
 __all__ = ["Rtn", "rtn_decode_reference", "unpack_codes"]
 
@@ -94,15 +94,21 @@ class Rtn(Codec, name="rtn", version=1):
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
         if tuple(weight.shape) != tuple(spec.shape):
-            raise CodecError(f"tensor {spec.name!r}: weight shape {list(weight.shape)} differs from spec {list(spec.shape)}")
+            raise CodecError(
+                f"tensor {spec.name!r}: weight shape {list(weight.shape)} differs from spec {list(spec.shape)}"
+            )
         if not (weight.is_floating_point() or weight.numel() == 0):
-            raise CodecError(f"tensor {spec.name!r}: rtn quantises floating-point weights, got {weight.dtype}; use 'raw'")
+            raise CodecError(
+                f"tensor {spec.name!r}: rtn quantises floating-point weights, got {weight.dtype}; use 'raw'"
+            )
         m, n = _matrix_shape(tuple(spec.shape))
         w = weight.detach().to("cpu", torch.float32).reshape(m, n)
         if w.numel():
             bad = int((~torch.isfinite(w)).sum())
             if bad:
-                raise CodecError(f"tensor {spec.name!r} has {bad} NaN/Inf values; rtn cannot store them, use 'lossless' or 'raw'")
+                raise CodecError(
+                    f"tensor {spec.name!r} has {bad} NaN/Inf values; rtn cannot store them, use 'lossless' or 'raw'"
+                )
             peak = float(w.abs().max())
             if peak > F16_MAX:
                 raise CodecError(
@@ -159,9 +165,11 @@ def _checked_fields(cls: type[Codec], enc: Encoded, spec: TensorSpec,
     for key, fs in want.items():
         t = enc.fields.get(key)
         if t is None:
-            raise CodecError(f"tensor {spec.name!r}: codec 'rtn' payload has no field {key!r}; the file is incomplete")
+            raise CorruptPayloadError(
+                f"tensor {spec.name!r}: codec 'rtn' payload has no field {key!r}; the file is incomplete"
+            )
         if t.dtype != fs.dtype or tuple(t.shape) != fs.shape:
-            raise CodecError(
+            raise CorruptPayloadError(
                 f"tensor {spec.name!r}: codec 'rtn' field {key!r} is {t.dtype} {list(t.shape)}, expected "
                 f"{fs.dtype} {list(fs.shape)}; the file is damaged or was not written by thawed"
             )

@@ -45,7 +45,8 @@ def test_bit_exact_round_trip(dtype: torch.dtype, shape: tuple[int, ...]) -> Non
     enc, spec = _encode(w)
     assert json.loads(json.dumps(enc.params)) == enc.params
     fs = Lossless.expected_fields(spec, enc.params)
-    assert {k: (v.dtype, v.shape) for k, v in fs.items()} == {k: (t.dtype, tuple(t.shape)) for k, t in enc.fields.items()}
+    got = {k: (t.dtype, tuple(t.shape)) for k, t in enc.fields.items()}
+    assert {k: (v.dtype, v.shape) for k, v in fs.items()} == got
     out = Lossless.decode(enc, spec, {}, CPU, dtype)
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(_bits(out), _bits(w))

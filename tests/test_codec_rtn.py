@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from thawed.codecs import CodecError, EncodeContext, Encoded, TensorSpec, get_codec
+from thawed.codecs import CodecError, CorruptPayloadError, EncodeContext, Encoded, TensorSpec, get_codec
 from thawed.codecs.bitpack import pack_bits, unpack_bits
 from thawed.codecs.rtn import Rtn, rtn_decode_reference, unpack_codes
 
@@ -161,10 +161,10 @@ def test_expected_fields_mismatches_name_the_param() -> None:
             Rtn.expected_fields(spec, params)
     enc, _ = _encode(torch.randn(8, 64), bits=4, group_size=32)
     broken = Encoded({**enc.fields, "scale": enc.fields["scale"][:, :1].contiguous()}, enc.params)
-    with pytest.raises(CodecError, match="field 'scale'"):
+    with pytest.raises(CorruptPayloadError, match="field 'scale'"):
         Rtn.decode(broken, spec, {}, CPU, torch.float32)
     missing = Encoded({k: v for k, v in enc.fields.items() if k != "codes"}, enc.params)
-    with pytest.raises(CodecError, match="no field 'codes'"):
+    with pytest.raises(CorruptPayloadError, match="no field 'codes'"):
         Rtn.decode(missing, spec, {}, CPU, torch.float32)
 
 
