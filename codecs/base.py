@@ -88,7 +88,11 @@ class Encoded:
         return sum(t.numel() * t.element_size() for t in self.fields.values())
 
     def to(self, device: torch.device | str) -> "Encoded":
-        return Encoded({k: v.to(device, non_blocking=True) for k, v in self.fields.items()}, self.params)
+        """The same payload on ``device`` (asynchronous only for host-to-GPU copies, which the
+        stream orders; a copy back to the host is synchronous so its data is there on return)."""
+        dev = torch.device(device)
+        return Encoded({k: v.to(dev, non_blocking=dev.type == "cuda" and v.device.type == "cpu")
+                        for k, v in self.fields.items()}, self.params)
 
 
 @dataclass
@@ -187,7 +191,9 @@ class Codec:
         """Dtype and shape every field must have for this tensor and these params.
 
         Raises ``CodecError`` naming the parameter when params are missing or out of range; the
-        checkpoint reader calls this on open, before any payload byte is read.
+        checkpoint reader calls this on open, before any payload byte is read. Field sizes that
+        depend on the data (an entropy-coded stream's length) must therefore be params too.
+        ``decode`` raises ``CorruptPayloadError`` for a payload whose bytes contradict its params.
         """
         raise NotImplementedError
 
