@@ -1,0 +1,403 @@
+"""The generation engine: one worker thread owns the model; requests wait in a bounded queue.
+
+* ``Engine.submit(job)`` puts a request (a ``Job``: one or more sequences — prompts x ``n``) in
+  the waiting queue, or raises ``QueueFull`` when ``max_queue`` requests already wait and no slot
+  is free. The HTTP layer answers that with 429 + ``Retry-After``.
+* The worker admits waiting jobs while fewer than ``max_running`` sequences are active (a job is
+  admitted whole; a job larger than ``max_running`` runs alone), then steps every active sequence
+  by one token in turn (round robin). Each sequence keeps its own KV cache; forwards are not
+  batched across requests (see docs/SERVING.md for why).
+* Events go back to the request's asyncio queue with ``loop.call_soon_threadsafe``.
+* Cancellation: ``job.cancel()`` sets a flag the worker checks before every token, so a client
+  that disconnects stops its generation within one token and frees its slot. Stop strings end a
+  sequence the same way, from inside the worker.
+* Prompt scoring (``echo`` + ``logprobs``): one forward over the whole prompt, fp32
+  log-softmax; the same forward's last row chooses the first new token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import torch
+from torch import nn
+
+from thawed.runtime.generate import SamplingParams, next_token
+
+from .detok import TextAssembler
+from .metrics import Metrics
+
+__all__ = [
+    "SeqSpec", "Job", "Engine", "QueueFull", "EngineClosed", "PromptScores", "TokenEvent",
+    "Finished", "Failed", "job_events",
+]
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+class QueueFull(Exception):
+    """The waiting queue is full (answer 429)."""
+
+
+class EngineClosed(Exception):
+    """The engine is not running (loading, failed or shutting down)."""
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """One sequence to generate. ``prompt_logprobs``: score the prompt and return this many top
+    alternatives per position (None: do not score). ``logprobs``: top alternatives per new token."""
+
+    index: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    include_stop: bool = False
+    prompt_logprobs: int | None = None
+    logprobs: int | None = None
+    max_model_len: int | None = None
+
+
+# ---- events (worker -> request) ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PromptScores:
+    index: int
+    logprobs: list  # [None, lp1, lp2, ...] one per prompt token
+    top: list  # [None, [(id, lp), ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    index: int
+    token: int
+    logprob: float
+    top: tuple  # ((id, lp), ...)
+    piece: str  # this token's own text (empty while a UTF-8 sequence is incomplete)
+    delta: str  # text safe to send now (stop strings held back)
+    special: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    index: int
+    reason: str  # "length" | "eos" | "stop"
+    delta: str  # remaining text (held back until now)
+    text: str  # the whole generated text
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    message: str
+
+
+class Job:
+    """One request: its sequences, its event queue (on the event loop), its cancel flag."""
+
+    def __init__(self, seqs: Sequence[SeqSpec], loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not seqs:
+            raise ValueError("a job needs at least one sequence")
+        self.id = next(_ids)
+        self.seqs = list(seqs)
+        self.loop = loop or asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the worker before every token
+
+    def emit(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+class _Seq:
+    __slots__ = ("job", "spec", "past", "history", "generator", "text", "n", "first_at", "last_at", "last_token")
+
+    def __init__(self, job: Job, spec: SeqSpec, tokenizer) -> None:
+        self.job = job
+        self.spec = spec
+        self.past = None
+        self.history = list(spec.prompt_ids)
+        p = spec.params
+        self.generator = None
+        if p.temperature > 0:
+            self.generator = torch.Generator()
+            if p.seed is not None:
+                self.generator.manual_seed(p.seed)
+            else:
+                self.generator.seed()
+        self.text = TextAssembler(tokenizer, spec.stop, include_stop=spec.include_stop, context=spec.prompt_ids)
+        self.n = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.last_token: int | None = None
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer, eos_token_ids: Sequence[int], device: torch.device, *,
+                 max_queue: int, max_running: int, metrics: Metrics | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = frozenset(int(e) for e in eos_token_ids)
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self.device = torch.device(device)
+        self.max_queue = max_queue
+        self.max_running = max_running
+        self.metrics = metrics or Metrics()
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._active: list[_Seq] = []
+        self._n_active = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="thawed-engine", daemon=True)
+
+    # ---- asyncio side ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self.alive:
+                raise EngineClosed("the generation worker is not running")
+            waiting_seqs = sum(len(j.seqs) for j in self._waiting)
+            slot_free = self._n_active + waiting_seqs + len(job.seqs) <= self.max_running
+            if len(self._waiting) >= self.max_queue and not slot_free:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
+            self._waiting.append(job)
+            self.metrics.waiting.set(len(self._waiting))
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return
+            self.metrics.waiting.set(len(self._waiting))
+            self.metrics.cancelled.inc(len(job.seqs))
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"running": self._n_active, "waiting": len(self._waiting)}
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the generation worker did not stop within %.0f s", timeout)
+
+    # ---- worker ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._admit()
+                    while not self._active and not self._closing:
+                        self._cond.wait()
+                        self._admit()
+                    if self._closing:
+                        break
+                for seq in list(self._active):
+                    if seq.job.cancelled:
+                        self._drop(seq, cancelled=True)
+                        continue
+                    try:
+                        self._step(seq)
+                    except Exception as exc:  # a failing forward fails its request, not the server
+                        log.exception("generation failed for request %d", seq.job.id)
+                        self._fail(seq.job, f"generation failed: {type(exc).__name__}: {exc}")
+        except BaseException:  # pragma: no cover - a bug in the loop itself
+            log.exception("the generation worker stopped")
+            raise
+        finally:
+            with self._cond:
+                self._closing = True
+                jobs = list(self._waiting) + list({id(s.job): s.job for s in self._active}.values())
+                self._waiting.clear()
+            for job in jobs:
+                job.emit(Failed("the server is shutting down"))
+            for seq in list(self._active):
+                self._drop(seq, cancelled=True)
+
+    def _admit(self) -> None:  # holds the lock
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                continue
+            if self._n_active and self._n_active + len(job.seqs) > self.max_running:
+                break
+            self._waiting.popleft()
+            self.metrics.queue_time.observe(time.monotonic() - job.submitted)
+            for spec in job.seqs:
+                self._active.append(_Seq(job, spec, self.tokenizer))
+            self._n_active = len(self._active)
+        self.metrics.waiting.set(len(self._waiting))
+        self.metrics.running.set(self._n_active)
+
+    def _drop(self, seq: _Seq, *, cancelled: bool = False) -> None:
+        seq.past = None
+        with self._cond:
+            try:
+                self._active.remove(seq)
+            except ValueError:
+                return
+            self._n_active = len(self._active)
+            self.metrics.running.set(self._n_active)
+        if cancelled:
+            self.metrics.cancelled.inc()
+
+    def _fail(self, job: Job, message: str) -> None:
+        job.cancel()
+        self.metrics.errors.inc()
+        for s in [s for s in self._active if s.job is job]:
+            self._drop(s)
+        job.emit(Failed(message))
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        delta = seq.text.flush()
+        seq.job.emit(Finished(seq.spec.index, reason, delta, seq.text.output, seq.n))
+        self.metrics.request_success.labels(reason).inc()
+        self.metrics.e2e.observe(time.monotonic() - seq.job.submitted)
+        self._drop(seq)
+
+    def _step(self, seq: _Seq) -> None:
+        spec, p = seq.spec, seq.spec.params
+        with torch.inference_mode():
+            if seq.past is None:  # prefill
+                ids = torch.tensor([spec.prompt_ids], dtype=torch.long, device=self.device)
+                self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+                if spec.prompt_logprobs is not None:
+                    out = self.model(input_ids=ids, use_cache=p.max_new_tokens > 0)
+                    logp_all = torch.log_softmax(out.logits[0].float(), dim=-1)  # [prompt, vocab] fp32
+                    seq.job.emit(self._prompt_scores(spec, logp_all))
+                    if p.max_new_tokens == 0:
+                        self._finish(seq, "length")
+                        return
+                    logits = out.logits[0, -1].float()
+                    del logp_all
+                else:
+                    if p.max_new_tokens == 0:
+                        self._finish(seq, "length")
+                        return
+                    out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    logits = out.logits[0, -1].float()
+            else:
+                ids = torch.tensor([[seq.last_token]], dtype=torch.long, device=self.device)
+                out = self.model(input_ids=ids, past_key_values=seq.past, use_cache=True)
+                logits = out.logits[0, -1].float()
+            seq.past = out.past_key_values
+            del out
+            token = next_token(logits, p, seq.generator, seq.history)
+            logp = torch.log_softmax(logits, dim=-1)
+            lp = float(logp[token])
+            top: tuple = ()
+            if spec.logprobs:
+                vals, idx = torch.topk(logp, min(spec.logprobs, logp.numel()))
+                top = tuple(zip(idx.tolist(), vals.tolist()))
+        now = time.monotonic()
+        if seq.first_at is None:
+            seq.first_at = now
+            self.metrics.ttft.observe(now - seq.job.submitted)
+        else:
+            self.metrics.itl.observe(now - seq.last_at)
+        seq.last_at = now
+        seq.n += 1
+        seq.last_token = token
+        seq.history.append(token)
+        self.metrics.generation_tokens.inc()
+        piece, delta = seq.text.push(token)
+        seq.job.emit(TokenEvent(spec.index, token, lp, top, piece, delta, token in self.special_ids))
+        if token in self.eos and not p.ignore_eos:
+            self._finish(seq, "eos")
+        elif seq.text.stopped:
+            self._finish(seq, "stop")
+        elif seq.n >= p.max_new_tokens:
+            self._finish(seq, "length")
+        elif spec.max_model_len is not None and len(seq.history) >= spec.max_model_len:
+            self._finish(seq, "length")
+
+    @staticmethod
+    def _prompt_scores(spec: SeqSpec, logp_all: torch.Tensor) -> PromptScores:
+        ids = torch.tensor(spec.prompt_ids[1:], dtype=torch.long, device=logp_all.device)
+        rows = logp_all[:-1]
+        chosen = rows.gather(1, ids[:, None])[:, 0].tolist() if len(ids) else []
+        logprobs: list = [None, *chosen]
+        top: list = [None]
+        k = spec.prompt_logprobs or 0
+        if k and len(ids):
+            vals, idx = torch.topk(rows, k, dim=-1)
+            top += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        else:
+            top += [[] for _ in chosen]
+        return PromptScores(spec.index, logprobs, top)
+
+
+# ---- consuming a job's events on the event loop -------------------------------------------------
+class ClientGone(Exception):
+    """The client disconnected while its request was running."""
+
+
+async def _wait_disconnect(receive) -> None:
+    quiet = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        quiet += 1
+        if quiet > 100:  # a server that keeps answering with body messages: poll gently instead
+            await asyncio.sleep(0.05)
+
+
+async def job_events(engine: Engine, job: Job, receive=None) -> AsyncIterator:
+    """Yield the job's events until every sequence has finished (or ``Failed``). If the client
+    disconnects (``receive`` says ``http.disconnect``) or the consumer stops early, the job is
+    cancelled; the worker sees that before its next token."""
+    watcher = asyncio.ensure_future(_wait_disconnect(receive)) if receive is not None else None
+    remaining = len(job.seqs)
+    try:
+        while remaining:
+            getter = asyncio.ensure_future(job.events.get())
+            waits = {getter} if watcher is None else {getter, watcher}
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                getter.cancel()
+                raise
+            if getter not in done:
+                getter.cancel()
+                raise ClientGone()
+            event = getter.result()
+            if isinstance(event, Finished):
+                remaining -= 1
+            yield event
+            if isinstance(event, Failed):
+                remaining = 0
+                return
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if remaining:
+            engine.cancel(job)

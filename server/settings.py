@@ -1,0 +1,50 @@
+"""Server settings: every option of ``thawed serve`` is also a ``THAWED_*`` environment variable.
+
+Precedence (pydantic-settings): explicit arguments (the CLI passes only the flags given on the
+command line) > environment variables > defaults. The settings object is frozen; the app and the
+engine read it once at start.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THAWED_", frozen=True, extra="ignore")
+
+    checkpoint: str | None = Field(None, description="thawed checkpoint directory (or a Hugging Face model directory)")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 inside a container)")
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
+    cache_budget: str = Field("auto", description="decoded-weight cache budget: auto, bytes, 512MiB, 2G or 25%")
+    prefetch: int = Field(1, ge=0, description="layers decoded ahead in the background")
+    max_queue: int = Field(32, ge=0, description="requests allowed to wait for a slot; more are answered 429")
+    max_running: int = Field(8, ge=1, description="sequences decoded at once (interleaved token by token)")
+    max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's")
+    default_max_tokens: int = Field(512, ge=1, description="chat / TGI max new tokens when the request gives none")
+    max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+    api_key: str | None = Field(None, description="when set, every route but /health needs `Authorization: Bearer KEY`")
+    served_model_name: str | None = Field(None, description="model id reported by /v1/models; default: the checkpoint folder name")
+    strict_model_name: bool = Field(False, description="reject requests whose `model` is not the served name")
+    preload: bool = Field(False, description="decode every layer before answering /health 200")
+    log_level: str = Field("info", description="uvicorn / thawed log level")
+
+    @field_validator("api_key", "served_model_name", "checkpoint", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.checkpoint:
+            from pathlib import Path
+
+            return Path(self.checkpoint).resolve().name or "thawed"
+        return "thawed"
