@@ -31,7 +31,7 @@ def test_inspect_json_counts_every_byte(ckpt, capsys):
     assert rows["model.norm.weight"]["codec"] == "raw" and rows["model.norm.weight"]["bpw"] == 32
     total = rep["total"]
     assert total["file_bytes"] >= total["tensor_bytes"]
-    assert total["bpw"] == pytest.approx(total["file_bytes"] * 8 / total["weights"])
+    assert total["bpw"] == pytest.approx(total["file_bytes"] * 8 / total["weights"], rel=1e-4)
     assert rep["linear"]["bpw"] > 5 and rep["linear"]["bpw"] < 9
 
 
