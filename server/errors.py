@@ -57,6 +57,14 @@ def _field_name(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+# what a field whose type is a union accepts (pydantic reports one error per union member)
+_ACCEPTS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+}
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -68,6 +76,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", None
     if field is None and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
         return "the request body must be a JSON object", None
+    same = [e for e in errors if _field_name(tuple(e.get("loc", ()))) == field]
+    accepts = _ACCEPTS.get((field or "").split(".")[-1]) if field else None
+    if accepts and len(same) > 1 and first.get("type") != "missing":
+        msg = f"must be {accepts}; got {type(first.get('input')).__name__} {str(first.get('input'))[:40]!r}"
+        errors = [e for e in errors if e not in same] + [first]
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return (f"{field}: {msg}{more}" if field else f"{msg}{more}"), field
 
