@@ -1,0 +1,180 @@
+"""A real uvicorn on 127.0.0.1 with real clients, tiny model: incremental SSE delivery,
+disconnect cancellation (stream and not) within one token, queue full -> 429 + Retry-After,
+the openai SDK (completions, chat, both streaming, models.list) and huggingface_hub's
+InferenceClient (chat_completion streaming, text_generation with details, streaming)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from server_fixtures import LiveServer, SlowModel, make_app, tiny_chat_ckpt, tiny_loaded, with_model  # noqa: F401
+
+DELAY = 0.05  # seconds per forward of the slowed model
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_loaded):
+    with LiveServer(make_app(tiny_loaded, served_model_name="tiny")) as url:
+        yield url
+
+
+@pytest.fixture()
+def slow(tiny_loaded):
+    model = SlowModel(tiny_loaded.model, delay=DELAY)
+    with LiveServer(make_app(with_model(tiny_loaded, model), max_running=1, max_queue=1)) as url:
+        yield url, model
+
+
+def test_stream_arrives_incrementally(slow):
+    url, _ = slow
+    n = 20
+    t0 = time.monotonic()
+    arrivals = []
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                      json={"prompt": "the", "max_tokens": n, "stream": True, "ignore_eos": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                arrivals.append(time.monotonic() - t0)
+    total = time.monotonic() - t0
+    assert total >= n * DELAY
+    assert arrivals[0] < total / 3, (arrivals[0], total)  # the first token long before the last
+
+
+def test_stream_disconnect_cancels_within_one_token(slow):
+    url, model = slow
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                      json={"prompt": "the", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                got += 1
+            if got == 3:
+                break
+        at_close = model.forwards
+    # leaving the block closed the connection: the worker must stop before its next token or so
+    wait_for(lambda: metric(url, "thawed_num_requests_running") == 0, 5)
+    after = model.forwards
+    time.sleep(5 * DELAY)
+    assert model.forwards == after, "generation went on after the request finished"
+    assert after - at_close <= 2, (at_close, after)  # the token in flight, at most one more
+    assert metric(url, "thawed_requests_cancelled_total") >= 1
+    # the slot is free: with max_running=1 a new request runs at once
+    t0 = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=10)
+    assert r.status_code == 200 and time.monotonic() - t0 < 2
+
+
+def test_non_stream_disconnect_cancels(slow):
+    url, model = slow
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 200, "ignore_eos": True},
+                   timeout=httpx.Timeout(10, read=0.5))
+    at_close = model.forwards
+    wait_for(lambda: metric(url, "thawed_num_requests_running") == 0, 5)
+    assert model.forwards - at_close <= 2
+    assert model.forwards < 50
+
+
+def test_queue_full_answers_429_with_retry_after(slow):
+    url, _ = slow
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            body = {"prompt": "the", "max_tokens": 15, "ignore_eos": True}
+            first = asyncio.create_task(c.post("/v1/completions", json=body))  # runs (max_running=1)
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(c.post("/v1/completions", json=body))  # waits (max_queue=1)
+            await asyncio.sleep(0.3)
+            third = await c.post("/v1/completions", json=body)  # refused
+            return await first, await second, third
+
+    first, second, third = asyncio.run(run())
+    assert first.status_code == 200 and second.status_code == 200
+    assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
+    e = third.json()["error"]
+    assert e["type"] == "rate_limit_error" and e["code"] == 429 and "max_queue" in e["message"]
+    assert metric(url, 'thawed_requests_rejected_total{reason="queue_full"}') >= 1
+
+
+def test_openai_sdk(live):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{live}/v1", api_key="unused", max_retries=0)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    c = client.completions.create(model="tiny", prompt="the capital of", max_tokens=5, temperature=0, logprobs=2)
+    assert c.choices[0].finish_reason in ("stop", "length") and c.usage.prompt_tokens >= 3
+    assert len(c.choices[0].logprobs.top_logprobs[0]) == 2
+    chunks = list(client.completions.create(model="tiny", prompt="the capital of", max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
+    assert chunks[-1].usage.completion_tokens == c.usage.completion_tokens
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "paris"}],
+                                          max_tokens=6, temperature=0, seed=3)
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "paris"}],
+                                            max_tokens=6, temperature=0, stream=True)
+    parts = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(parts) == chat.choices[0].message.content
+
+
+def test_openai_sdk_error_types(live):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{live}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="the", max_tokens=100_000)
+    assert "max_tokens" in str(info.value)
+
+
+def test_huggingface_inference_client(live):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=live)
+    out = client.text_generation("the capital of", max_new_tokens=5, details=True, decoder_input_details=True)
+    assert out.details.generated_tokens == len(out.details.tokens) >= 1
+    assert out.details.finish_reason in ("length", "eos_token", "stop_sequence")
+    assert "".join(t.text for t in out.details.tokens) == out.generated_text
+    assert out.details.prefill[0].logprob is None
+    plain = client.text_generation("the capital of", max_new_tokens=5)
+    assert plain == out.generated_text
+    streamed = "".join(client.text_generation("the capital of", max_new_tokens=5, stream=True))
+    assert streamed == out.generated_text
+    parts = []
+    for chunk in client.chat_completion(messages=[{"role": "user", "content": "paris"}], max_tokens=6,
+                                        temperature=0, stream=True):
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+    whole = client.chat_completion(messages=[{"role": "user", "content": "paris"}], max_tokens=6, temperature=0)
+    assert "".join(parts) == whole.choices[0].message.content
+
+
+def test_bad_requests_never_break_the_live_server(live):
+    for payload in (b"\x00\xff", b"[]", b"{}", json.dumps({"prompt": [[1, 2], "x"]}).encode(),
+                    json.dumps({"prompt": "the", "max_tokens": 2**40}).encode(),
+                    json.dumps({"prompt": "the", "temperature": 1e308, "max_tokens": 2}).encode(),
+                    json.dumps({"prompt": "the", "seed": -1, "temperature": 1, "max_tokens": 2}).encode()):
+        r = httpx.post(f"{live}/v1/completions", content=payload, headers={"content-type": "application/json"})
+        assert r.status_code in (200, 400), (payload, r.status_code, r.text)
+        assert "error" in r.json() or "choices" in r.json()
+    assert httpx.get(f"{live}/health").status_code == 200
