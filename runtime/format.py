@@ -97,7 +97,7 @@ _FIELD_RE = re.compile(r"[A-Za-z0-9_\-.]+")         # field names (no ':' so no 
 _META_KEYS = ("format", "format_version", "index", "shared", "shared_checksums", "source", "settings")
 _INDEX_KEYS = ("codec", "codec_version", "shape", "dtype", "role", "fields", "params", "checksum")
 
-_RECOMPRESS = "re-run `thawed compress` to rebuild the checkpoint"
+_RECOMPRESS = "Re-run `thawed compress` to rebuild the checkpoint"
 _NOT_OURS = "the file is truncated or corrupted, or was not written by thawed"
 
 # ---- dtypes -------------------------------------------------------------------------------------
@@ -365,24 +365,24 @@ def _describe(key: str) -> str:
 
 def _shape(value: Any, path: Path, what: str) -> tuple[int, ...]:
     if not isinstance(value, list):
-        raise HeaderError(f"{path}: {what} has shape {value!r}, expected a list of integers; {_NOT_OURS}")
+        raise HeaderError(f"{path}: {what} has shape {value!r}, expected a list of integers; {_NOT_OURS}. {_RECOMPRESS}")
     if len(value) > MAX_RANK:
         raise HeaderError(
-            f"{path}: {what} has {len(value)} dimensions, more than the limit of {MAX_RANK}; {_NOT_OURS}"
+            f"{path}: {what} has {len(value)} dimensions, more than the limit of {MAX_RANK}; {_NOT_OURS}. {_RECOMPRESS}"
         )
     for d in value:
         if not _is_int(d):
-            raise HeaderError(f"{path}: {what} has dimension {d!r} in shape {value!r}, expected an integer; {_NOT_OURS}")
+            raise HeaderError(f"{path}: {what} has dimension {d!r} in shape {value!r}, expected an integer; {_NOT_OURS}. {_RECOMPRESS}")
         if d < 0:
-            raise HeaderError(f"{path}: {what} has negative dimension {d} in shape {value}; {_NOT_OURS}")
+            raise HeaderError(f"{path}: {what} has negative dimension {d} in shape {value}; {_NOT_OURS}. {_RECOMPRESS}")
         if d > MAX_DIM:
             raise HeaderError(
-                f"{path}: {what} has dimension {d} in shape {value}, above the limit of {MAX_DIM}; {_NOT_OURS}"
+                f"{path}: {what} has dimension {d} in shape {value}, above the limit of {MAX_DIM}; {_NOT_OURS}. {_RECOMPRESS}"
             )
     if _numel(value) > MAX_NUMEL:
         raise HeaderError(
             f"{path}: {what} has shape {value} with {_numel(value)} elements, above the limit of "
-            f"{MAX_NUMEL}; {_NOT_OURS}"
+            f"{MAX_NUMEL}; {_NOT_OURS}. {_RECOMPRESS}"
         )
     return tuple(value)
 
@@ -450,14 +450,14 @@ def parse_header(raw: bytes, file_nbytes: int, path: Path) -> Header:
             f"{path}: format version {version} is not supported by this thawed (it reads version "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
             + ("the checkpoint was written by a newer thawed: upgrade thawed, or re-compress the model "
-               "with this one" if newer else f"{_RECOMPRESS} with this thawed")
+               "with this one" if newer else "re-run `thawed compress` with this thawed")
         )
     for key in _META_KEYS:
         if key not in meta:
             raise HeaderError(f"{path}: __metadata__ has no {key!r}; {_NOT_OURS}. {_RECOMPRESS}")
     settings = _loads(meta["settings"], "__metadata__['settings']", path)
     if not isinstance(settings, dict):
-        raise HeaderError(f"{path}: __metadata__['settings'] is not a JSON object; {_NOT_OURS}")
+        raise HeaderError(f"{path}: __metadata__['settings'] is not a JSON object; {_NOT_OURS}. {_RECOMPRESS}")
 
     # -- the stored tensors: dtype, shape, offsets, sizes; then the layout of the data buffer
     data_start = 8 + len(raw)
@@ -467,13 +467,13 @@ def parse_header(raw: bytes, file_nbytes: int, path: Path) -> Header:
         what = _describe(key)
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise HeaderError(
-                f"{path}: {what} must be an object with exactly dtype, shape and data_offsets; {_NOT_OURS}"
+                f"{path}: {what} must be an object with exactly dtype, shape and data_offsets; {_NOT_OURS}. {_RECOMPRESS}"
             )
         dtype = CODE_TO_DTYPE.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
             raise HeaderError(
                 f"{path}: {what} has dtype {info['dtype']!r}, which thawed does not read (known: "
-                f"{', '.join(CODE_TO_DTYPE)}); {_NOT_OURS}"
+                f"{', '.join(CODE_TO_DTYPE)}); {_NOT_OURS}. {_RECOMPRESS}"
             )
         shape = _shape(info["shape"], path, what)
         offs = info["data_offsets"]
@@ -542,7 +542,7 @@ def parse_header(raw: bytes, file_nbytes: int, path: Path) -> Header:
     sums_raw = _loads(meta["shared_checksums"], "__metadata__['shared_checksums']", path)
     if not isinstance(shared_raw, dict) or not isinstance(sums_raw, dict):
         raise HeaderError(
-            f"{path}: __metadata__['shared'] and ['shared_checksums'] must be JSON objects; {_NOT_OURS}"
+            f"{path}: __metadata__['shared'] and ['shared_checksums'] must be JSON objects; {_NOT_OURS}. {_RECOMPRESS}"
         )
     shared: dict[str, tuple[str, ...]] = {}
     for codec, ids in shared_raw.items():
@@ -579,7 +579,7 @@ def parse_header(raw: bytes, file_nbytes: int, path: Path) -> Header:
     extra_sums = set(sums_raw) - set(shared)
     if extra_sums:
         raise HeaderError(
-            f"{path}: shared_checksums names codec {sorted(extra_sums)[0]!r} that declares no shared state; {_NOT_OURS}"
+            f"{path}: shared_checksums names codec {sorted(extra_sums)[0]!r} that declares no shared state; {_NOT_OURS}. {_RECOMPRESS}"
         )
 
     # -- every stored tensor belongs to someone

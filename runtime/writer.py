@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-import torch
 from torch import Tensor
 
 from thawed.codecs.base import ROLES, Encoded, TensorSpec, get_codec

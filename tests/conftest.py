@@ -76,6 +76,17 @@ def build_tiny_checkpoint(out: Path, src: Path | None = None) -> Path:
 
 
 @pytest.fixture
+def toy_codec() -> type[ToyFormatCodec]:
+    return ToyFormatCodec
+
+
+@pytest.fixture
+def build_checkpoint() -> Callable[..., Path]:
+    """``build_tiny_checkpoint(out, src=None) -> payload path``."""
+    return build_tiny_checkpoint
+
+
+@pytest.fixture
 def tiny_source(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)

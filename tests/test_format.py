@@ -7,11 +7,9 @@ import hashlib
 import json
 import struct
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ToyFormatCodec, build_tiny_checkpoint
 from safetensors import safe_open
 
 from thawed.codecs import EncodeContext, Encoded, TensorSpec, ThawedError, get_codec
@@ -46,8 +44,8 @@ def _inputs() -> dict[str, torch.Tensor]:
     }
 
 
-def test_golden_bytes(tmp_path):
-    path = build_tiny_checkpoint(tmp_path / "a")
+def test_golden_bytes(tmp_path, build_checkpoint):
+    path = build_checkpoint(tmp_path / "a")
     blob = path.read_bytes()
     assert path.name == PAYLOAD_FILE
     assert blob[: len(GOLDEN_PREFIX)] == GOLDEN_PREFIX
@@ -58,15 +56,15 @@ def test_golden_bytes(tmp_path):
     assert hashlib.sha256(blob).hexdigest() == GOLDEN_SHA256
 
 
-def test_same_inputs_same_bytes(tmp_path, tiny_source):
-    a = build_tiny_checkpoint(tmp_path / "a", tiny_source).read_bytes()
-    b = build_tiny_checkpoint(tmp_path / "b").read_bytes()
+def test_same_inputs_same_bytes(tmp_path, tiny_source, build_checkpoint):
+    a = build_checkpoint(tmp_path / "a", tiny_source).read_bytes()
+    b = build_checkpoint(tmp_path / "b").read_bytes()
     assert a == b
 
 
-def test_round_trip_fields_params_and_decode(tiny_ckpt):
+def test_round_trip_fields_params_and_decode(tiny_ckpt, toy_codec):
     inputs = _inputs()
-    raw, toy = get_codec("raw")(), ToyFormatCodec()
+    raw, toy = get_codec("raw")(), toy_codec()
     with Checkpoint.open(tiny_ckpt) as ckpt:
         assert list(ckpt.index) == list(inputs)  # the writer's order
         for name, t in inputs.items():
@@ -94,7 +92,7 @@ def test_round_trip_fields_params_and_decode(tiny_ckpt):
         assert ckpt.index["model.layer.weight"].role == "linear"
         assert ckpt.index["model.layer.weight"].fields == ("scale", "codes")  # file order
         assert set(ckpt.shared(toy.name)) == {"0.table"}
-        assert torch.equal(ckpt.shared(toy.name)["0.table"], ToyFormatCodec.TABLE)
+        assert torch.equal(ckpt.shared(toy.name)["0.table"], toy_codec.TABLE)
         assert ckpt.shared("raw") == {}
         assert ckpt.metadata == {"format": "thawed", "format_version": 1, "source": "tests/tiny",
                                  "settings": {"plan": "toy", "seed": 0}}
@@ -120,7 +118,7 @@ def test_bits_per_weight(tiny_ckpt):
     assert bits_per_weight(10, 0) == 0.0
 
 
-def test_safetensors_reads_it(tiny_ckpt):
+def test_safetensors_reads_it(tiny_ckpt, toy_codec):
     with Checkpoint.open(tiny_ckpt) as ckpt, safe_open(str(tiny_ckpt / PAYLOAD_FILE), framework="pt") as f:
         meta = f.metadata()
         assert meta["format"] == "thawed" and meta["format_version"] == "1"
@@ -130,7 +128,7 @@ def test_safetensors_reads_it(tiny_ckpt):
             enc = ckpt.encoded(name)
             for fld in entry.fields:
                 assert torch.equal(f.get_tensor(f"{name}::{fld}"), enc.fields[fld])
-        assert torch.equal(f.get_tensor("__codec__.toy-format-test.0.table"), ToyFormatCodec.TABLE)
+        assert torch.equal(f.get_tensor("__codec__.toy-format-test.0.table"), toy_codec.TABLE)
 
 
 def test_fields_are_zero_copy_and_aligned(tiny_ckpt):
@@ -261,8 +259,8 @@ def test_writer_streams_to_disk(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [PAYLOAD_FILE]
 
 
-def test_writer_rejects_bad_input(tmp_path):
-    raw, toy = get_codec("raw")(), ToyFormatCodec()
+def test_writer_rejects_bad_input(tmp_path, toy_codec):
+    raw, toy = get_codec("raw")(), toy_codec()
     t = torch.ones(2, 3)
     with CheckpointWriter(tmp_path / "w", source="s", settings={}) as w:
         w.add(_spec("a", t), "raw", 1, raw.encode(t, _spec("a", t), EncodeContext(name="a")))
@@ -309,3 +307,10 @@ def test_more_dtypes_round_trip(tmp_path):
         for name, t in values.items():
             assert ckpt.decode(name).dtype == t.dtype and torch.equal(ckpt.decode(name), t)
             assert torch.equal(f.get_tensor(f"{name}::data"), t)
+
+
+def test_empty_checkpoint(tmp_path):
+    with CheckpointWriter(tmp_path / "e", source="s", settings={}) as w:
+        path = w.finish()
+    with Checkpoint.open(path) as ckpt, safe_open(str(path), "pt") as f:
+        assert ckpt.index == {} and ckpt.payload_nbytes == 0 and list(f.keys()) == []
