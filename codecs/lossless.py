@@ -86,33 +86,42 @@ class Lossless(Codec, name="lossless", version=1):
                 f"tensor {spec.name!r}: weight is {weight.dtype} {list(weight.shape)} but the spec says "
                 f"{spec.dtype} {list(spec.shape)}; lossless stores the source dtype unchanged"
             )
-        u = weight.detach().to("cpu").contiguous().view(idt).reshape(-1).to(torch.int64)
-        if idt == torch.int32:
-            u &= 0xFFFFFFFF
-        else:
-            u &= 0xFFFF
-        n = u.numel()
+        raw = weight.detach().to("cpu").contiguous().reshape(-1)
+        n = raw.numel()
+        if spec.dtype == torch.float32:
+            # Byte-wise on the little-endian bytes: exponent = bits 23..30; the rest is bytes 0, 1
+            # and (byte 2 without its exponent bit) | sign. uint8 work keeps peak memory ~3n bytes.
+            by = raw.view(torch.uint8).view(n, 4)
+            exp = ((by[:, 3] & 0x7F) << 1) | (by[:, 2] >> 7)
+            stream = rans.encode(exp, 1 << ebits, precision_bits=self.precision_bits)
+            del exp
+            rest = torch.empty((3, n), dtype=torch.uint8)
+            rest[0] = by[:, 0]
+            rest[1] = by[:, 1]
+            rest[2] = (by[:, 2] & 0x7F) | (by[:, 3] & 0x80)
+            return Encoded(self._stream_fields(stream) | {"rest": rest}, self._params(stream))
+        u = raw.view(idt).to(torch.int32) & 0xFFFF
         exp = (u >> mbits) & ((1 << ebits) - 1)
         sign = u >> (mbits + ebits)
         mant = u & ((1 << mbits) - 1)
         stream = rans.encode(exp, 1 << ebits, precision_bits=self.precision_bits)
-        fields: dict[str, Tensor] = {
-            "exp_freq": stream.freq,
-            "exp_states": stream.states,
-            "exp_words": stream.words,
-            "exp_lane_words": stream.lane_words,
-        }
-        if spec.dtype == torch.float32:
-            rest = (sign << 23) | mant  # 24 bits
-            fields["rest"] = torch.stack([(rest >> s) & 0xFF for s in (0, 8, 16)]).to(torch.uint8)  # [3, n]
-        elif spec.dtype == torch.bfloat16:
+        fields = self._stream_fields(stream)
+        if spec.dtype == torch.bfloat16:
             fields["rest"] = ((sign << 7) | mant).to(torch.uint8)  # [n]
         else:
             fields["rest"] = (mant & 0xFF).to(torch.uint8)  # [n]
             fields["rest_hi"] = pack_bits((sign << 2) | (mant >> 8), 3)  # [ceil(n/8)*3]
-        params = {"n": n, "lanes": stream.lanes, "precision_bits": stream.precision_bits,
-                  "n_words": int(stream.words.numel())}
-        return Encoded(fields, params)
+        return Encoded(fields, self._params(stream))
+
+    @staticmethod
+    def _stream_fields(stream: rans.RansStream) -> dict[str, Tensor]:
+        return {"exp_freq": stream.freq, "exp_states": stream.states, "exp_words": stream.words,
+                "exp_lane_words": stream.lane_words}
+
+    @staticmethod
+    def _params(stream: rans.RansStream) -> dict[str, Any]:
+        return {"n": stream.n, "lanes": stream.lanes, "precision_bits": stream.precision_bits,
+                "n_words": int(stream.words.numel())}
 
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:

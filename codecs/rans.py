@@ -123,7 +123,10 @@ def encode(symbols: Tensor, alphabet: int, *, precision_bits: int = DEFAULT_PREC
         raise CodecError(f"rANS alphabet must be 1..{MAX_ALPHABET}, got {alphabet}")
     if not MIN_PRECISION <= precision_bits <= MAX_PRECISION:
         raise CodecError(f"rANS precision_bits must be {MIN_PRECISION}..{MAX_PRECISION}, got {precision_bits}")
-    sym = symbols.detach().reshape(-1).to("cpu", torch.int64)
+    # Symbols are kept as uint8 (alphabet <= 256): the big per-tensor arrays stay one byte wide.
+    sym = symbols.detach().reshape(-1).to("cpu")
+    if sym.dtype != torch.uint8:
+        sym = sym.to(torch.int64)
     n = sym.numel()
     if n and (int(sym.min()) < 0 or int(sym.max()) >= alphabet):
         raise CodecError(f"rANS symbols must lie in [0, {alphabet}), got [{int(sym.min())}, {int(sym.max())}]")
@@ -135,19 +138,19 @@ def encode(symbols: Tensor, alphabet: int, *, precision_bits: int = DEFAULT_PREC
     cum = torch.cumsum(freq, 0) - freq
     steps = -(-n // lanes)
     x = torch.full((lanes,), RANS_L, dtype=torch.int64)
-    emitted = torch.zeros((steps, lanes), dtype=torch.int32)
+    emitted = torch.zeros((steps, lanes), dtype=torch.int16)  # uint16 bit patterns
     did = torch.zeros((steps, lanes), dtype=torch.bool)
-    padded = torch.zeros(steps * lanes, dtype=torch.int64)
-    padded[:n] = sym
+    padded = torch.zeros(steps * lanes, dtype=torch.uint8)
+    padded[:n] = sym.to(torch.uint8)
     grid = padded.view(steps, lanes)
     last_active = n - (steps - 1) * lanes if steps else 0
     for t in range(steps - 1, -1, -1):
         active = lanes if t < steps - 1 else last_active
         xa = x[:active]
-        s = grid[t, :active]
+        s = grid[t, :active].long()
         f = freq[s]
         emit = xa >= (f << (32 - k))  # x_max(s) = ((L >> k) << 16) * f
-        emitted[t, :active] = (xa & 0xFFFF).to(torch.int32)
+        emitted[t, :active] = _to_i16(xa & 0xFFFF)
         did[t, :active] = emit
         xa = torch.where(emit, xa >> 16, xa)
         x[:active] = (xa // f << k) + xa % f + cum[s]
@@ -157,7 +160,7 @@ def encode(symbols: Tensor, alphabet: int, *, precision_bits: int = DEFAULT_PREC
     return RansStream(
         freq=freq.to(torch.int32),
         states=_to_i32(x),
-        words=_to_i16(words.to(torch.int64)),
+        words=words,
         lane_words=lane_words.to(torch.int32),
         n=n,
         lanes=lanes,
