@@ -59,6 +59,12 @@ def format_inspect(report: dict[str, Any], show_tensors: bool = True) -> str:
     lines.append(f"linear layers: {lin['weights']:,} weights, {lin['bytes']:,} bytes, {lin['bpw']:.3f} bits/weight")
     lines.append(
         f"whole file:    {tot['weights']:,} weights, {tot['file_bytes']:,} bytes (header and shared state "
-        f"included), {tot['bpw']:.3f} bits/weight, {tot['ratio_to_bf16']:.2f}x smaller than bf16"
+        f"included), {tot['bpw']:.3f} bits/weight, " + _vs_bf16(tot['ratio_to_bf16'])
     )
     return "\n".join(lines)
+
+
+def _vs_bf16(ratio: float) -> str:
+    if ratio >= 1 or ratio <= 0:
+        return f"{ratio:.2f}x smaller than bf16"
+    return f"{1 / ratio:.2f}x larger than bf16 (the source is wider than bf16)"
