@@ -122,7 +122,8 @@ def _start_model(st: ServerState, loaded) -> None:
     st.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or len(loaded.tokenizer))
     st.metrics.load_seconds.set(getattr(loaded, "load_seconds", 0.0))
     st.engine = Engine(model, loaded.tokenizer, loaded.eos_token_ids, loaded.device,
-                       max_queue=st.settings.max_queue, max_running=st.settings.max_running, metrics=st.metrics)
+                       max_queue=st.settings.max_queue, max_running=st.settings.max_running, metrics=st.metrics,
+                       batching=st.settings.batching)
     st.engine.start()
 
 

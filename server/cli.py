@@ -55,6 +55,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
     p.add_argument("--preload", dest="preload", action="store_true", default=argparse.SUPPRESS,
                    help="decode every layer before reporting ready [THAWED_PRELOAD]")
+    p.add_argument("--no-batching", dest="batching", action="store_false", default=argparse.SUPPRESS,
+                   help="decode each sequence alone instead of batching running sequences [THAWED_BATCHING=false]")
     p.add_argument("--strict-model-name", dest="strict_model_name", action="store_true", default=argparse.SUPPRESS,
                    help="reject requests naming another model [THAWED_STRICT_MODEL_NAME]")
     return p
@@ -71,7 +73,7 @@ def settings_from_args(args: argparse.Namespace):
     from .settings import Settings
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_FLAGS if hasattr(args, dest)}
-    for dest in ("preload", "strict_model_name"):
+    for dest in ("preload", "strict_model_name", "batching"):
         if hasattr(args, dest):
             given[dest] = getattr(args, dest)
     if hasattr(args, "ckpt"):

@@ -4,9 +4,16 @@
   the waiting queue, or raises ``QueueFull`` when ``max_queue`` requests already wait and no slot
   is free. The HTTP layer answers that with 429 + ``Retry-After``.
 * The worker admits waiting jobs while fewer than ``max_running`` sequences are active (a job is
-  admitted whole; a job larger than ``max_running`` runs alone), then steps every active sequence
-  by one token in turn (round robin). Each sequence keeps its own KV cache; forwards are not
-  batched across requests (see docs/SERVING.md for why).
+  admitted whole; a job larger than ``max_running`` runs alone). Each loop iteration prefills the
+  new sequences one by one (each alone, batch 1), then runs one decode step for the running ones.
+* Continuous batching: after its prefill a sequence joins a ``_Batch`` — one KV cache per layer
+  ``[rows, heads, length, dim]``, rows left-padded to a common length, the padding masked out of
+  attention and each row given its own position ids (what ``generate`` does for left-padded
+  batches). One forward then decodes a token for every row. Rows leave when they finish
+  (``index_select``; padding common to all rows is trimmed). A sequence joins only while padding
+  stays under half of the batch's cache, and only plain full-attention ``DynamicCache``s are
+  merged; anything else (sliding-window, linear-attention layers) decodes as a batch of one.
+  ``batching=False`` decodes every sequence alone (round robin), for comparison.
 * Events go back to the request's asyncio queue with ``loop.call_soon_threadsafe``.
 * Cancellation: ``job.cancel()`` sets a flag the worker checks before every token, so a client
   that disconnects stops its generation within one token and frees its slot. Stop strings end a
@@ -124,12 +131,14 @@ class Job:
 
 
 class _Seq:
-    __slots__ = ("job", "spec", "past", "history", "generator", "text", "n", "first_at", "last_at", "last_token")
+    __slots__ = ("job", "spec", "past", "batch", "history", "generator", "text", "n", "first_at", "last_at",
+                 "last_token")
 
     def __init__(self, job: Job, spec: SeqSpec, tokenizer) -> None:
         self.job = job
         self.spec = spec
         self.past = None
+        self.batch: _Batch | None = None
         self.history = list(spec.prompt_ids)
         p = spec.params
         self.generator = None
@@ -146,9 +155,78 @@ class _Seq:
         self.last_token: int | None = None
 
 
+class _Batch:
+    """Running sequences decoded together: one KV cache ``[rows, heads, length, dim]`` per layer,
+    rows left-padded to a common length (``pads``), padding masked out of attention. Rows join
+    after their own prefill and leave when they finish; padding shared by every row is trimmed."""
+
+    __slots__ = ("rows", "cache", "pads", "length", "batched")
+
+    def __init__(self, seq: _Seq, *, batched: bool) -> None:
+        self.rows = [seq]
+        self.cache = seq.past
+        self.pads = [0]
+        self.length = len(seq.history) - 1  # tokens in the cache (the last token is not in it yet)
+        self.batched = batched
+        seq.past = None
+        seq.batch = self
+
+    @staticmethod
+    def can_batch(cache) -> bool:
+        """Only plain dynamic caches (full attention, tensors [1, heads, length, dim]) are merged;
+        anything else (sliding windows, linear attention, quantized caches) decodes alone."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        return (type(cache) is DynamicCache and bool(layers)
+                and all(type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None
+                        and layer.keys.dim() == 4 for layer in layers))
+
+    def fits(self, seq: _Seq) -> bool:
+        """Join only while padding stays at most half of the cache (a long prompt among short
+        ones would otherwise multiply the KV memory and attention work)."""
+        n = len(seq.history) - 1
+        longest = max(self.length, n)
+        real = sum(self.length - pad for pad in self.pads) + n
+        return longest * (len(self.rows) + 1) <= 2 * real
+
+    def add(self, seq: _Seq) -> None:
+        import torch.nn.functional as F
+
+        n = len(seq.history) - 1
+        longest = max(self.length, n)
+        for mine, theirs in zip(self.cache.layers, seq.past.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                if longest > self.length:
+                    a = F.pad(a, (0, 0, longest - self.length, 0))
+                if longest > n:
+                    b = F.pad(b, (0, 0, longest - n, 0))
+                setattr(mine, name, torch.cat([a, b], dim=0))
+        self.pads = [pad + longest - self.length for pad in self.pads] + [longest - n]
+        self.length = longest
+        self.rows.append(seq)
+        seq.past = None
+        seq.batch = self
+
+    def remove(self, seq: _Seq) -> None:
+        i = self.rows.index(seq)
+        del self.rows[i], self.pads[i]
+        if not self.rows:
+            self.cache = None
+            return
+        keep = torch.tensor([j for j in range(len(self.rows) + 1) if j != i], device=self.cache.layers[0].keys.device)
+        trim = min(self.pads)  # padding every remaining row has: drop those columns
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, keep)[:, :, trim:]
+            layer.values = layer.values.index_select(0, keep)[:, :, trim:]
+        self.pads = [pad - trim for pad in self.pads]
+        self.length -= trim
+
+
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, eos_token_ids: Sequence[int], device: torch.device, *,
-                 max_queue: int, max_running: int, metrics: Metrics | None = None) -> None:
+                 max_queue: int, max_running: int, metrics: Metrics | None = None, batching: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos = frozenset(int(e) for e in eos_token_ids)
@@ -159,8 +237,10 @@ class Engine:
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._active: list[_Seq] = []
+        self._active: list[_Seq] = []  # admitted sequences (prefilled or not)
+        self._batches: list[_Batch] = []
         self._n_active = 0
+        self.batching = batching
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="thawed-engine", daemon=True)
 
@@ -219,15 +299,26 @@ class Engine:
                         self._admit()
                     if self._closing:
                         break
-                for seq in list(self._active):
+                for seq in [s for s in self._active if s.batch is None]:  # new: prefill alone
                     if seq.job.cancelled:
                         self._drop(seq, cancelled=True)
                         continue
                     try:
-                        self._step(seq)
+                        self._prefill(seq)
                     except Exception as exc:  # a failing forward fails its request, not the server
-                        log.exception("generation failed for request %d", seq.job.id)
+                        log.exception("prefill failed for request %d", seq.job.id)
                         self._fail(seq.job, f"generation failed: {type(exc).__name__}: {exc}")
+                for batch in list(self._batches):  # then one token for every running sequence
+                    for seq in [r for r in batch.rows if r.job.cancelled]:
+                        self._drop(seq, cancelled=True)
+                    if not batch.rows:
+                        continue
+                    try:
+                        self._decode(batch)
+                    except Exception as exc:
+                        log.exception("decode step failed for %d sequence(s)", len(batch.rows))
+                        for job in {id(r.job): r.job for r in batch.rows}.values():
+                            self._fail(job, f"generation failed: {type(exc).__name__}: {exc}")
         except BaseException:  # pragma: no cover - a bug in the loop itself
             log.exception("the generation worker stopped")
             raise
@@ -258,7 +349,11 @@ class Engine:
         self.metrics.running.set(self._n_active)
 
     def _drop(self, seq: _Seq, *, cancelled: bool = False) -> None:
-        seq.past = None
+        batch, seq.batch, seq.past = seq.batch, None, None
+        if batch is not None:
+            batch.remove(seq)
+            if not batch.rows:
+                self._batches.remove(batch)
         with self._cond:
             try:
                 self._active.remove(seq)
@@ -283,40 +378,72 @@ class Engine:
         self.metrics.e2e.observe(time.monotonic() - seq.job.submitted)
         self._drop(seq)
 
-    def _step(self, seq: _Seq) -> None:
+    def _prefill(self, seq: _Seq) -> None:
         spec, p = seq.spec, seq.spec.params
         with torch.inference_mode():
-            if seq.past is None:  # prefill
-                ids = torch.tensor([spec.prompt_ids], dtype=torch.long, device=self.device)
-                self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
-                if spec.prompt_logprobs is not None:
-                    out = self.model(input_ids=ids, use_cache=p.max_new_tokens > 0)
-                    logp_all = torch.log_softmax(out.logits[0].float(), dim=-1)  # [prompt, vocab] fp32
-                    seq.job.emit(self._prompt_scores(spec, logp_all))
-                    if p.max_new_tokens == 0:
-                        self._finish(seq, "length")
-                        return
-                    logits = out.logits[0, -1].float()
-                    del logp_all
-                else:
-                    if p.max_new_tokens == 0:
-                        self._finish(seq, "length")
-                        return
-                    out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                    logits = out.logits[0, -1].float()
+            ids = torch.tensor([spec.prompt_ids], dtype=torch.long, device=self.device)
+            self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+            if spec.prompt_logprobs is not None:
+                out = self.model(input_ids=ids, use_cache=p.max_new_tokens > 0)
+                logp_all = torch.log_softmax(out.logits[0].float(), dim=-1)  # [prompt, vocab] fp32
+                seq.job.emit(self._prompt_scores(spec, logp_all))
+                del logp_all
+                if p.max_new_tokens == 0:
+                    self._finish(seq, "length")
+                    return
+            elif p.max_new_tokens == 0:
+                self._finish(seq, "length")
+                return
             else:
-                ids = torch.tensor([[seq.last_token]], dtype=torch.long, device=self.device)
-                out = self.model(input_ids=ids, past_key_values=seq.past, use_cache=True)
-                logits = out.logits[0, -1].float()
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             seq.past = out.past_key_values
+            reason = self._next(seq, out.logits[0, -1])
+        if reason is not None:
+            self._finish(seq, reason)
+            return
+        if self.batching and _Batch.can_batch(seq.past):
+            for batch in self._batches:
+                if batch.batched and batch.fits(seq):
+                    batch.add(seq)
+                    return
+            self._batches.append(_Batch(seq, batched=True))
+        else:
+            self._batches.append(_Batch(seq, batched=False))
+
+    def _decode(self, batch: "_Batch") -> None:
+        rows = list(batch.rows)
+        kwargs = {}
+        if len(rows) > 1:  # ragged batch: left padding masked out, each row at its own position
+            if any(batch.pads):
+                mask = torch.ones(len(rows), batch.length + 1, dtype=torch.long, device=self.device)
+                for i, pad in enumerate(batch.pads):
+                    mask[i, :pad] = 0
+                kwargs["attention_mask"] = mask
+            kwargs["position_ids"] = torch.tensor([[batch.length - pad] for pad in batch.pads],
+                                                  dtype=torch.long, device=self.device)
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
+        self.metrics.batch_rows.observe(len(rows))
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, past_key_values=batch.cache, use_cache=True, **kwargs)
+            batch.cache = out.past_key_values
+            batch.length += 1
+            logits = out.logits[:, -1]
             del out
-            token = next_token(logits, p, seq.generator, seq.history)
-            logp = torch.log_softmax(logits, dim=-1)
-            lp = float(logp[token])
-            top: tuple = ()
-            if spec.logprobs:
-                vals, idx = torch.topk(logp, min(spec.logprobs, logp.numel()))
-                top = tuple(zip(idx.tolist(), vals.tolist()))
+            done = [(r, reason) for i, r in enumerate(rows) if (reason := self._next(r, logits[i])) is not None]
+        for r, reason in done:
+            self._finish(r, reason)
+
+    def _next(self, seq: _Seq, logits: torch.Tensor) -> str | None:
+        """Choose, record and emit the next token from a [vocab] logits row; the finish reason or None."""
+        spec, p = seq.spec, seq.spec.params
+        logits = logits.float()
+        token = next_token(logits, p, seq.generator, seq.history)
+        logp = torch.log_softmax(logits, dim=-1)
+        lp = float(logp[token])
+        top: tuple = ()
+        if spec.logprobs:
+            vals, idx = torch.topk(logp, min(spec.logprobs, logp.numel()))
+            top = tuple(zip(idx.tolist(), vals.tolist()))
         now = time.monotonic()
         if seq.first_at is None:
             seq.first_at = now
@@ -331,13 +458,14 @@ class Engine:
         piece, delta = seq.text.push(token)
         seq.job.emit(TokenEvent(spec.index, token, lp, top, piece, delta, token in self.special_ids))
         if token in self.eos and not p.ignore_eos:
-            self._finish(seq, "eos")
-        elif seq.text.stopped:
-            self._finish(seq, "stop")
-        elif seq.n >= p.max_new_tokens:
-            self._finish(seq, "length")
-        elif spec.max_model_len is not None and len(seq.history) >= spec.max_model_len:
-            self._finish(seq, "length")
+            return "eos"
+        if seq.text.stopped:
+            return "stop"
+        if seq.n >= p.max_new_tokens:
+            return "length"
+        if spec.max_model_len is not None and len(seq.history) >= spec.max_model_len:
+            return "length"
+        return None
 
     @staticmethod
     def _prompt_scores(spec: SeqSpec, logp_all: torch.Tensor) -> PromptScores:

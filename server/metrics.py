@@ -81,6 +81,8 @@ class Metrics:
                              buckets=_LATENCY, registry=r)
         self.queue_time = Histogram("thawed_request_queue_time_seconds", "time waiting for a slot",
                                     buckets=_LATENCY, registry=r)
+        self.batch_rows = Histogram("thawed_decode_batch_rows", "sequences decoded by one forward",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.load_seconds = Gauge("thawed_model_load_seconds", "seconds to open the checkpoint", registry=r)
         self.ready = Gauge("thawed_model_ready", "1 when the model is loaded and serving", registry=r)
 

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     prefetch: int = Field(1, ge=0, description="layers decoded ahead in the background")
     max_queue: int = Field(32, ge=0, description="requests allowed to wait for a slot; more are answered 429")
     max_running: int = Field(8, ge=1, description="sequences decoded at once (interleaved token by token)")
+    batching: bool = Field(True, description="decode running sequences together in one forward (continuous batching)")
     max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's")
     default_max_tokens: int = Field(512, ge=1, description="chat / TGI max new tokens when the request gives none")
     max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")

@@ -178,3 +178,35 @@ def test_bad_requests_never_break_the_live_server(live):
         assert r.status_code in (200, 400), (payload, r.status_code, r.text)
         assert "error" in r.json() or "choices" in r.json()
     assert httpx.get(f"{live}/health").status_code == 200
+
+
+def test_batched_decoding_matches_each_request_alone(tiny_loaded):
+    """Ragged continuous batching: requests of different prompt lengths and lengths, arriving at
+    different times, decode together and give the tokens and logprobs each gives alone."""
+    model = SlowModel(tiny_loaded.model, delay=0.01)
+    prompts = [[1, 5], [1, 4, 9, 3, 17], [1, 22, 8, 11, 2, 6, 30, 7, 12], [1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 9]]
+    lengths = [12, 4, 20, 9]
+
+    async def run(url: str, stagger: float):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            async def one(i):
+                await asyncio.sleep(stagger * i)
+                r = await c.post("/v1/completions", json={"prompt": prompts[i], "max_tokens": lengths[i],
+                                                          "temperature": 0, "ignore_eos": True, "logprobs": 0})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["logprobs"]
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    with LiveServer(make_app(with_model(tiny_loaded, model), batching=False)) as url:
+        alone = asyncio.run(run(url, 0.0))
+    with LiveServer(make_app(with_model(tiny_loaded, model))) as url:
+        together = asyncio.run(run(url, 0.03))
+        rows = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                if line.startswith("thawed_decode_batch_rows_bucket")]
+    single = float(next(r for r in rows if 'le="1.0"' in r).rsplit(" ", 1)[1])
+    total = float(next(r for r in rows if 'le="+Inf"' in r).rsplit(" ", 1)[1])
+    assert total - single > 5, "the requests were not decoded together"
+    for a, b in zip(alone, together):
+        assert a["tokens"] == b["tokens"]
+        for x, y in zip(a["token_logprobs"], b["token_logprobs"]):
+            assert abs(x - y) < 1e-4
