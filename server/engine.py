@@ -373,10 +373,10 @@ class Engine:
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         delta = seq.text.flush()
-        seq.job.emit(Finished(seq.spec.index, reason, delta, seq.text.output, seq.n))
+        self._drop(seq)  # free the slot before the client can see the end and send its next request
         self.metrics.request_success.labels(reason).inc()
         self.metrics.e2e.observe(time.monotonic() - seq.job.submitted)
-        self._drop(seq)
+        seq.job.emit(Finished(seq.spec.index, reason, delta, seq.text.output, seq.n))
 
     def _prefill(self, seq: _Seq) -> None:
         spec, p = seq.spec, seq.spec.params
