@@ -151,6 +151,50 @@ class APIKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``limit`` bytes with 413 (by Content-Length, or while reading)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                response = JSONResponse(envelope(413, self._message()), status_code=413)
+                return await response(scope, receive, send)
+        seen = 0
+        exceeded = False
+
+        async def limited_receive():
+            nonlocal seen, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # no Content-Length (chunked): stop reading, answer 413 below
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not exceeded:
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded:
+            await JSONResponse(envelope(413, self._message()), status_code=413)(scope, receive, send)
+
+    def _message(self) -> str:
+        return (f"the request body is larger than {self.limit} bytes; send less or raise "
+                "--max-request-bytes (THAWED_MAX_REQUEST_BYTES)")
+
+
 def create_app(settings: Settings | None = None, *, loader: Loader | None = None) -> FastAPI:
     """Build the app. ``loader(settings) -> Loaded`` replaces the default checkpoint loader (tests
     use it to share one model between apps); a model it returns is not closed by the app."""
@@ -191,7 +235,8 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
                   description="OpenAI- and TGI-compatible server over a lazily decoded thawed checkpoint")
     app.state.thawed = st
     install_error_handlers(app)
-    if settings.api_key:
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    if settings.api_key:  # added last = runs first: no body is read for an unauthenticated request
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
 
     @app.get("/health")

@@ -39,6 +39,8 @@ _SERVE_FLAGS = [
     ("--max-model-len", "max_model_len", int, "context length (default: the model's) [THAWED_MAX_MODEL_LEN]"),
     ("--default-max-tokens", "default_max_tokens", int,
      "new tokens for chat/TGI requests that give no limit (default 512) [THAWED_DEFAULT_MAX_TOKENS]"),
+    ("--max-request-bytes", "max_request_bytes", int,
+     "largest request body accepted; larger ones get 413 (default 32 MiB) [THAWED_MAX_REQUEST_BYTES]"),
     ("--api-key", "api_key", str, "require `Authorization: Bearer KEY` on every route but /health [THAWED_API_KEY]"),
     ("--served-model-name", "served_model_name", str,
      "model id in /v1/models (default: the checkpoint folder name) [THAWED_SERVED_MODEL_NAME]"),

@@ -342,8 +342,14 @@ class Engine:
                 break
             self._waiting.popleft()
             self.metrics.queue_time.observe(time.monotonic() - job.submitted)
-            for spec in job.seqs:
-                self._active.append(_Seq(job, spec, self.tokenizer))
+            try:
+                seqs = [_Seq(job, spec, self.tokenizer) for spec in job.seqs]
+            except Exception as exc:  # bad sampling state (the routes validate; this is the backstop)
+                log.exception("cannot start request %d", job.id)
+                job.cancel()
+                job.emit(Failed(f"cannot start generation: {type(exc).__name__}: {exc}"))
+                continue
+            self._active.extend(seqs)
             self._n_active = len(self._active)
         self.metrics.waiting.set(len(self._waiting))
         self.metrics.running.set(self._n_active)

@@ -28,6 +28,7 @@ router = APIRouter()
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 NEG_INF = -9999.0  # JSON has no -inf
+MAX_SEQS = 1024  # prompts x n in one request
 
 
 # ---- shared helpers (the TGI routes use them too) ------------------------------------------------
@@ -287,6 +288,9 @@ async def completions(body: CompletionRequest, request: Request):
     params = sampling(max_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.repetition_penalty,
                       body.ignore_eos)
     k = body.logprobs
+    if len(prompts) * n > MAX_SEQS:
+        raise bad_request(f"prompt: {len(prompts)} prompts x n={n} is more than {MAX_SEQS} sequences in one "
+                          "request; split it", "prompt")
     seqs = [SeqSpec(index=i * n + j, prompt_ids=tuple(ids), params=with_seed(params, j), stop=stop,
                     prompt_logprobs=k if (echo and k is not None) else None, logprobs=k,
                     max_model_len=st.max_model_len)

@@ -31,7 +31,7 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
     n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     repetition_penalty: float | None = Field(None, gt=0)
@@ -88,7 +88,7 @@ class TGIParameters(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     do_sample: bool | None = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: list[str] | None = None
     details: bool | None = False
     decoder_input_details: bool | None = False

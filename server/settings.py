@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's")
     default_max_tokens: int = Field(512, ge=1, description="chat / TGI max new tokens when the request gives none")
     max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+    max_request_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body accepted (413 above)")
     api_key: str | None = Field(None, description="when set, every route but /health needs `Authorization: Bearer KEY`")
     served_model_name: str | None = Field(None, description="model id reported by /v1/models; default: the checkpoint folder name")
     strict_model_name: bool = Field(False, description="reject requests whose `model` is not the served name")

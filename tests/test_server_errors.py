@@ -170,3 +170,20 @@ def test_model_failure_mid_generation(tiny_loaded):
         r = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 3})
         assert r.status_code == 200 and c.get("/health").status_code == 200
         assert "thawed_request_errors_total 2.0" in c.get("/metrics").text
+
+
+def test_request_body_too_large(tiny_loaded):
+    with TestClient(make_app(tiny_loaded, max_request_bytes=2048)) as c:
+        wait_ready(c)
+        big = {"prompt": "the " * 2000, "max_tokens": 1}
+        e = err(c.post("/v1/completions", json=big), 413)
+        assert "THAWED_MAX_REQUEST_BYTES" in e["message"]
+
+        def chunks():  # no Content-Length: counted while reading
+            yield b'{"prompt": "'
+            for _ in range(100):
+                yield b"the " * 10
+            yield b'"}'
+
+        err(c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
+        assert c.post("/v1/completions", json={"prompt": "the", "max_tokens": 1}).status_code == 200

@@ -173,7 +173,13 @@ def test_bad_requests_never_break_the_live_server(live):
     for payload in (b"\x00\xff", b"[]", b"{}", json.dumps({"prompt": [[1, 2], "x"]}).encode(),
                     json.dumps({"prompt": "the", "max_tokens": 2**40}).encode(),
                     json.dumps({"prompt": "the", "temperature": 1e308, "max_tokens": 2}).encode(),
-                    json.dumps({"prompt": "the", "seed": -1, "temperature": 1, "max_tokens": 2}).encode()):
+                    json.dumps({"prompt": "the", "seed": -1, "temperature": 1, "max_tokens": 2}).encode(),
+                    json.dumps({"prompt": "the", "seed": 2**70, "temperature": 1, "max_tokens": 2}).encode(),
+                    b'{"prompt": "the", "temperature": Infinity, "max_tokens": 2}',
+                    b'{"prompt": "the", "temperature": NaN, "top_p": NaN, "max_tokens": 2}',
+                    json.dumps({"prompt": [[1]] * 2000, "max_tokens": 1}).encode(),
+                    json.dumps({"prompt": "the", "stop": ["x" * 10_000], "max_tokens": 2}).encode(),
+                    json.dumps({"messages": [{"role": "user", "content": None}]}).encode()):
         r = httpx.post(f"{live}/v1/completions", content=payload, headers={"content-type": "application/json"})
         assert r.status_code in (200, 400), (payload, r.status_code, r.text)
         assert "error" in r.json() or "choices" in r.json()
