@@ -216,3 +216,22 @@ def test_batched_decoding_matches_each_request_alone(tiny_loaded):
         assert a["tokens"] == b["tokens"]
         for x, y in zip(a["token_logprobs"], b["token_logprobs"]):
             assert abs(x - y) < 1e-4
+
+
+def test_lm_eval_local_completions_tiny(live, tiny_loaded):
+    """lm-eval's own model class, remote tokenizer: loglikelihood equals direct scoring (1e-3)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from server_fixtures import direct_logprob
+
+    lm = LocalCompletionsAPI(base_url=f"{live}/v1/completions", model="tiny", num_concurrent=1, max_retries=1,
+                             max_length=256, batch_size=2)
+    assert lm.tokenizer_backend == "remote"
+    pairs = [("the capital of", " france"), ("paris is the", " capital city"), ("the king", " and the queen")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    for (ctx, cont), (lp, _) in zip(pairs, got):
+        ctx_ids, cont_ids = lm._encode_pair(ctx, cont)
+        assert abs(lp - direct_logprob(tiny_loaded.model, ctx_ids, cont_ids)) < 1e-3
+    (text,) = lm.generate_until([Instance("generate_until", {}, ("the capital of", {"until": ["city"],
+                                                                                   "max_gen_toks": 8}), 0)])
+    assert isinstance(text, str) and "city" not in text
