@@ -118,6 +118,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "raw": "thawed.codecs.raw",
     "rtn": "thawed.codecs.rtn",
     "lossless": "thawed.codecs.lossless",
+    "cvxq": "thawed.codecs.cvxq",
 }
 
 

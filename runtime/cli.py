@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="codec for linear weights/embeddings, with options: rtn:bits=4,group_size=128 | lossless | raw")
     p.add_argument("--codec-for", action="append", default=[], metavar="PATTERN=CODEC[:k=v,...]",
                    help="override by tensor-name glob, repeatable, later wins: '*.v_proj.weight=rtn:bits=6'")
+    p.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
+                   help="cvxq: calibrate and allocate per-group bit depths so the linear layers and the whole "
+                        "file hit BPW bits/weight (side information included)")
+    p.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
+                   help="cvxq: tokens of Penn Treebank train for the gradient sensitivities (default 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
@@ -109,7 +114,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .plan import Plan, parse_codec_choice, parse_override
 
     plan = Plan(parse_codec_choice(args.codec), tuple(parse_override(o) for o in args.codec_for))
-    report = compress(args.src, args.out, plan, progress=False if args.no_progress else None, seed=args.seed)
+    report = compress(args.src, args.out, plan, progress=False if args.no_progress else None, seed=args.seed,
+                      target_bpw=args.target_bpw, calib_tokens=args.calib_tokens)
     ratio = report.source_bytes / report.payload_bytes if report.payload_bytes else 0
     print(f"wrote {report.path}: {report.tensors} tensors, {report.payload_bytes:,} bytes "
           f"({ratio:.2f}x smaller than the source) in {report.seconds:.1f}s")

@@ -40,7 +40,11 @@ class CompressReport:
 
 
 def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | None = None,
-             seed: int = 0) -> CompressReport:
+             seed: int = 0, target_bpw: float | None = None, calib_tokens: int = 2048,
+             sensitivities: dict | None = None) -> CompressReport:
+    """``target_bpw`` runs the cvxq planning step (calibration + bit allocation, see
+    ``runtime/allocate.py``) before the tensor loop; it needs cvxq in the plan. ``sensitivities``
+    (name -> per-weight squared gradients, from ``runtime/calibrate.py``) reuses a calibration."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.exists() and any(out.iterdir()):
@@ -57,6 +61,16 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
     with SourceModel(src) as source:
         names = source.names()
         settings = {"plan": plan.as_dict(), "seed": seed}
+        depths: dict = {}
+        if target_bpw is not None:
+            if plan.default.name != "cvxq" and not any(c.name == "cvxq" for _, c in plan.overrides):
+                raise ThawedError(f"--target-bpw plans cvxq bit depths; use --codec cvxq (got {plan.default})")
+            from .allocate import plan_cvxq  # planning only: the runtime never imports calibration
+
+            cplan = plan_cvxq(src, names, source.shape_dtype, source.get, roles, plan.choose, target_bpw,
+                              calib_tokens=calib_tokens, seed=seed, sensitivities=sensitivities)
+            depths = cplan.depths
+            settings["cvxq_plan"] = cplan.record
         with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer:
             for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
                 shape, dtype = source.shape_dtype(name)
@@ -69,7 +83,8 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                 source_bytes += weight.numel() * weight.element_size()
                 spec = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
                 try:
-                    enc = codec.encode(weight, spec, EncodeContext(name=name, role=role, seed=seed))
+                    extras = {"cvxq_depth": depths[name]} if name in depths else {}
+                    enc = codec.encode(weight, spec, EncodeContext(name=name, role=role, seed=seed, extras=extras))
                 except ThawedError as exc:
                     raise ThawedError(f"tensor {name!r} ({choice}): {exc}") from exc
                 writer.add(spec, codec.name, codec.version, enc)

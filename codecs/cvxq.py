@@ -1,0 +1,384 @@
+"""``cvxq``: variable bit depth per group, Laplace-companded levels (after arXiv 2409.02026).
+
+A weight is viewed as ``[m, n]`` like ``rtn`` does (``nn.Linear.weight`` is ``[out, in]``). Its
+rows are cut into ``R = ceil(m / G)`` blocks of ``G = group_rows`` output rows (the last block is
+padded inside encode/decode only); a *group* is one block x one input column: ``G`` weights that
+share a bit depth ``B`` in 0..8, a location and a scale. Groups are numbered row-major over
+``[R, n]`` (``k = r * n + j``).
+
+Levels: for ``B >= 1`` the ``2**B`` reconstruction levels are the bin centres of a uniform
+quantiser in the domain of a unit Laplace CDF, mapped back by the inverse CDF::
+
+    T_B[q] = -sign(u - 1/2) * ln(1 - 2|u - 1/2|),   u = (q + 1/2) / 2**B
+    w ~= T_B[q] * scale + loc
+
+``B = 0`` stores the group as ``loc`` only (its mean). The encoder picks ``loc``/``scale`` per
+group by a small grid search (scale multipliers of the group's mean absolute deviation around its
+median, then a few location shifts), keeping the candidate with the lowest squared error as it
+will be decoded (F16 ``loc``/``scale``); each weight takes its nearest level.
+
+Fields (``K = R * n`` groups, ``c_b`` = number of groups of depth ``b``)::
+
+    depth:  [ceil(K/8) * 4] uint8                  # pack_bits of the K depths, 4 bits each
+    loc:    [R, n] float16                         # per group, natural order
+    scale:  [K - c_0] float16                      # groups with B >= 1, in depth-sorted order
+    codes:  [sum_b ceil(c_b*G/8) * b] uint8        # segments b = 1..8, each pack_bits(., b)
+
+Depth-sorted order is a stable sort of the groups by depth: segment ``b`` holds the codes of every
+depth-``b`` group in increasing group number, ``G`` codes per group (rows in order). A group's bit
+offset is therefore ``start_b + rank * G * b`` (its rank among the depth-``b`` groups): the
+per-group offsets into the variable-depth stream are implied by the depths, not stored. Params:
+``{"group_rows": G, "counts": [c_0, ..., c_8]}`` (data-dependent sizes are params, so the reader
+checks every field size before reading). Depths come from the compression plan
+(``EncodeContext.extras["cvxq_depth"]``: a ``[R, n]`` integer tensor, see ``runtime/allocate.py``);
+without a plan every group gets the encoder option ``bits``.
+
+bpw of a tensor = ``(sum_k G*B_k + 16 K + 16 (K - c_0) + 4 K) / (m n)`` (for ``G`` a multiple of 8
+and ``m`` a multiple of ``G``): at ``G = 192`` the side information costs 0.104-0.188 bpw.
+
+Quality floor (MiniLM-L6's 36 genuine fp32 encoder linear weights, per-tensor allocation by weight
+variance alone, SQNR ``20 log10(|W| / |W - W^|)``; see docs/CVXQ.md):
+see ``tests/test_codec_cvxq.py::FLOORS`` for the measured values and the floors held.
+
+Decode cost per weight: unpack a fixed-width field (2-3 byte ops, uniform width inside a segment),
+one table gather, one multiply-add, one scatter into the group-major output and one transpose
+copy; all in PyTorch on the payload's device (one small sort and one histogram per tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .bitpack import pack_bits, packed_nbytes, unpack_bits
+from .errors import CodecError, CorruptPayloadError
+from .rtn import _matrix_shape, unpack_codes
+
+__all__ = ["Cvxq", "levels", "cvxq_nbytes", "group_layout", "group_stats", "cvxq_decode_reference",
+           "MAX_DEPTH", "DEPTH_EXTRA"]
+
+MAX_DEPTH = 8
+MAX_GROUP_ROWS = 1 << 16
+F16_MAX = 65504.0
+F16_TINY = 2.0 ** -24
+DEPTH_EXTRA = "cvxq_depth"  # EncodeContext.extras key of the planned [R, n] depths
+# Encoder search grids. Scale = multiplier x the group's mean |w - median|; the best multiplier
+# grows with the depth (measured on heavy-tailed data: 1.4 at 1 bit .. 5.7 at 8 bits), so each
+# depth searches 5 multipliers around its own centre, then 2 location shifts (units of the same
+# deviation) at the best scale: 7 candidates per group.
+SCALE_CENTRE = (0.0, 1.41, 2.0, 2.83, 3.4, 4.5, 5.0, 5.5, 5.7)
+SCALE_STEPS = tuple(2.0 ** e for e in (-0.5, -0.25, 0.0, 0.25, 0.5))
+LOC_GRID = (-0.1, 0.1)
+
+
+def levels(bits: int, device: torch.device | str = "cpu") -> Tensor:
+    """The ``2**bits`` unit-scale Laplace inverse-CDF levels at uniform bin centres, float32, ascending."""
+    k = 1 << bits
+    u = (torch.arange(k, dtype=torch.float64, device=device) + 0.5) / k
+    d = u - 0.5
+    return (-torch.sign(d) * torch.log1p(-2.0 * d.abs())).to(torch.float32)
+
+
+def group_layout(shape: tuple[int, ...], group_rows: int) -> tuple[int, int, int, int]:
+    """``(m, n, G, R)`` for a tensor shape: ``G = min(group_rows, m)`` rows per block, ``R`` blocks."""
+    m, n = _matrix_shape(tuple(shape))
+    g = max(1, min(group_rows, m))
+    return m, n, g, -(-m // g)
+
+
+def cvxq_nbytes(groups: int, group_rows: int, counts: list[int] | tuple[int, ...]) -> int:
+    """Every stored byte of a tensor with ``groups`` groups of ``group_rows`` rows and these depth counts."""
+    codes = sum(packed_nbytes(c * group_rows, b) for b, c in enumerate(counts) if b)
+    return packed_nbytes(groups, 4) + 2 * groups + 2 * (groups - counts[0]) + codes
+
+
+def _grouped(w: Tensor, g: int, r: int) -> tuple[Tensor, Tensor | None]:
+    """[m, n] -> groups [R*n, G] (rows of a block along the last dim) and a validity mask or None."""
+    m, n = w.shape
+    pad = r * g - m
+    mask = None
+    if pad:
+        w = torch.cat([w, w[-1:].expand(pad, n)], 0)
+        mask = torch.ones(r * g, dtype=torch.bool)
+        mask[m:] = False
+        mask = mask.view(r, 1, g).expand(r, n, g).reshape(r * n, g)
+    return w.view(r, g, n).permute(0, 2, 1).reshape(r * n, g), mask
+
+
+def group_stats(weight: Tensor, group_rows: int, sens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group ``(variance, mean sensitivity, valid count)`` as float64 [R*n] tensors.
+
+    ``sens`` is a per-weight sensitivity of the weight's shape (e.g. accumulated squared
+    gradients); ``None`` means 1 everywhere. Used by the planner (``runtime/allocate.py``).
+    """
+    m, n, g, r = group_layout(tuple(weight.shape), group_rows)
+    w = weight.detach().to("cpu", torch.float32).reshape(m, n)
+    wg, mask = _grouped(w, g, r)
+    cnt = mask.sum(-1).double() if mask is not None else torch.full((r * n,), float(g), dtype=torch.float64)
+    wd = wg.double()
+    if mask is not None:
+        wd = wd * mask
+    mean = wd.sum(-1) / cnt
+    dev = wd - mean[:, None]
+    if mask is not None:
+        dev = dev * mask
+    var = dev.square().sum(-1) / cnt
+    if sens is None:
+        s = torch.ones_like(var)
+    else:
+        sg, _ = _grouped(sens.detach().to("cpu", torch.float32).reshape(m, n), g, r)
+        sd = sg.double()
+        if mask is not None:
+            sd = sd * mask
+        s = sd.sum(-1) / cnt
+    return var, s, cnt
+
+
+class Cvxq(Codec, name="cvxq", version=1):
+    """Per-group bit depth 0..8 (``G`` output rows x 1 input column), Laplace-companded levels."""
+
+    def __init__(self, group_rows: int = 192, bits: int = 4) -> None:
+        if isinstance(group_rows, bool) or not isinstance(group_rows, int) or not 1 <= group_rows <= MAX_GROUP_ROWS:
+            raise CodecError(
+                f"codec 'cvxq' option 'group_rows' must be an integer in 1..{MAX_GROUP_ROWS}, got {group_rows!r} "
+                "(a multiple of 8 that divides the output dimensions, e.g. 192 for SmolLM2)"
+            )
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= MAX_DEPTH:
+            raise CodecError(f"codec 'cvxq' option 'bits' must be an integer in 0..{MAX_DEPTH}, got {bits!r}")
+        self.group_rows = group_rows
+        self.bits = bits
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
+        if tuple(weight.shape) != tuple(spec.shape):
+            raise CodecError(
+                f"tensor {spec.name!r}: weight shape {list(weight.shape)} differs from spec {list(spec.shape)}"
+            )
+        if not (weight.is_floating_point() or weight.numel() == 0):
+            raise CodecError(
+                f"tensor {spec.name!r}: cvxq quantises floating-point weights, got {weight.dtype}; use 'raw'"
+            )
+        m, n, g, r = group_layout(tuple(spec.shape), self.group_rows)
+        w = weight.detach().to("cpu", torch.float32).reshape(m, n)
+        if w.numel():
+            bad = int((~torch.isfinite(w)).sum())
+            if bad:
+                raise CodecError(
+                    f"tensor {spec.name!r} has {bad} NaN/Inf values; cvxq cannot store them, use 'lossless' or 'raw'"
+                )
+            peak = float(w.abs().max())
+            if peak > F16_MAX / 8:
+                raise CodecError(
+                    f"tensor {spec.name!r} has |w| up to {peak:g}, beyond the range of cvxq's F16 location/scale; "
+                    "use 'lossless' or 'raw'"
+                )
+        k = r * n
+        depth = ctx.extras.get(DEPTH_EXTRA)
+        if depth is None:
+            depth = torch.full((k,), self.bits, dtype=torch.int64)
+        else:
+            depth = torch.as_tensor(depth).to("cpu", torch.int64).reshape(-1)
+            if depth.numel() != k:
+                raise CodecError(
+                    f"tensor {spec.name!r}: the plan gives {depth.numel()} group depths, cvxq with group_rows="
+                    f"{self.group_rows} needs {k} ([{r}, {n}]); plan and encode with the same group_rows"
+                )
+            if k and (int(depth.min()) < 0 or int(depth.max()) > MAX_DEPTH):
+                raise CodecError(f"tensor {spec.name!r}: planned depths must be in 0..{MAX_DEPTH}")
+        counts = torch.bincount(depth, minlength=MAX_DEPTH + 1).tolist() if k else [0] * (MAX_DEPTH + 1)
+        wg, mask = _grouped(w, g, r) if k else (torch.zeros(0, g), None)
+        loc = torch.zeros(k, dtype=torch.float16)
+        order = torch.argsort(depth, stable=True)
+        scales: list[Tensor] = []
+        segments: list[Tensor] = []
+        start = 0
+        for b, c in enumerate(counts):
+            idx = order[start:start + c]
+            start += c
+            if not c:
+                continue
+            x = wg[idx]
+            mk = mask[idx] if mask is not None else None
+            if b == 0:
+                loc[idx] = _masked_mean(x, mk).clamp(-F16_MAX, F16_MAX).to(torch.float16)
+                continue
+            q, lo16, sc16 = _quantise_groups(x, mk, b)
+            loc[idx] = lo16
+            scales.append(sc16)
+            segments.append(pack_bits(q.reshape(-1), b))
+        fields = {
+            "depth": pack_bits(depth, 4),  # [ceil(K/8)*4] uint8
+            "loc": loc.view(r, n).contiguous(),  # [R, n] f16
+            "scale": (torch.cat(scales) if scales else torch.zeros(0, dtype=torch.float16)).contiguous(),  # [K-c0]
+            "codes": (torch.cat(segments) if segments else torch.zeros(0, dtype=torch.uint8)).contiguous(),
+        }
+        return Encoded(fields, {"group_rows": self.group_rows, "counts": [int(c) for c in counts]})
+
+    # ---- decoding -----------------------------------------------------------------------------
+    @classmethod
+    def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        gr = check_param(cls.name, spec.name, params, "group_rows", int, 1, MAX_GROUP_ROWS)
+        counts = check_param(cls.name, spec.name, params, "counts", list)
+        _, n, g, r = group_layout(tuple(spec.shape), gr)
+        k = r * n
+        if (len(counts) != MAX_DEPTH + 1 or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)
+                or sum(counts) != k):
+            raise CodecError(
+                f"tensor {spec.name!r}: codec 'cvxq' param 'counts' must be {MAX_DEPTH + 1} non-negative integers "
+                f"summing to the {k} groups of a {list(spec.shape)} tensor, got {counts!r}"
+            )
+        codes = sum(packed_nbytes(c * g, b) for b, c in enumerate(counts) if b)
+        return {
+            "depth": FieldSpec(torch.uint8, (packed_nbytes(k, 4),)),
+            "loc": FieldSpec(torch.float16, (r, n)),
+            "scale": FieldSpec(torch.float16, (k - counts[0],)),
+            "codes": FieldSpec(torch.uint8, (codes,)),
+        }
+
+    @classmethod
+    def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
+               device: torch.device, dtype: torch.dtype) -> Tensor:
+        f = _checked_fields(cls, enc, spec, device)
+        counts = enc.params["counts"]
+        m, n, g, r = group_layout(tuple(spec.shape), enc.params["group_rows"])
+        k = r * n
+        dev = f["loc"].device
+        if k == 0:
+            return torch.empty(spec.shape, dtype=dtype, device=dev)
+        depth = unpack_codes(f["depth"], 4, k).long()
+        hist = torch.bincount(depth, minlength=16)
+        if hist.tolist()[: MAX_DEPTH + 1] != list(counts) or int(hist[MAX_DEPTH + 1:].sum()) != 0:
+            raise CorruptPayloadError(
+                f"tensor {spec.name!r}: codec 'cvxq' group depths do not match the index's counts "
+                f"{list(counts)}; the file is damaged or was not written by thawed"
+            )
+        order = torch.argsort(depth, stable=True)
+        loc = f["loc"].reshape(-1).to(torch.float32)
+        scale = f["scale"].to(torch.float32)
+        codes = f["codes"]
+        out = torch.empty((k, g), dtype=torch.float32, device=dev)  # group-major
+        c0 = counts[0]
+        if c0:
+            i0 = order[:c0]
+            out.index_copy_(0, i0, loc[i0, None].expand(c0, g))
+        start, sstart, byte = c0, 0, 0
+        for b in range(1, MAX_DEPTH + 1):
+            c = counts[b]
+            if not c:
+                continue
+            idx = order[start:start + c]
+            nb = packed_nbytes(c * g, b)
+            q = unpack_codes(codes[byte:byte + nb], b, c * g).view(c, g).long()
+            vals = levels(b, dev)[q]
+            vals.mul_(scale[sstart:sstart + c, None]).add_(loc[idx, None])
+            out.index_copy_(0, idx, vals)
+            start, sstart, byte = start + c, sstart + c, byte + nb
+        w = out.view(r, n, g).transpose(1, 2).reshape(r * g, n)[:m]
+        return w.to(dtype).reshape(spec.shape)
+
+
+def _checked_fields(cls: type[Codec], enc: Encoded, spec: TensorSpec, device: torch.device) -> dict[str, Tensor]:
+    want = cls.expected_fields(spec, enc.params)
+    out = {}
+    for key, fs in want.items():
+        t = enc.fields.get(key)
+        if t is None:
+            raise CorruptPayloadError(
+                f"tensor {spec.name!r}: codec 'cvxq' payload has no field {key!r}; the file is incomplete"
+            )
+        if t.dtype != fs.dtype or tuple(t.shape) != fs.shape:
+            raise CorruptPayloadError(
+                f"tensor {spec.name!r}: codec 'cvxq' field {key!r} is {t.dtype} {list(t.shape)}, expected "
+                f"{fs.dtype} {list(fs.shape)}; the file is damaged or was not written by thawed"
+            )
+        out[key] = t.to(device) if t.device != torch.device(device) else t
+    return out
+
+
+# ---- quantisation (encode side) ---------------------------------------------------------------
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return x.mean(-1)
+    return (x * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def _nearest(z: Tensor, lv: Tensor) -> Tensor:
+    """Index of the nearest level (ascending ``lv``) for every element of ``z``."""
+    mids = (lv[1:] + lv[:-1]) * 0.5
+    return torch.bucketize(z, mids)
+
+
+def _quantise_groups(x: Tensor, mask: Tensor | None, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Groups [c, G] float32 -> codes [c, G] (int64), loc [c] f16, scale [c] f16 (best of the grid)."""
+    lv = levels(bits)
+    if mask is not None:  # padded entries: replaced by a valid value of their group, and masked out
+        med = torch.nanmedian(torch.where(mask, x, torch.nan), dim=-1).values
+        x = torch.where(mask, x, med[:, None])
+    else:
+        med = x.median(dim=-1).values
+    mad = _masked_mean((x - med[:, None]).abs(), mask).clamp_min(F16_TINY)
+
+    def evaluate(lo: Tensor, sc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lo16 = lo.clamp(-F16_MAX, F16_MAX).to(torch.float16)
+        sc16 = sc.clamp(F16_TINY, F16_MAX).to(torch.float16)
+        lo32, sc32 = lo16.float()[:, None], sc16.float()[:, None]
+        q = _nearest((x - lo32) / sc32, lv)
+        err = (lv[q] * sc32 + lo32 - x).square_()
+        if mask is not None:
+            err = err * mask
+        return err.sum(-1), q, lo16, sc16
+
+    best = None
+    for step in SCALE_STEPS:  # scale search at the median
+        cand = evaluate(med, mad * (SCALE_CENTRE[bits] * step))
+        best = cand if best is None else _keep_better(best, cand)
+    base_sc = best[3].float()
+    for shift in LOC_GRID:  # location search at the best scale
+        best = _keep_better(best, evaluate(med + shift * mad, base_sc))
+    _, q, lo16, sc16 = best
+    return q, lo16, sc16
+
+
+def _keep_better(a: tuple, b: tuple) -> tuple:
+    better = b[0] < a[0]
+    return (torch.where(better, b[0], a[0]), torch.where(better[:, None], b[1], a[1]),
+            torch.where(better, b[2], a[2]), torch.where(better, b[3], a[3]))
+
+
+def cvxq_decode_reference(enc: Encoded, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Slow decode for tests: per-group bit offsets into the stream, one group at a time."""
+    counts = enc.params["counts"]
+    m, n, g, r = group_layout(tuple(shape), enc.params["group_rows"])
+    k = r * n
+    depth = unpack_bits(enc.fields["depth"], 4, k).long().tolist() if k else []
+    loc = enc.fields["loc"].reshape(-1).float()
+    scale = enc.fields["scale"].float()
+    # per-group bit offsets: segment starts (bytes) + rank within the segment * G * b bits
+    seg_start, byte = {}, 0
+    for b in range(1, MAX_DEPTH + 1):
+        seg_start[b] = byte * 8
+        byte += packed_nbytes(counts[b] * g, b)
+    bitstream = torch.from_numpy(__import__("numpy").unpackbits(enc.fields["codes"].numpy(), bitorder="little"))
+    rank = [0] * (MAX_DEPTH + 1)
+    sidx = {}
+    s = 0
+    for b in range(1, MAX_DEPTH + 1):  # scale index of the first group of each depth
+        sidx[b] = s
+        s += counts[b]
+    wp = torch.zeros(r * g, n)
+    for grp in range(k):
+        b = depth[grp]
+        rr, j = divmod(grp, n)
+        if b == 0:
+            wp[rr * g:(rr + 1) * g, j] = loc[grp]
+            continue
+        off = seg_start[b] + rank[b] * g * b
+        bits = bitstream[off:off + g * b].view(g, b).long()
+        q = (bits << torch.arange(b)).sum(1)
+        wp[rr * g:(rr + 1) * g, j] = levels(b)[q] * scale[sidx[b] + rank[b]] + loc[grp]
+        rank[b] += 1
+    return wp[:m].to(dtype).reshape(shape)

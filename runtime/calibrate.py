@@ -1,0 +1,97 @@
+"""Calibration for planned codecs: per-weight sensitivities from gradients on calibration text.
+
+``weight_sensitivities(src, tokens=N)`` runs the dense source model (fp32, CPU by default) over
+the first ``N`` tokens of Penn Treebank ``train`` (or given text) in windows of ``seq_len`` and
+accumulates, for every 2-D parameter, the squared gradient of
+
+    sum_t log p(y_t | x_<=t),   y_t ~ p(. | x_<=t)   (labels sampled from the model itself)
+
+per window. Its expectation is the diagonal of the Fisher information of the model's output
+distribution, i.e. the second-order weight of each weight's perturbation in the KL divergence
+between the dense and the compressed model's next-token distributions -- the "gradient of the
+model output w.r.t. the weights" that CVXQ uses (the paper backpropagates projected logits;
+sampling the label from the model's own softmax projects onto the directions the output
+distribution is sensitive to). Tied parameters get the sum of both uses' gradients.
+
+This module is imported only by the compression pipeline's planning step (lazily); the runtime
+never imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from thawed.codecs.errors import ThawedError
+
+__all__ = ["Calibration", "weight_sensitivities", "calibration_ids"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    sens: dict[str, Tensor]  # parameter name -> accumulated squared gradient (float32, its shape)
+    tokens: int
+    windows: int
+    seconds: float
+
+
+def calibration_ids(tokenizer, tokens: int, text: str | None = None) -> list[int]:
+    """The first ``tokens`` token ids of ``text`` (default: Penn Treebank ``train``), no BOS."""
+    if text is None:
+        from .eval import load_corpus
+
+        _, text = load_corpus("ptb-train")
+        text = text[: max(200_000, tokens * 8)]  # enough characters for `tokens` tokens
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    if len(ids) < 2:
+        raise ThawedError("the calibration text has fewer than 2 tokens")
+    return ids
+
+
+def weight_sensitivities(src: str | Path, tokens: int = 4096, *, seq_len: int = 512, seed: int = 0,
+                         text: str | None = None, device: str = "cpu") -> Calibration:
+    """Accumulated squared Fisher-sampled gradients for every 2-D parameter of the model at ``src``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if tokens < 2:
+        raise ThawedError(f"--calib-tokens must be at least 2, got {tokens}")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device)
+    model.eval()  # no dropout; gradients still flow
+    tok = AutoTokenizer.from_pretrained(str(src))
+    ids = calibration_ids(tok, tokens, text)
+    params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    windows = 0
+    for start in range(0, len(ids) - 1, seq_len):
+        chunk = ids[start:start + seq_len]
+        if len(chunk) < 2:
+            break
+        x = torch.tensor([chunk], device=device)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=x, use_cache=False).logits[0].float()  # [T, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        with torch.no_grad():
+            y = torch.multinomial(logp.exp(), 1, generator=gen)  # labels from the model itself
+        logp.gather(1, y).sum().backward()
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.grad is not None:
+                    acc[n].addcmul_(p.grad, p.grad)
+        windows += 1
+        log.info("calibration window %d (%d tokens) done at %.1fs", windows, len(chunk), time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    del model
+    secs = time.perf_counter() - t0
+    log.info("calibration: %d tokens in %d windows, %.1fs", min(len(ids), tokens), windows, secs)
+    return Calibration(acc, len(ids), windows, secs)
