@@ -34,7 +34,7 @@ class _Sampling(_Body):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     ignore_eos: bool | None = False
 
 
@@ -93,7 +93,7 @@ class TGIParameters(_Body):
     details: bool | None = False
     decoder_input_details: bool | None = False
     return_full_text: bool | None = False
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     top_n_tokens: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     truncate: int | None = Field(None, ge=1)

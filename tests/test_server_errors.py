@@ -187,3 +187,17 @@ def test_request_body_too_large(tiny_loaded):
 
         err(c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
         assert c.post("/v1/completions", json={"prompt": "the", "max_tokens": 1}).status_code == 200
+
+
+def test_extreme_sampling_values_found_by_the_fuzzer(client):
+    """temperature 1e-300 (logits overflow), top_p 5e-324 (below float32), repetition penalty out
+    of [0.01, 100]: greedy / top token / 400, never a 500."""
+    base = {"prompt": "the", "max_tokens": 3, "ignore_eos": True}
+    greedy = client.post("/v1/completions", json=base | {"temperature": 0}).json()["choices"][0]["text"]
+    for extra in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 5e-324}):
+        r = client.post("/v1/completions", json=base | extra)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy
+    err(client.post("/v1/completions", json=base | {"repetition_penalty": 1e-300}), 400, "repetition_penalty")
+    err(client.post("/generate", json={"inputs": "the", "parameters": {"repetition_penalty": 1e6}}), 400,
+        "parameters.repetition_penalty")
