@@ -119,6 +119,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "rtn": "thawed.codecs.rtn",
     "lossless": "thawed.codecs.lossless",
     "cvxq": "thawed.codecs.cvxq",
+    "hyperc": "thawed.codecs.hyperc",
 }
 
 
