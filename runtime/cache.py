@@ -47,6 +47,7 @@ class CacheStats:
     misses: int
     evictions: int
     prefetched: int
+    prefetch_skipped: int  # prefetches dropped because pinned entries left no room in the budget
     decodes: int
     decode_seconds: dict[str, float] = field(default_factory=dict)  # by codec
     keys: list[str] = field(default_factory=list)
@@ -58,10 +59,14 @@ class CacheStats:
 class WeightCache:
     """LRU cache of decoded weights, bounded by ``budget_bytes`` (``None`` = unbounded)."""
 
-    def __init__(self, decode: DecodeFn, budget_bytes: int | None) -> None:
+    def __init__(self, decode: DecodeFn, budget_bytes: int | None,
+                 size_of: Callable[[str], int] | None = None) -> None:
+        """``size_of(key)``: the decoded size in bytes, known before decoding; with it, a prefetch
+        that cannot fit (pinned entries fill the budget) is skipped instead of overshooting."""
         if budget_bytes is not None and budget_bytes < 0:
             raise ValueError(f"cache budget must be >= 0 bytes, got {budget_bytes}")
         self._decode = decode
+        self._size_of = size_of
         self.budget_bytes = budget_bytes
         self._entries: "OrderedDict[str, _Entry]" = OrderedDict()
         self._inflight: set[str] = set()
@@ -70,6 +75,7 @@ class WeightCache:
         self._bytes = 0
         self._peak = 0
         self._hits = self._misses = self._evictions = self._prefetched = self._decodes = 0
+        self._skipped = 0
         self._decode_seconds: dict[str, float] = {}
 
     # ---- public API ---------------------------------------------------------------------------
@@ -90,12 +96,19 @@ class WeightCache:
             entry.pins -= 1
             self._evict_locked(keep=None)
 
-    def prefetch(self, key: str) -> None:
-        """Decode ``key`` into the cache unless it is there or being decoded already."""
+    def prefetch(self, key: str) -> bool:
+        """Decode ``key`` into the cache unless it is there, being decoded, or cannot fit in the
+        budget even after evicting every unpinned entry. True when it decoded."""
         with self._lock:
             if key in self._entries or key in self._inflight:
-                return
+                return False
+            if self.budget_bytes is not None and self._size_of is not None:
+                pinned = sum(e.nbytes for e in self._entries.values() if e.pins > 0)
+                if pinned + self._size_of(key) > self.budget_bytes:
+                    self._skipped += 1
+                    return False
         self._get_or_decode(key, pin=False, prefetch=True)
+        return True
 
     def contains(self, key: str) -> bool:
         with self._lock:
@@ -118,6 +131,7 @@ class WeightCache:
                 misses=self._misses,
                 evictions=self._evictions,
                 prefetched=self._prefetched,
+                prefetch_skipped=self._skipped,
                 decodes=self._decodes,
                 decode_seconds=dict(self._decode_seconds),
                 keys=list(self._entries),

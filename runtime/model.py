@@ -206,7 +206,8 @@ class LazyModel:
 
         if cache_budget is not None and cache_budget < 0:  # a share of the decoded size
             cache_budget = decoded_nbytes * (-cache_budget) // 1000
-        cache = WeightCache(decode, cache_budget)
+        elem = torch.empty((), dtype=dtype).element_size()
+        cache = WeightCache(decode, cache_budget, size_of=lambda key: index[key].spec.numel * elem)
         lazy_keys = [key for _, _, key in lazy_modules]
         prefetcher = Prefetcher(cache, lazy_keys, config.prefetch_layers, device)
         for mod, pname, key in lazy_modules:

@@ -162,3 +162,15 @@ def test_many_threads_under_small_budget_stay_consistent():
     s = cache.stats()
     assert s.bytes_used <= 2 * NB and s.bytes_used == s.entries * NB
     assert s.hits + s.misses == 800
+
+
+def test_prefetch_that_cannot_fit_beside_pinned_entries_is_skipped():
+    dec = Decoder()
+    cache = WeightCache(dec, budget_bytes=NB, size_of=lambda key: NB)
+    cache.acquire("a")  # pinned by the running forward: fills the budget
+    assert cache.prefetch("b") is False
+    assert dec.calls == ["a"] and cache.stats().prefetch_skipped == 1
+    cache.release("a")
+    assert cache.prefetch("b") is True  # room again once the pin is gone
+    s = cache.stats()
+    assert s.keys == ["b"] and s.peak_bytes <= 2 * NB
