@@ -142,3 +142,17 @@ def test_generation_is_deterministic_and_greedy(rtn_ckpt):
         a = [s.token for s in generate_tokens(lm.model, [1, 5, 9], p)]
         b = [s.token for s in generate_tokens(lm.model, [1, 5, 9], p)]
         assert a == b and len(a) >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_with_side_stream_prefetch_matches_cpu(rtn_ckpt):
+    with LazyModel.load(rtn_ckpt, RuntimeConfig(device="cpu", dtype="float32")) as cpu, torch.inference_mode():
+        want = cpu(input_ids=IDS).logits
+    for budget in (None, 0):
+        cfg = RuntimeConfig(device="cuda", dtype="float32", cache_budget=budget, prefetch_layers=2)
+        with LazyModel.load(rtn_ckpt, cfg) as gpu, torch.inference_mode():
+            for _ in range(3):
+                got = gpu(input_ids=IDS.cuda()).logits
+                torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+            assert gpu.cache.stats().decodes > 0
