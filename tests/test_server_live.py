@@ -235,3 +235,22 @@ def test_lm_eval_local_completions_tiny(live, tiny_loaded):
     (text,) = lm.generate_until([Instance("generate_until", {}, ("the capital of", {"until": ["city"],
                                                                                    "max_gen_toks": 8}), 0)])
     assert isinstance(text, str) and "city" not in text
+
+
+def test_load_script_overload_is_429_never_5xx(tiny_chat_ckpt, capsys):
+    """benchmarks/load.py end to end, small: more clients than slots + queue on the tiny model."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "load.py"
+    spec = importlib.util.spec_from_file_location("thawed_load_benchmark", path)
+    load = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = load  # its dataclasses look their module up
+    spec.loader.exec_module(load)
+    rc = load.main([str(tiny_chat_ckpt), "--clients", "6", "--seconds", "3", "--max-running", "2",
+                    "--max-queue", "1", "--max-tokens", "8", "--max-rss-mib", "2048"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0, report
+    assert report["5xx"] == 0 and report["malformed"] == 0 and report["429"] > 0
+    assert report["statuses"]["200"] >= 2 and report["rss_mib"]["peak"] > 0
