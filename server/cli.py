@@ -99,8 +99,8 @@ def serve(settings) -> int:
     if not Path(settings.checkpoint).exists():
         raise ThawedError(f"checkpoint {settings.checkpoint} does not exist; give a directory written by "
                           "`thawed compress` (mounted read-only in a container)")
-    level = settings.log_level.lower()
-    logging.getLogger("thawed").setLevel(level.upper())
+    level = settings.log_level
+    logging.getLogger("thawed").setLevel("DEBUG" if level == "trace" else level.upper())
     app = create_app(settings)
     log.info("serving %s on http://%s:%d", settings.checkpoint, settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=level, timeout_graceful_shutdown=10)

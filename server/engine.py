@@ -275,10 +275,6 @@ class Engine:
             self.metrics.waiting.set(len(self._waiting))
             self.metrics.cancelled.inc(len(job.seqs))
 
-    def load(self) -> dict:
-        with self._cond:
-            return {"running": self._n_active, "waiting": len(self._waiting)}
-
     def shutdown(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._closing = True

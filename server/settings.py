@@ -7,6 +7,8 @@ engine read it once at start.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,7 +36,13 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="model id reported by /v1/models; default: the checkpoint folder name")
     strict_model_name: bool = Field(False, description="reject requests whose `model` is not the served name")
     preload: bool = Field(False, description="decode every layer before answering /health 200")
-    log_level: str = Field("info", description="uvicorn / thawed log level")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn / thawed log level")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("api_key", "served_model_name", "checkpoint", mode="before")
     @classmethod
