@@ -18,10 +18,13 @@ from thawed.codecs.errors import ThawedError
 __all__ = ["SamplingParams", "StepOutput", "generate_tokens", "next_token"]
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (as vLLM does)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -58,7 +61,7 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         vals = logits[idx]
         logits = logits.clone()
         logits[idx] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:  # dividing by a tinier temperature overflows to NaN
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
@@ -69,6 +72,7 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         sorted_p, order = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_p, dim=-1)
         drop = cum - sorted_p >= params.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # the most likely token always stays, whatever float rounding says
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
