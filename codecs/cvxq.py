@@ -71,8 +71,9 @@ DEPTH_EXTRA = "cvxq_depth"  # EncodeContext.extras key of the planned [R, n] dep
 # depth searches 5 multipliers around its own centre, then 2 location shifts (units of the same
 # deviation) at the best scale: 7 candidates per group.
 SCALE_CENTRE = (0.0, 1.41, 2.0, 2.83, 3.4, 4.5, 5.0, 5.5, 5.7)
-SCALE_STEPS = tuple(2.0 ** e for e in (-0.5, -0.25, 0.0, 0.25, 0.5))
+SCALE_STEPS = tuple(2.0 ** e for e in (-0.25, 0.0, 0.25))
 LOC_GRID = (-0.1, 0.1)
+COVER_STEPS = (1.0, 0.8, 0.64)
 
 
 def levels(bits: int, device: torch.device | str = "cpu") -> Tensor:
@@ -332,9 +333,15 @@ def _quantise_groups(x: Tensor, mask: Tensor | None, bits: int) -> tuple[Tensor,
             err = err * mask
         return err.sum(-1), q, lo16, sc16
 
+    # Scales whose outermost level reaches the group's extreme weight (never clip an outlier) or
+    # part of the way there, next to the grid around the depth's typical multiplier.
+    reach = (x - med[:, None]).abs()
+    if mask is not None:
+        reach = reach * mask
+    cover = reach.amax(-1) / float(lv[-1])
     best = None
-    for step in SCALE_STEPS:  # scale search at the median
-        cand = evaluate(med, mad * (SCALE_CENTRE[bits] * step))
+    for cand_scale in [mad * (SCALE_CENTRE[bits] * step) for step in SCALE_STEPS] + [cover * f for f in COVER_STEPS]:
+        cand = evaluate(med, cand_scale)
         best = cand if best is None else _keep_better(best, cand)
     base_sc = best[3].float()
     for shift in LOC_GRID:  # location search at the best scale

@@ -83,22 +83,26 @@ def depths_at(sets: list[GroupSet], log2_lam: float, min_depth: int = 0) -> list
     return [_depths(s.score, log2_lam, min_depth) for s in sets]
 
 
-def allocate(sets: list[GroupSet], budget_bits: float, *, min_depth: int = 0,
+def allocate(sets: list[GroupSet], budget_bits: float, *, min_depth: int = 0, strict: bool = True,
              iters: int = 64) -> tuple[list[Tensor], float, int]:
     """Depths for every set that fit ``budget_bits`` as closely as possible from below.
 
-    Returns ``(depths per set as [R*n] int64, log2 lambda, total bits)``. Raises when even the
-    smallest allocation (every group at ``min_depth``) does not fit.
+    Returns ``(depths per set as [R*n] int64, log2 lambda, total bits)``. When even the smallest
+    allocation (every group at ``min_depth``) does not fit, raises (``strict``) or warns and
+    returns that smallest allocation.
     """
     if not sets:
         return [], 0.0, 0
-    floor_bits = _bits(sets, [torch.full((s.groups,), min_depth, dtype=torch.int64) for s in sets])
+    floor = [torch.full((s.groups,), min_depth, dtype=torch.int64) for s in sets]
+    floor_bits = _bits(sets, floor)
     if floor_bits > budget_bits:
         numel = sum(s.numel for s in sets)
-        raise ThawedError(
-            f"the target leaves {budget_bits / numel:.3f} bits/weight for {len(sets)} cvxq tensors but their "
-            f"side information alone takes {floor_bits / numel:.3f}; raise --target-bpw or group_rows"
-        )
+        msg = (f"the target leaves {budget_bits / numel:.3f} bits/weight for {len(sets)} cvxq tensors but their "
+               f"side information alone takes {floor_bits / numel:.3f}")
+        if strict:
+            raise ThawedError(msg + "; raise --target-bpw or group_rows")
+        log.warning("%s: every group gets depth %d and the file ends up above the target", msg, min_depth)
+        return floor, math.inf, floor_bits
     scores = torch.cat([s.score for s in sets])
     pos = scores[scores > 0]
     if pos.numel() == 0:
@@ -195,14 +199,16 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
     lin_budget = target_bpw * numel_lin - fixed_lin
     lin_depths, lin_lam, lin_bits = allocate(lin_sets, lin_budget)
     rest_budget = target_bpw * numel_all - lin_bits - fixed_lin - fixed_rest - header_bits
-    rest_depths, rest_lam, rest_bits = allocate(rest_sets, rest_budget, min_depth=min_depth_nonlinear)
+    # The file header and raw tensors are fixed costs; on a tiny model they can exceed the whole
+    # target, so this budget is best effort (the linear one is strict).
+    rest_depths, rest_lam, rest_bits = allocate(rest_sets, rest_budget, min_depth=min_depth_nonlinear, strict=False)
     depths = {s.name: d.view(s.shape).to(torch.uint8) for s, d in zip(lin_sets + rest_sets, lin_depths + rest_depths)}
     pred_lin = (lin_bits + fixed_lin) / numel_lin if numel_lin else 0.0
     pred_all = (lin_bits + rest_bits + fixed_lin + fixed_rest + header_bits) / numel_all if numel_all else 0.0
     hist = torch.bincount(torch.cat([d.reshape(-1).long() for d in depths.values()]), minlength=MAX_DEPTH + 1) \
         if depths else torch.zeros(MAX_DEPTH + 1)
     record.update(
-        log2_lambda_linear=round(lin_lam, 4), log2_lambda_rest=round(rest_lam, 4),
+        log2_lambda_linear=round(lin_lam, 4), log2_lambda_rest=round(rest_lam, 4) if math.isfinite(rest_lam) else None,
         predicted_linear_bpw=round(pred_lin, 5), predicted_file_bpw=round(pred_all, 5),
         rest_bpw=round(rest_bits / max(1, sum(s.numel for s in rest_sets)), 4),
         depth_histogram=[int(x) for x in hist.tolist()], plan_seconds=round(time.perf_counter() - t0, 1),
