@@ -39,14 +39,12 @@ from thawed.codecs import EncodeContext, TensorSpec
 from thawed.codecs.cvxq import MAX_DEPTH, cvxq_nbytes, group_layout, group_stats
 from thawed.codecs.errors import ThawedError
 
-__all__ = ["GroupSet", "depths_at", "allocate", "plan_cvxq", "CvxqPlan", "HEADER_BYTES_PER_TENSOR"]
+__all__ = ["GroupSet", "depths_at", "allocate", "plan_cvxq", "CvxqPlan", "estimate_header_bytes"]
 
 log = logging.getLogger(__name__)
 
-# Estimated header bytes per tensor entry (index JSON: codec, shape, fields with offsets, params,
-# checksum); measured ~540 for rtn, ~700 for cvxq on SmolLM2. Errs on the large side.
-HEADER_BYTES_PER_TENSOR = 760
-HEADER_BYTES_FIXED = 4096
+# Room left in the header estimate for the settings record written after planning.
+HEADER_SLACK_BYTES = 1024
 
 
 @dataclass
@@ -128,6 +126,26 @@ def allocate(sets: list[GroupSet], budget_bits: float, *, min_depth: int = 0, st
     return best, hi, best_bits
 
 
+def estimate_header_bytes(entries: list[tuple[str, TensorSpec, str, int, dict, dict]], src: str,
+                          settings: dict, file_bytes: int) -> int:
+    """The payload file's header as the writer will encode it, from planned entries
+    ``(name, spec, codec, codec_version, fields {name: (dtype, shape)}, params)``. Offsets and
+    checksums take their final widths; the result is within a few hundred bytes."""
+    from .format import (DTYPE_TO_CODE, FORMAT_NAME, FORMAT_VERSION, encode_header, encode_index, field_key,
+                         index_entry_dict)
+
+    json_dumps = __import__("json").dumps
+    index = [(name, index_entry_dict(spec, codec, ver, list(fields), params, "crc32:00000000"))
+             for name, spec, codec, ver, fields, params in entries]
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "index": encode_index(index),
+            "shared": "{}", "shared_checksums": "{}", "source": src,
+            "settings": json_dumps(settings, sort_keys=True, separators=(",", ":"))}
+    off = file_bytes  # every offset gets the width of the largest one
+    tensors = [(field_key(name, f), DTYPE_TO_CODE[dt], shape, off, off)
+               for name, _, _, _, fields, _ in entries for f, (dt, shape) in fields.items()]
+    return len(encode_header(meta, tensors)) + HEADER_SLACK_BYTES
+
+
 @dataclass
 class CvxqPlan:
     """What the planning step hands the tensor loop: name -> [R, n] depths, plus a record."""
@@ -162,6 +180,9 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
     fixed_lin = fixed_rest = 0  # bits of tensors the plan gives other codecs
     numel_lin = numel_all = 0
     encoders: dict = {}
+    entries: list = []  # for the header estimate: (name, spec, codec, version, fields, params)
+    specs: dict[str, TensorSpec] = {}
+    cvxq_version = 1
     for name in names:
         shape, dtype = shape_dtype(name)
         role = roles.get(name, "other")
@@ -170,13 +191,17 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
         if role == "linear":
             numel_lin += numel
         choice = choose(name, role, dtype, len(shape))
+        spec = specs[name] = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
         if choice.name != "cvxq":
+            codec = encoders.get(choice) or encoders.setdefault(choice, choice.build())
             if choice.name == "raw":
                 nbytes = numel * torch.empty((), dtype=dtype).element_size()
+                entries.append((name, spec, "raw", codec.version, {"data": (dtype, tuple(shape))}, {}))
             else:  # another codec: its size is what it encodes to
-                codec = encoders.get(choice) or encoders.setdefault(choice, choice.build())
-                spec = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
-                nbytes = codec.encode(get(name), spec, EncodeContext(name=name, role=role, seed=seed)).nbytes
+                enc = codec.encode(get(name), spec, EncodeContext(name=name, role=role, seed=seed))
+                nbytes = enc.nbytes
+                entries.append((name, spec, choice.name, codec.version,
+                                {f: (t.dtype, tuple(t.shape)) for f, t in enc.fields.items()}, enc.params))
             if role == "linear":
                 fixed_lin += 8 * nbytes
             else:
@@ -184,6 +209,7 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
             continue
         codec = encoders.get(choice) or encoders.setdefault(choice, choice.build())
         gr = codec.group_rows
+        cvxq_version = codec.version
         w = get(name)
         sens = sensitivities.get(name)
         if sens is None:
@@ -195,9 +221,23 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
         gs = GroupSet(name, g, (r, n), s * var * cnt / g, numel)
         (lin_sets if role == "linear" else rest_sets).append(gs)
         del w
-    header_bits = 8 * (HEADER_BYTES_FIXED + HEADER_BYTES_PER_TENSOR * len(names))
     lin_budget = target_bpw * numel_lin - fixed_lin
     lin_depths, lin_lam, lin_bits = allocate(lin_sets, lin_budget)
+    # Header: field shapes of cvxq tensors depend on their depth counts; typical counts (all
+    # groups at the target depth) give the right digit widths to within a few bytes per entry.
+    typical = min(MAX_DEPTH, max(0, round(target_bpw)))
+    for gs in lin_sets + rest_sets:
+        counts = [0] * (MAX_DEPTH + 1)
+        counts[typical] = gs.groups
+        gspec = specs[gs.name]
+        fields = {"depth": (torch.uint8, (-(-gs.groups // 8) * 4,)), "loc": (torch.float16, gs.shape),
+                  "scale": (torch.float16, (gs.groups,)), "codes": (torch.uint8, (gs.numel * typical // 8,))}
+        entries.append((gs.name, gspec, "cvxq", cvxq_version, fields, {"group_rows": gs.group_rows, "counts": counts}))
+    record_guess = dict(record, log2_lambda_linear=0.0, log2_lambda_rest=0.0, predicted_linear_bpw=0.0,
+                        predicted_file_bpw=0.0, rest_bpw=0.0, depth_histogram=[10**6] * (MAX_DEPTH + 1),
+                        plan_seconds=0.0)
+    header_bits = 8 * estimate_header_bytes(entries, str(src), {"cvxq_plan": record_guess, "plan": {}, "seed": seed},
+                                            int(target_bpw * numel_all / 8))
     rest_budget = target_bpw * numel_all - lin_bits - fixed_lin - fixed_rest - header_bits
     # The file header and raw tensors are fixed costs; on a tiny model they can exceed the whole
     # target, so this budget is best effort (the linear one is strict).
