@@ -36,9 +36,10 @@ without a plan every group gets the encoder option ``bits``.
 bpw of a tensor = ``(sum_k G*B_k + 16 K + 16 (K - c_0) + 4 K) / (m n)`` (for ``G`` a multiple of 8
 and ``m`` a multiple of ``G``): at ``G = 192`` the side information costs 0.104-0.188 bpw.
 
-Quality floor (MiniLM-L6's 36 genuine fp32 encoder linear weights, per-tensor allocation by weight
-variance alone, SQNR ``20 log10(|W| / |W - W^|)``; see docs/CVXQ.md):
-see ``tests/test_codec_cvxq.py::FLOORS`` for the measured values and the floors held.
+Quality floor (MiniLM-L6's genuine fp32 layer-0 linear weights, depths allocated by weight
+variance alone, SQNR ``20 log10(|W| / |W - W^|)``, worst tensor / all together): 3.0 bpw
+10.6 / 13.4 dB, 4.0 bpw 15.9 / 18.7 dB (rtn g128 at 3.25 / 4.25 bpw: 13.1 / 19.7 dB all
+together). tests/test_codec_cvxq.py holds floors a little below; docs/CVXQ.md has all 36 tensors.
 
 Decode cost per weight: unpack a fixed-width field (2-3 byte ops, uniform width inside a segment),
 one table gather, one multiply-add, one scatter into the group-major output and one transpose

@@ -188,10 +188,12 @@ def test_decode_on_cuda_matches_cpu() -> None:
 
 
 # ---- quality floor on genuine fp32 weights ------------------------------------------------------
-# MiniLM-L6's 36 encoder linear weights, depths allocated across all of them at the target by
-# weight variance alone (no calibration; allocate() over group_stats with sensitivity 1),
-# group_rows=192. Measured worst tensor / all together: see FLOORS; rtn at the same bpw printed.
-FLOORS = {3.0: (0.0, 0.0), 4.0: (0.0, 0.0)}
+# MiniLM-L6's layer-0 encoder linear weights (6 tensors), depths allocated across them at the
+# target by weight variance alone (no calibration: allocate() over group_stats with sensitivity 1),
+# group_rows=192. Measured worst tensor / all together: 3.0 bpw 10.58 / 13.41 dB, 4.0 bpw
+# 15.90 / 18.66 dB (rtn g128 on the same tensors: b3 = 3.25 bpw 12.64 / 13.08, b4 = 4.25 bpw
+# 19.17 / 19.66). All 36 tensors: benchmarks/cvxq.py and docs/CVXQ.md.
+FLOORS = {3.0: (10.3, 13.1), 4.0: (15.6, 18.4)}
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +233,9 @@ def minilm_sqnr(lin: dict[str, torch.Tensor], target: float, group_rows: int = 1
 
 @pytest.mark.parametrize("target", list(FLOORS))
 def test_sqnr_floor_on_minilm(minilm_linears: dict[str, torch.Tensor], target: float) -> None:
-    # layers 0 and 5 (12 tensors) keep the test fast; benchmarks/cvxq.py measures all 36
-    lin = {k: v for k, v in minilm_linears.items() if k.startswith(("encoder.layer.0.", "encoder.layer.5."))}
-    assert len(lin) == 12
+    # layer 0 (6 tensors) keeps the test fast; benchmarks/cvxq.py measures all 36
+    lin = {k: v for k, v in minilm_linears.items() if k.startswith("encoder.layer.0.")}
+    assert len(lin) == 6
     res = minilm_sqnr(lin, target)
     print(f"\ncvxq {target} bpw: SQNR worst {res['worst']:.2f} dB, all {res['all']:.2f} dB, {res['bpw']:.4f} bpw")
     assert abs(res["bpw"] - target) <= 0.02
