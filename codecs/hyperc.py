@@ -33,10 +33,13 @@ is found for all vectors at once in torch: Babai rounding in an LLL-reduced basi
 then the ``3**dim`` neighbouring lattice points, keeping the nearest one inside the box (the index
 of a lattice point in the box is its first coordinate). No KD-tree, no loop over weights.
 
-``target_bpw`` picks (dim, index_bits, group_size) with ``index_bits/dim + 32/group_size <=
-target_bpw`` maximising a Gaussian model of SQNR (6.02 dB per index bit per weight, minus the
-expected group range); the index rate is fractional, which plain ``rtn`` cannot do -- that, not
-the lattice shape, is where most of the gain comes from (docs/HYPERC.md).
+``target_bpw``: per tensor, for each dim 1..4 the (index_bits, group_size) whose exact bpw for
+this row length is <= target_bpw and that maximises a Gaussian model of SQNR (6.02 dB per index
+bit per weight, minus the expected group range, plus the lattice gain); the tensor is encoded with
+each and keeps the one with the lowest squared error (so compression costs ~4 encodes). The index
+rate is fractional (13 bits per 3 weights), which plain ``rtn`` cannot do -- on genuine fp32
+weights that, more than the lattice shape, is where the gain comes from; on SmolLM2's
+Q4_1-derived weights the scalar (dim 1) candidate often wins (docs/HYPERC.md).
 
 Quality floor (MiniLM-L6's 36 genuine fp32 encoder linear weights, worst tensor / all together):
 see ``tests/test_codec_hyperc.py`` (FLOORS) and docs/HYPERC.md for the measured values.
@@ -62,19 +65,30 @@ from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError, CorruptPayloadError
 from .rtn import F16_MAX, _f16_down, _f16_up, _matrix_shape, unpack_codes
 
-__all__ = ["HyperC", "hyperc_decode_reference", "choose_rate", "codebook", "good_generator"]
+__all__ = ["HyperC", "hyperc_decode_reference", "choose_rate", "rate_candidates", "codebook", "good_generator",
+           "nearest_index"]
 
 log = logging.getLogger(__name__)
 
 MAX_DIM = 4
 MAX_INDEX_BITS = 16
 MAX_GROUP = 1 << 20
-# Box shrink factors tried per group by ``clip_search`` (1.0 = the group's full range).
-CLIP_FACTORS = (1.0, 0.93, 0.86, 0.78)
+# Boxes tried per group by ``clip_search``: (shrink factor, margin?) -- 1.0 = the group's full
+# range; margin = half a codebook spacing inside the box (the first entry is the only one without
+# ``clip_search``; the second puts the extremes on the box faces, as ``rtn`` does).
+CLIP_FACTORS = ((1.0, True), (1.0, False), (0.93, True), (0.86, True), (0.78, True))
 _CHUNK = 1 << 17  # vectors per nearest-point batch (bounds memory at 3**dim candidates each)
 
 
 # ---- the codebook ------------------------------------------------------------------------------
+# good_generator(dim, 2**bits), precomputed by its own search (deterministic): dim -> {bits: a}.
+_GENERATORS: dict[int, dict[int, int]] = {
+    2: {3: 3, 4: 3, 5: 7, 6: 19, 7: 23, 8: 71, 9: 67, 10: 271, 11: 305, 12: 1697, 13: 5373, 14: 6581, 15: 24017, 16: 8105},
+    3: {4: 3, 5: 3, 6: 5, 7: 5, 8: 13, 9: 101, 10: 35, 11: 1575, 12: 2895, 13: 3133, 14: 14413, 15: 21897, 16: 369},
+    4: {5: 3, 6: 3, 7: 11, 8: 9, 9: 99, 10: 405, 11: 1013, 12: 329, 13: 5899, 14: 2087, 15: 1739, 16: 10641},
+}
+
+
 def _korobov(a: int, dim: int, points: int) -> list[int]:
     return [pow(a, j, points) for j in range(dim)]
 
@@ -142,6 +156,9 @@ def good_generator(dim: int, points: int) -> int:
     """The Korobov ``a`` (deterministic) whose lattice has the largest minimum distance."""
     if dim == 1:
         return 1
+    bits = points.bit_length() - 1
+    if points == 1 << bits and bits in _GENERATORS.get(dim, {}):
+        return _GENERATORS[dim][bits]
     cands = range(1, points)
     if points > 1500:  # a fixed, spread-out subset: deterministic and a second or so
         g = torch.Generator().manual_seed(dim * 1_000_003 + points)
@@ -224,6 +241,7 @@ def nearest_index(t: Tensor, z: list[int], points: int) -> Tensor:
 
 
 # ---- rate choice -------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
 def _expected_range(g: int) -> float:
     """Expected range of ``g`` iid standard normals / 2 (Blom-style approximation)."""
     if g < 2:
@@ -233,23 +251,41 @@ def _expected_range(g: int) -> float:
     return NormalDist().inv_cdf((g - 0.375) / (g + 0.25))
 
 
-def choose_rate(target_bpw: float) -> tuple[int, int, int]:
-    """(dim, index_bits, group_size) with bpw <= target maximising a Gaussian SQNR model."""
-    best: tuple[float, tuple[int, int, int]] | None = None
+def _bpw(dim: int, bits: int, g: int, n: int | None) -> float:
+    """Stored bits per weight; exact for rows of ``n`` weights (partial groups/vectors counted)."""
+    if n is None:
+        return bits / dim + 32 / g
+    return (-(-n // dim) * bits + -(-n // g) * 32) / n
+
+
+@lru_cache(maxsize=256)
+def rate_candidates(target_bpw: float, n: int | None = None) -> dict[int, tuple[int, int]]:
+    """Per dim, the (index_bits, group_size) with bpw <= target (for rows of ``n`` weights when
+    given) maximising a Gaussian SQNR model: 6.02 dB per index bit per weight, minus the expected
+    group range, plus the lattice's gain (hexagonal 0.17 dB, BCC 0.26, D4 0.37)."""
+    out: dict[int, tuple[float, tuple[int, int]]] = {}
     for dim in range(1, MAX_DIM + 1):
+        groups = range(dim * max(1, 32 // dim), 1025, dim)
         for bits in range(dim, MAX_INDEX_BITS + 1):
-            rate = bits / dim
-            if rate > target_bpw:
-                continue
-            for g in range(dim * max(1, 32 // dim), 1025, dim):
-                bpw = rate + 32 / g
+            if bits / dim > target_bpw:
+                break
+            for g in groups:
+                bpw = _bpw(dim, bits, g, n)
                 if bpw > target_bpw + 1e-9:
                     continue
-                # step ~ range / K^(1/d): SQNR ~ 6.02 * rate - 20 log10(range), plus a small
-                # lattice gain for dim >= 2 (hexagonal 0.17 dB, BCC 0.26 dB, D4 0.37 dB).
-                score = 6.02 * rate - 20 * math.log10(_expected_range(g)) + (0, 0, 0.17, 0.26, 0.37)[dim]
-                if best is None or score > best[0] + 1e-9:
-                    best = (score, (dim, bits, g))
+                score = 6.02 * bits / dim - 20 * math.log10(_expected_range(g)) + (0, 0, 0.17, 0.26, 0.37)[dim]
+                if dim not in out or score > out[dim][0] + 1e-9:
+                    out[dim] = (score, (bits, g))
+    return {d: v[1] for d, v in out.items()}
+
+
+def choose_rate(target_bpw: float) -> tuple[int, int, int]:
+    """(dim, index_bits, group_size) with bpw <= target maximising the model of ``rate_candidates``."""
+    best: tuple[float, tuple[int, int, int]] | None = None
+    for dim, (bits, g) in rate_candidates(target_bpw).items():
+        score = 6.02 * bits / dim - 20 * math.log10(_expected_range(g)) + (0, 0, 0.17, 0.26, 0.37)[dim]
+        if best is None or score > best[0] + 1e-9:
+            best = (score, (dim, bits, g))
     if best is None:
         raise CodecError(f"codec 'hyperc' cannot reach target_bpw={target_bpw}; use 1.5 or more")
     return best[1]
@@ -314,17 +350,22 @@ class HyperC(Codec, name="hyperc", version=1):
             if peak > F16_MAX / 2:
                 raise CodecError(f"tensor {spec.name!r} has |w| up to {peak:g}, beyond the F16 range of hyperc's "
                                  "scale/offset; use 'lossless' or 'raw'")
-        z, K = self._z()
-        g = self.group_size or max(self.dim, -(-n // self.dim) * self.dim)
-        k, scale, offset = quantize(w, z, K, g, clip_search=self.clip_search)
-        B = self.index_bits
-        fields = {"codes_lo": pack_bits(k & 0xFF if B > 8 else k, min(B, 8))}  # [packed_nbytes(m*V, min(B,8))]
-        if B > 8:
-            fields["codes_hi"] = pack_bits(k >> 8, B - 8)  # [packed_nbytes(m*V, B-8)] uint8
-        fields["scale"] = scale.contiguous()  # [m, G] f16
-        fields["offset"] = offset.contiguous()  # [m, G] f16
-        params = {"dim": self.dim, "index_bits": B, "points": K, "generator": z, "group_size": g}
-        return Encoded(fields, params)
+        if self.target_bpw is None:
+            z, K = self._z()
+            g = self.group_size or max(self.dim, -(-n // self.dim) * self.dim)
+            return _encode_one(w, z, K, self.index_bits, g, self.clip_search)[0]
+        # target_bpw: the model's best (index_bits, group_size) for each dim at this row length
+        # (so the tensor's own bpw meets the target), then the one with the lowest squared error.
+        cands = rate_candidates(float(self.target_bpw), n) or {self.dim: (self.index_bits, self.group_size)}
+        best: tuple[Encoded, float] | None = None
+        for dim, (bits, g) in sorted(cands.items()):
+            K = 1 << bits
+            z = _korobov(good_generator(dim, K), dim, K)
+            enc, sse = _encode_one(w, z, K, bits, g, self.clip_search)
+            log.debug("%s: dim=%d index_bits=%d group_size=%d sse=%.4g", spec.name, dim, bits, g, sse)
+            if best is None or sse < best[1]:
+                best = (enc, sse)
+        return best[0]
 
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
@@ -377,6 +418,17 @@ class HyperC(Codec, name="hyperc", version=1):
         return out.view(spec.shape)
 
 
+def _encode_one(w: Tensor, z: list[int], K: int, B: int, g: int, clip_search: bool) -> tuple[Encoded, float]:
+    """Encode a float32 ``[m, n]`` matrix with one configuration -> (payload, squared error)."""
+    k, scale, offset, sse = quantize(w, z, K, g, clip_search=clip_search)
+    fields = {"codes_lo": pack_bits(k & 0xFF if B > 8 else k, min(B, 8))}  # [packed_nbytes(m*V, min(B,8))]
+    if B > 8:
+        fields["codes_hi"] = pack_bits(k >> 8, B - 8)  # [packed_nbytes(m*V, B-8)] uint8
+    fields["scale"] = scale.contiguous()  # [m, G] f16
+    fields["offset"] = offset.contiguous()  # [m, G] f16
+    return Encoded(fields, {"dim": len(z), "index_bits": B, "points": K, "generator": list(z), "group_size": g}), sse
+
+
 def _unpack_index(f: dict[str, Tensor], B: int, count: int) -> Tensor:
     lo = unpack_codes(f["codes_lo"], min(B, 8), count)
     if B <= 8:
@@ -402,15 +454,17 @@ def _checked_fields(cls: type[Codec], enc: Encoded, spec: TensorSpec, device: to
 
 
 # ---- quantisation (encode side) ----------------------------------------------------------------
-def quantize(w: Tensor, z: list[int], K: int, g: int, *, clip_search: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Finite float32 ``[m, n]`` -> indices int64 ``[m*V]``, scale and offset ``[m, G]`` float16."""
+def quantize(w: Tensor, z: list[int], K: int, g: int, *,
+             clip_search: bool = True) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Finite float32 ``[m, n]`` -> indices int64 ``[m*V]``, scale and offset ``[m, G]`` float16,
+    and the total squared error."""
     dim = len(z)
     m, n = w.shape
     V = -(-n // dim)
     G = -(-n // g)
     if m * n == 0:
         e = torch.zeros((m, G), dtype=torch.float16)
-        return torch.zeros(m * V, dtype=torch.int64), e, e.clone()
+        return torch.zeros(m * V, dtype=torch.int64), e, e.clone(), 0.0
     # Pad to whole groups with the row's last value: keeps every group's min/max; masked out below.
     pad = G * g - n
     wp = torch.cat([w, w[:, -1:].expand(m, pad)], dim=1) if pad else w
@@ -424,11 +478,12 @@ def quantize(w: Tensor, z: list[int], K: int, g: int, *, clip_search: bool = Tru
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     # Lattice units: coordinates of codebook points are integers in [0, K-1]. The box [lo, hi]
     # maps to [margin, K-1-margin] with a margin of half a codebook spacing K^((d-1)/d).
-    margin = min(0.5 * K ** ((dim - 1) / dim), (K - 1) / 4)
-    span = (K - 1 - 2 * margin) / K  # fraction of [0, 1) the group's range covers
+    margin0 = min(0.5 * K ** ((dim - 1) / dim), (K - 1) / 4)
     factors = CLIP_FACTORS if clip_search else CLIP_FACTORS[:1]
     best_err = best_k = best_s = best_o = None
-    for fct in factors:
+    for fct, use_margin in factors:
+        margin = margin0 if use_margin else 0.0
+        span = (K - 1 - 2 * margin) / K  # fraction of [0, 1) the group's range covers
         h = half * fct
         scale16 = _f16_up(2 * h / span)  # 0 for a constant group: it decodes to its offset exactly
         offset16 = _f16_down(mid - h - margin / K * scale16.float())
@@ -451,7 +506,7 @@ def quantize(w: Tensor, z: list[int], K: int, g: int, *, clip_search: bool = Tru
             best_o = torch.where(better, offset16, best_o)
             best_k = torch.where(better.repeat_interleave(g // dim, dim=1), k, best_k)
     k = best_k.view(m, G * g // dim)[:, :V].reshape(-1)
-    return k, best_s, best_o
+    return k, best_s, best_o, float(best_err.sum())
 
 
 def hyperc_decode_reference(enc: Encoded, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
