@@ -29,8 +29,6 @@ router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 NEG_INF = -9999.0  # JSON has no -inf
 MAX_SEQS = 1024  # prompts x n in one request
-GREEDY_BELOW = 1e-5  # temperatures below this are greedy (as vLLM does)
-MIN_TOP_P = 1e-6
 
 
 # ---- shared helpers (the TGI routes use them too) ------------------------------------------------
@@ -82,14 +80,12 @@ def normalize_stop(stop: str | list[str] | None, field: str = "stop") -> tuple[s
 def sampling(max_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
              seed: int | None, repetition_penalty: float | None, ignore_eos: bool | None,
              default_temperature: float = 1.0) -> SamplingParams:
-    t = default_temperature if temperature is None else float(temperature)
-    if t < GREEDY_BELOW:  # logits / 1e-40 overflow to inf: such temperatures mean greedy
-        t = 0.0
+    # runtime.next_token treats temperatures below 1e-5 as greedy and always keeps the top token
+    # under top_p (both found by the schema fuzzer here)
     return SamplingParams(
         max_new_tokens=max_tokens,
-        temperature=t,
-        # below float32 resolution runtime.next_token would drop every token: keep the top one instead
-        top_p=1.0 if top_p is None else max(float(top_p), MIN_TOP_P),
+        temperature=default_temperature if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
         top_k=0 if top_k is None or top_k < 0 else int(top_k),
         seed=seed,
         repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
