@@ -154,6 +154,8 @@ class WeightCache:
             self._inflight.add(key)
             if pin:
                 self._misses += 1
+            if self._size_of is not None:  # make room first: the budget bounds the peak too
+                self._evict_locked(keep=None, incoming=self._size_of(key))
         try:
             t0 = time.perf_counter()
             tensor, codec, ready = self._decode(key)
@@ -177,11 +179,12 @@ class WeightCache:
             self._cond.notify_all()
         return entry
 
-    def _evict_locked(self, keep: str | None) -> None:
-        if self.budget_bytes is None or self._bytes <= self.budget_bytes:
+    def _evict_locked(self, keep: str | None, incoming: int = 0) -> None:
+        """Evict least-recently-used unpinned entries until ``incoming`` more bytes fit."""
+        if self.budget_bytes is None or self._bytes + incoming <= self.budget_bytes:
             return
         for key in list(self._entries):
-            if self._bytes <= self.budget_bytes:
+            if self._bytes + incoming <= self.budget_bytes:
                 break
             entry = self._entries[key]
             if entry.pins > 0 or key == keep:

@@ -23,6 +23,7 @@ from thawed.codecs.errors import ThawedError
 from .cache import WeightCache
 from .checkpoint import Checkpoint
 from .lazy import attach_lazy_weight
+from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
 from .skeleton import build_skeleton, load_config, tied_sources
 
@@ -214,6 +215,7 @@ class LazyModel:
             entry = index[key]
             attach_lazy_weight(mod, pname, key, cache, tuple(entry.shape), dtype, prefetcher.on_access)
         if cache_budget is not None and cache_budget < decoded_nbytes:
+            return_large_frees_to_os()
             log.warning(
                 "cache budget %.1f MiB is below the decoded model size %.1f MiB: layers will be "
                 "decoded again on every forward (streaming decode), which is much slower",

@@ -174,3 +174,12 @@ def test_prefetch_that_cannot_fit_beside_pinned_entries_is_skipped():
     assert cache.prefetch("b") is True  # room again once the pin is gone
     s = cache.stats()
     assert s.keys == ["b"] and s.peak_bytes <= 2 * NB
+
+
+def test_known_sizes_make_room_before_decoding_so_peak_stays_within_budget():
+    dec = Decoder()
+    cache = WeightCache(dec, budget_bytes=2 * NB, size_of=lambda key: NB)
+    for k in "abcdef":
+        use(cache, k)
+    s = cache.stats()
+    assert s.peak_bytes == 2 * NB and s.keys == ["e", "f"] and s.evictions == 4
