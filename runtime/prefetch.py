@@ -14,6 +14,7 @@ import logging
 import queue
 import re
 import threading
+import weakref
 from typing import Iterable
 
 import torch
@@ -56,6 +57,9 @@ class Prefetcher:
         if depth > 0 and self.groups:
             self._thread = threading.Thread(target=self._run, name="thawed-prefetch", daemon=True)
             self._thread.start()
+            # Stop the worker at interpreter exit even if nobody called close(): a daemon thread
+            # killed inside a torch kernel aborts the process ("terminate called ...").
+            self._finalizer = weakref.finalize(self, _stop_worker, self._queue, self._thread)
 
     def on_access(self, key: str) -> None:
         if self._thread is None:
@@ -94,6 +98,10 @@ class Prefetcher:
 
     def close(self) -> None:
         if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=30)
+            self._finalizer()
             self._thread = None
+
+
+def _stop_worker(work: "queue.Queue[str | None]", thread: threading.Thread) -> None:
+    work.put(None)
+    thread.join(timeout=30)
