@@ -48,7 +48,7 @@ def calibration_ids(tokenizer, tokens: int, text: str | None = None) -> list[int
         from .eval import load_corpus
 
         _, text = load_corpus("ptb-train")
-        text = text[: max(200_000, tokens * 8)]  # enough characters for `tokens` tokens
+        text = text[: max(20_000, tokens * 8)]  # enough characters for `tokens` tokens (~5 per token)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
     if len(ids) < 2:
         raise ThawedError("the calibration text has fewer than 2 tokens")

@@ -60,7 +60,7 @@ def _model_dir(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def test_calibration_gradients_are_real(small_dir: Path, sens: dict) -> None:
     assert not torch.equal(sens["model.layers.0.self_attn.v_proj.weight"], sens["model.layers.1.self_attn.v_proj.weight"])
 
 
-@pytest.mark.parametrize("target", [2.5, 3.0, 3.5, 4.0, 4.5])
+@pytest.mark.parametrize("target", [2.5, 3.5, 4.5])  # 3.0 and 4.0: the CLI test and the benchmark
 def test_compress_hits_target(small_dir: Path, sens: dict, tmp_path: Path, target: float) -> None:
     from thawed.runtime.checkpoint import Checkpoint
     from thawed.runtime.compress import compress
