@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from .errors import CodecError, UnknownCodecError
+from .errors import CodecError, CorruptPayloadError, UnknownCodecError
 
 __all__ = [
     "Codec",
@@ -187,6 +187,28 @@ class Codec:
         dtype: torch.dtype,
     ) -> Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def checked_fields(cls, enc: Encoded, spec: TensorSpec, device: torch.device | str) -> dict[str, Tensor]:
+        """The payload's fields, checked against ``expected_fields`` and moved to ``device``.
+
+        Raises ``CorruptPayloadError`` naming the tensor and field; every decoder starts here.
+        """
+        out: dict[str, Tensor] = {}
+        dev = torch.device(device)
+        for key, fs in cls.expected_fields(spec, enc.params).items():
+            t = enc.fields.get(key)
+            if t is None:
+                raise CorruptPayloadError(
+                    f"tensor {spec.name!r}: codec {cls.name!r} payload has no field {key!r}; the file is incomplete"
+                )
+            if t.dtype != fs.dtype or tuple(t.shape) != fs.shape:
+                raise CorruptPayloadError(
+                    f"tensor {spec.name!r}: codec {cls.name!r} field {key!r} is {t.dtype} {list(t.shape)}, "
+                    f"expected {fs.dtype} {list(fs.shape)}; the file is damaged or was not written by thawed"
+                )
+            out[key] = t if t.device == dev else t.to(dev)
+        return out
 
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:

@@ -244,7 +244,7 @@ class Cvxq(Codec, name="cvxq", version=1):
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype) -> Tensor:
-        f = _checked_fields(cls, enc, spec, device)
+        f = cls.checked_fields(enc, spec, device)
         counts = enc.params["counts"]
         m, n, g, r = group_layout(tuple(spec.shape), enc.params["group_rows"])
         k = r * n
@@ -281,24 +281,6 @@ class Cvxq(Codec, name="cvxq", version=1):
             start, sstart, byte = start + c, sstart + c, byte + nb
         w = out.view(r, n, g).transpose(1, 2).reshape(r * g, n)[:m]
         return w.to(dtype).reshape(spec.shape)
-
-
-def _checked_fields(cls: type[Codec], enc: Encoded, spec: TensorSpec, device: torch.device) -> dict[str, Tensor]:
-    want = cls.expected_fields(spec, enc.params)
-    out = {}
-    for key, fs in want.items():
-        t = enc.fields.get(key)
-        if t is None:
-            raise CorruptPayloadError(
-                f"tensor {spec.name!r}: codec 'cvxq' payload has no field {key!r}; the file is incomplete"
-            )
-        if t.dtype != fs.dtype or tuple(t.shape) != fs.shape:
-            raise CorruptPayloadError(
-                f"tensor {spec.name!r}: codec 'cvxq' field {key!r} is {t.dtype} {list(t.shape)}, expected "
-                f"{fs.dtype} {list(fs.shape)}; the file is damaged or was not written by thawed"
-            )
-        out[key] = t.to(device) if t.device != torch.device(device) else t
-    return out
 
 
 # ---- quantisation (encode side) ---------------------------------------------------------------

@@ -399,7 +399,7 @@ class HyperC(Codec, name="hyperc", version=1):
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype, closed_form: bool = False) -> Tensor:
-        f = _checked_fields(cls, enc, spec, device)
+        f = cls.checked_fields(enc, spec, device)
         p = enc.params
         dim, B, K, z, g = p["dim"], p["index_bits"], p["points"], p["generator"], p["group_size"]
         m, n = _matrix_shape(tuple(spec.shape))
@@ -439,22 +439,6 @@ def _unpack_index(f: dict[str, Tensor], B: int, count: int) -> Tensor:
         return lo
     hi = unpack_codes(f["codes_hi"], B - 8, count)
     return lo.to(torch.int32).bitwise_or_(hi.to(torch.int32) << 8)
-
-
-def _checked_fields(cls: type[Codec], enc: Encoded, spec: TensorSpec, device: torch.device) -> dict[str, Tensor]:
-    want = cls.expected_fields(spec, enc.params)
-    out = {}
-    for key, fs in want.items():
-        t = enc.fields.get(key)
-        if t is None:
-            raise CorruptPayloadError(f"tensor {spec.name!r}: codec 'hyperc' payload has no field {key!r}; "
-                                      "the file is incomplete")
-        if t.dtype != fs.dtype or tuple(t.shape) != fs.shape:
-            raise CorruptPayloadError(
-                f"tensor {spec.name!r}: codec 'hyperc' field {key!r} is {t.dtype} {list(t.shape)}, expected "
-                f"{fs.dtype} {list(fs.shape)}; the file is damaged or was not written by thawed")
-        out[key] = t if t.device == torch.device(device) else t.to(device)
-    return out
 
 
 # ---- quantisation (encode side) ----------------------------------------------------------------

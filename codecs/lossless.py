@@ -153,18 +153,7 @@ class Lossless(Codec, name="lossless", version=1):
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype) -> Tensor:
-        want = cls.expected_fields(spec, enc.params)
-        f: dict[str, Tensor] = {}
-        for key, fs in want.items():
-            t = enc.fields.get(key)
-            if t is None:
-                raise CorruptPayloadError(f"tensor {spec.name!r}: codec 'lossless' payload has no field {key!r}")
-            if t.dtype != fs.dtype or tuple(t.shape) != fs.shape:
-                raise CorruptPayloadError(
-                    f"tensor {spec.name!r}: codec 'lossless' field {key!r} is {t.dtype} {list(t.shape)}, "
-                    f"expected {fs.dtype} {list(fs.shape)}; the file is damaged or was not written by thawed"
-                )
-            f[key] = t.to(device)
+        f = cls.checked_fields(enc, spec, device)
         idt, ebits, mbits = _layout(spec)
         p = enc.params
         exp = rans.decode(f["exp_freq"], f["exp_states"], f["exp_words"], f["exp_lane_words"],

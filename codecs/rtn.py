@@ -139,7 +139,8 @@ class Rtn(Codec, name="rtn", version=1):
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype) -> Tensor:
-        codes, scale, offset = _checked_fields(cls, enc, spec, device)
+        f = cls.checked_fields(enc, spec, device)
+        codes, scale, offset = f["codes"], f["scale"], f["offset"]
         bits, g = enc.params["bits"], enc.params["group_size"]
         m, n = _matrix_shape(tuple(spec.shape))
         q = unpack_codes(codes, bits, m * n).view(m, n)
@@ -155,28 +156,6 @@ class Rtn(Codec, name="rtn", version=1):
         if n % g:
             torch.addcmul(of[:, full:], q[:, full * g:], sc[:, full:], out=out[:, full * g:])
         return out.view(spec.shape)
-
-
-def _checked_fields(cls: type[Codec], enc: Encoded, spec: TensorSpec,
-                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Fields moved to ``device`` after a cheap check against ``expected_fields``."""
-    want = cls.expected_fields(spec, enc.params)
-    out = []
-    for key, fs in want.items():
-        t = enc.fields.get(key)
-        if t is None:
-            raise CorruptPayloadError(
-                f"tensor {spec.name!r}: codec 'rtn' payload has no field {key!r}; the file is incomplete"
-            )
-        if t.dtype != fs.dtype or tuple(t.shape) != fs.shape:
-            raise CorruptPayloadError(
-                f"tensor {spec.name!r}: codec 'rtn' field {key!r} is {t.dtype} {list(t.shape)}, expected "
-                f"{fs.dtype} {list(fs.shape)}; the file is damaged or was not written by thawed"
-            )
-        if t.device != torch.device(device):
-            t = t.to(device)
-        out.append(t)
-    return out[0], out[1], out[2]
 
 
 # ---- unpacking --------------------------------------------------------------------------------
