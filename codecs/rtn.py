@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
-from .errors import CodecError, CorruptPayloadError
+from .errors import CodecError
 
 __all__ = ["Rtn", "rtn_decode_reference", "unpack_codes"]
 
