@@ -228,9 +228,12 @@ def test_decode_on_cuda_matches_cpu() -> None:
         cpu = HyperC.decode(enc, spec, {}, CPU, torch.float32)
         gpu = HyperC.decode(enc.to("cuda"), spec, {}, torch.device("cuda"), torch.float32)
         assert gpu.device.type == "cuda"
-        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)
+        # fp32 round-off only: CUDA contracts a*b+c into FMAs, the CPU does not (measured on an
+        # H200: max |diff| 4e-7 on values of magnitude ~3).
+        atol = 1e-6 * float(cpu.abs().max())
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=atol)
         cf = HyperC.decode(enc, spec, {}, torch.device("cuda"), torch.float32, closed_form=True)
-        torch.testing.assert_close(cf.cpu(), cpu, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(cf.cpu(), cpu, rtol=1e-5, atol=atol)
 
 
 # ---- quality floor on genuine fp32 weights ------------------------------------------------------
