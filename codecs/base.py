@@ -120,6 +120,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "lossless": "thawed.codecs.lossless",
     "cvxq": "thawed.codecs.cvxq",
     "hyperc": "thawed.codecs.hyperc",
+    "see": "thawed.codecs.see",
 }
 
 
@@ -187,6 +188,14 @@ class Codec:
         dtype: torch.dtype,
     ) -> Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def decode_output_bias(cls, enc: Encoded, spec: TensorSpec, device: torch.device,
+                           dtype: torch.dtype) -> Tensor | None:
+        """A correction added to the output of the linear layer that uses this weight (``[out]``),
+        or ``None``. The runtime adds it to the layer's bias, creating one where there is none;
+        cvxq stores its bias correction this way. Small: the runtime reads it once on load."""
+        return None
 
     @classmethod
     def checked_fields(cls, enc: Encoded, spec: TensorSpec, device: torch.device | str) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ Fields (``K = R * n`` groups, ``c_b`` = number of groups of depth ``b``)::
     loc:    [R, n] float16                         # per group, natural order
     scale:  [K - c_0] float16                      # groups with B >= 1, in depth-sorted order
     codes:  [sum_b ceil(c_b*G/8) * b] uint8        # segments b = 1..8, each pack_bits(., b)
+    bias:   [m] float16                            # optional (params "bias": true): bias correction
 
 Depth-sorted order is a stable sort of the groups by depth: segment ``b`` holds the codes of every
 depth-``b`` group in increasing group number, ``G`` codes per group (rows in order). A group's bit
@@ -32,6 +33,13 @@ per-group offsets into the variable-depth stream are implied by the depths, not 
 checks every field size before reading). Depths come from the compression plan
 (``EncodeContext.extras["cvxq_depth"]``: a ``[R, n]`` integer tensor, see ``runtime/allocate.py``);
 without a plan every group gets the encoder option ``bits``.
+
+Bias correction (encoder option ``bias``, on by default, linear layers only, when the planning step
+hands the layer's calibration input mean ``E[x]`` in ``extras["cvxq_input_mean"]``): the field
+``bias = -(W_hat - W) E[x]`` removes the mean of each output's quantisation error on calibration
+text. It cannot be folded into the per-group locations, so the runtime adds it to the layer's
+bias (``Codec.decode_output_bias``), creating one on bias-less layers; its 16 bits per output row
+count in the tensor's bpw and in the planner's budget.
 
 bpw of a tensor = ``(sum_k G*B_k + 16 K + 16 (K - c_0) + 4 K) / (m n)`` (for ``G`` a multiple of 8
 and ``m`` a multiple of ``G``): at ``G = 192`` the side information costs 0.104-0.188 bpw.
@@ -67,6 +75,7 @@ MAX_GROUP_ROWS = 1 << 16
 F16_MAX = 65504.0
 F16_TINY = 2.0 ** -24
 DEPTH_EXTRA = "cvxq_depth"  # EncodeContext.extras key of the planned [R, n] depths
+INPUT_MEAN_EXTRA = "cvxq_input_mean"  # EncodeContext.extras key of the linear's calibration E[x], [n]
 # Encoder search grids. Scale = multiplier x the group's mean |w - median|; the best multiplier
 # grows with the depth (measured on heavy-tailed data: 1.4 at 1 bit .. 5.7 at 8 bits), so each
 # depth searches 5 multipliers around its own centre, then 2 location shifts (units of the same
@@ -92,10 +101,11 @@ def group_layout(shape: tuple[int, ...], group_rows: int) -> tuple[int, int, int
     return m, n, g, -(-m // g)
 
 
-def cvxq_nbytes(groups: int, group_rows: int, counts: list[int] | tuple[int, ...]) -> int:
-    """Every stored byte of a tensor with ``groups`` groups of ``group_rows`` rows and these depth counts."""
+def cvxq_nbytes(groups: int, group_rows: int, counts: list[int] | tuple[int, ...], bias_rows: int = 0) -> int:
+    """Every stored byte of a tensor with ``groups`` groups of ``group_rows`` rows and these depth
+    counts (plus ``bias_rows`` F16 bias corrections)."""
     codes = sum(packed_nbytes(c * group_rows, b) for b, c in enumerate(counts) if b)
-    return packed_nbytes(groups, 4) + 2 * groups + 2 * (groups - counts[0]) + codes
+    return packed_nbytes(groups, 4) + 2 * groups + 2 * (groups - counts[0]) + codes + 2 * bias_rows
 
 
 def _grouped(w: Tensor, g: int, r: int) -> tuple[Tensor, Tensor | None]:
@@ -143,7 +153,7 @@ def group_stats(weight: Tensor, group_rows: int, sens: Tensor | None = None) -> 
 class Cvxq(Codec, name="cvxq", version=1):
     """Per-group bit depth 0..8 (``G`` output rows x 1 input column), Laplace-companded levels."""
 
-    def __init__(self, group_rows: int = 192, bits: int = 4) -> None:
+    def __init__(self, group_rows: int = 192, bits: int = 4, bias: bool = True) -> None:
         if isinstance(group_rows, bool) or not isinstance(group_rows, int) or not 1 <= group_rows <= MAX_GROUP_ROWS:
             raise CodecError(
                 f"codec 'cvxq' option 'group_rows' must be an integer in 1..{MAX_GROUP_ROWS}, got {group_rows!r} "
@@ -151,8 +161,11 @@ class Cvxq(Codec, name="cvxq", version=1):
             )
         if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= MAX_DEPTH:
             raise CodecError(f"codec 'cvxq' option 'bits' must be an integer in 0..{MAX_DEPTH}, got {bits!r}")
+        if not isinstance(bias, bool):
+            raise CodecError(f"codec 'cvxq' option 'bias' must be true or false, got {bias!r}")
         self.group_rows = group_rows
         self.bits = bits
+        self.bias = bias
 
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
@@ -218,14 +231,25 @@ class Cvxq(Codec, name="cvxq", version=1):
             "scale": (torch.cat(scales) if scales else torch.zeros(0, dtype=torch.float16)).contiguous(),  # [K-c0]
             "codes": (torch.cat(segments) if segments else torch.zeros(0, dtype=torch.uint8)).contiguous(),
         }
-        return Encoded(fields, {"group_rows": self.group_rows, "counts": [int(c) for c in counts]})
+        params: dict[str, Any] = {"group_rows": self.group_rows, "counts": [int(c) for c in counts]}
+        mean_x = ctx.extras.get(INPUT_MEAN_EXTRA)
+        if self.bias and mean_x is not None and spec.role == "linear" and w.numel():
+            mean_x = torch.as_tensor(mean_x, dtype=torch.float32).reshape(-1)
+            if mean_x.numel() != n:
+                raise CodecError(f"tensor {spec.name!r}: the calibration input mean has {mean_x.numel()} values, "
+                                 f"the weight has {n} input columns")
+            w_hat = type(self).decode(Encoded(fields, params), spec, {}, torch.device("cpu"), torch.float32)
+            corr = -((w_hat.reshape(m, n).double() - w.double()) @ mean_x.double())
+            fields["bias"] = corr.clamp(-F16_MAX, F16_MAX).to(torch.float16).contiguous()  # [m] f16
+            params["bias"] = True
+        return Encoded(fields, params)
 
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
         gr = check_param(cls.name, spec.name, params, "group_rows", int, 1, MAX_GROUP_ROWS)
         counts = check_param(cls.name, spec.name, params, "counts", list)
-        _, n, g, r = group_layout(tuple(spec.shape), gr)
+        m, n, g, r = group_layout(tuple(spec.shape), gr)
         k = r * n
         if (len(counts) != MAX_DEPTH + 1 or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)
                 or sum(counts) != k):
@@ -234,12 +258,25 @@ class Cvxq(Codec, name="cvxq", version=1):
                 f"summing to the {k} groups of a {list(spec.shape)} tensor, got {counts!r}"
             )
         codes = sum(packed_nbytes(c * g, b) for b, c in enumerate(counts) if b)
-        return {
+        out = {
             "depth": FieldSpec(torch.uint8, (packed_nbytes(k, 4),)),
             "loc": FieldSpec(torch.float16, (r, n)),
             "scale": FieldSpec(torch.float16, (k - counts[0],)),
             "codes": FieldSpec(torch.uint8, (codes,)),
         }
+        if "bias" in params:
+            if params["bias"] is not True:
+                raise CodecError(f"tensor {spec.name!r}: codec 'cvxq' param 'bias' must be true when present, "
+                                 f"got {params['bias']!r}")
+            out["bias"] = FieldSpec(torch.float16, (m,))
+        return out
+
+    @classmethod
+    def decode_output_bias(cls, enc: Encoded, spec: TensorSpec, device: torch.device,
+                           dtype: torch.dtype) -> Tensor | None:
+        if not enc.params.get("bias"):
+            return None
+        return cls.checked_fields(enc, spec, device)["bias"].to(dtype)
 
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,

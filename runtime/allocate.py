@@ -56,6 +56,7 @@ class GroupSet:
     shape: tuple[int, int]  # [R, n]
     score: Tensor  # [R*n] float64: sens * var * cnt / G
     numel: int
+    bias_rows: int = 0  # rows of a stored bias correction (F16 each), 0 when none
 
     @property
     def groups(self) -> int:
@@ -73,7 +74,7 @@ def _bits(sets: list[GroupSet], depths: list[Tensor]) -> int:
     total = 0
     for s, d in zip(sets, depths):
         counts = torch.bincount(d, minlength=MAX_DEPTH + 1).tolist()
-        total += 8 * cvxq_nbytes(s.groups, s.group_rows, counts)
+        total += 8 * cvxq_nbytes(s.groups, s.group_rows, counts, s.bias_rows)
     return total
 
 
@@ -152,16 +153,20 @@ class CvxqPlan:
 
     depths: dict[str, Tensor]
     record: dict = field(default_factory=dict)
+    input_means: dict[str, Tensor] = field(default_factory=dict)  # bias correction: name -> E[x] [n]
 
 
 def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: Callable,
               roles: dict[str, str], choose: Callable, target_bpw: float, *, calib_tokens: int = 2048,
               seed: int = 0, sensitivities: dict[str, Tensor] | None = None,
-              min_depth_nonlinear: int = 0) -> CvxqPlan:
+              input_means: dict[str, Tensor] | None = None, min_depth_nonlinear: int = 0) -> CvxqPlan:
     """Calibrate, then allocate depths so linear layers and the whole file both hit ``target_bpw``.
 
     ``choose(name, role, dtype, ndim) -> CodecChoice`` is the compression plan; ``get(name)`` reads
     a source tensor. ``sensitivities`` (name -> per-weight squared gradients) skips calibration.
+    Linear tensors whose cvxq encoder has ``bias`` on get a bias correction: their calibration
+    input means (``input_means``, else one forward pass over the calibration text) go into the
+    plan, and the correction's bytes into the linear budget.
     Tied parameters that the source stores once are calibrated under the stored name.
     """
     t0 = time.perf_counter()
@@ -183,6 +188,7 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
     entries: list = []  # for the header estimate: (name, spec, codec, version, fields, params)
     specs: dict[str, TensorSpec] = {}
     cvxq_version = 1
+    means: dict[str, Tensor] = {}
     for name in names:
         shape, dtype = shape_dtype(name)
         role = roles.get(name, "other")
@@ -218,7 +224,20 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
             raise ThawedError(f"calibration sensitivity of {name!r} has shape {list(sens.shape)}, expected {list(shape)}")
         var, s, cnt = group_stats(w, gr, sens)
         m, n, g, r = group_layout(tuple(shape), gr)
-        gs = GroupSet(name, g, (r, n), s * var * cnt / g, numel)
+        bias_rows = m if codec.bias and role == "linear" else 0
+        if bias_rows:
+            if input_means is None:
+                from .calibrate import linear_input_means
+
+                t1 = time.perf_counter()
+                input_means = linear_input_means(src, calib_tokens)
+                record["bias_calib_seconds"] = round(time.perf_counter() - t1, 1)
+            if name not in input_means:
+                log.warning("no calibration input mean for %s; it gets no bias correction", name)
+                bias_rows = 0
+            else:
+                means[name] = input_means[name]
+        gs = GroupSet(name, g, (r, n), s * var * cnt / g, numel, bias_rows)
         (lin_sets if role == "linear" else rest_sets).append(gs)
         del w
     lin_budget = target_bpw * numel_lin - fixed_lin
@@ -232,7 +251,11 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
         gspec = specs[gs.name]
         fields = {"depth": (torch.uint8, (-(-gs.groups // 8) * 4,)), "loc": (torch.float16, gs.shape),
                   "scale": (torch.float16, (gs.groups,)), "codes": (torch.uint8, (gs.numel * typical // 8,))}
-        entries.append((gs.name, gspec, "cvxq", cvxq_version, fields, {"group_rows": gs.group_rows, "counts": counts}))
+        params = {"group_rows": gs.group_rows, "counts": counts}
+        if gs.bias_rows:
+            fields["bias"] = (torch.float16, (gs.bias_rows,))
+            params["bias"] = True
+        entries.append((gs.name, gspec, "cvxq", cvxq_version, fields, params))
     record_guess = dict(record, log2_lambda_linear=0.0, log2_lambda_rest=0.0, predicted_linear_bpw=0.0,
                         predicted_file_bpw=0.0, rest_bpw=0.0, depth_histogram=[10**6] * (MAX_DEPTH + 1),
                         plan_seconds=0.0)
@@ -254,4 +277,5 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
         depth_histogram=[int(x) for x in hist.tolist()], plan_seconds=round(time.perf_counter() - t0, 1),
     )
     log.info("cvxq plan: %s", record)
-    return CvxqPlan(depths, record)
+    record["bias_corrected_tensors"] = len(means)
+    return CvxqPlan(depths, record, means)

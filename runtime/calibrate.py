@@ -29,7 +29,7 @@ from torch import Tensor
 
 from thawed.codecs.errors import ThawedError
 
-__all__ = ["Calibration", "weight_sensitivities", "calibration_ids"]
+__all__ = ["Calibration", "weight_sensitivities", "calibration_ids", "linear_input_means"]
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +95,46 @@ def weight_sensitivities(src: str | Path, tokens: int = 4096, *, seq_len: int = 
     secs = time.perf_counter() - t0
     log.info("calibration: %d tokens in %d windows, %.1fs", min(len(ids), tokens), windows, secs)
     return Calibration(acc, len(ids), windows, secs)
+
+
+def linear_input_means(src: str | Path, tokens: int = 2048, *, seq_len: int = 512, text: str | None = None,
+                       device: str = "cpu") -> dict[str, Tensor]:
+    """Mean input ``E[x]`` of every ``nn.Linear`` over the calibration tokens, keyed by the linear's
+    weight name (``model.layers.0.mlp.down_proj.weight`` -> float32 ``[in_features]``).
+
+    Forward only (no gradients); used for CVXQ's bias correction ``b = -(W_hat - W) E[x]``, which
+    removes the mean of each output's quantisation error on the calibration distribution.
+    """
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    ids = calibration_ids(tok, tokens, text)
+    sums: dict[str, Tensor] = {}
+    count = 0
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            key = f"{name}.weight"
+            sums[key] = torch.zeros(mod.in_features, dtype=torch.float64, device=device)
+
+            def hook(m: nn.Module, args: tuple, key: str = key) -> None:
+                x = args[0].detach()
+                sums[key] += x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), seq_len):
+                chunk = ids[start:start + seq_len]
+                model(input_ids=torch.tensor([chunk], device=device), use_cache=False)
+                count += len(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+    del model
+    log.info("linear input means: %d tokens, %d linears, %.1fs", count, len(sums), time.perf_counter() - t0)
+    return {k: (v / max(1, count)).float().cpu() for k, v in sums.items()}

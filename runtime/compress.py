@@ -41,10 +41,11 @@ class CompressReport:
 
 def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | None = None,
              seed: int = 0, target_bpw: float | None = None, calib_tokens: int = 2048,
-             sensitivities: dict | None = None) -> CompressReport:
+             sensitivities: dict | None = None, input_means: dict | None = None) -> CompressReport:
     """``target_bpw`` runs the cvxq planning step (calibration + bit allocation, see
     ``runtime/allocate.py``) before the tensor loop; it needs cvxq in the plan. ``sensitivities``
-    (name -> per-weight squared gradients, from ``runtime/calibrate.py``) reuses a calibration."""
+    (name -> per-weight squared gradients, from ``runtime/calibrate.py``) and ``input_means`` (linear
+    weight name -> calibration E[x], for cvxq's bias correction) reuse a calibration."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if out.exists() and any(out.iterdir()):
@@ -62,14 +63,17 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
         names = source.names()
         settings = {"plan": plan.as_dict(), "seed": seed}
         depths: dict = {}
+        means: dict = {}
         if target_bpw is not None:
             if plan.default.name != "cvxq" and not any(c.name == "cvxq" for _, c in plan.overrides):
                 raise ThawedError(f"--target-bpw plans cvxq bit depths; use --codec cvxq (got {plan.default})")
             from .allocate import plan_cvxq  # planning only: the runtime never imports calibration
 
             cplan = plan_cvxq(src, names, source.shape_dtype, source.get, roles, plan.choose, target_bpw,
-                              calib_tokens=calib_tokens, seed=seed, sensitivities=sensitivities)
+                              calib_tokens=calib_tokens, seed=seed, sensitivities=sensitivities,
+                              input_means=input_means)
             depths = cplan.depths
+            means = cplan.input_means
             settings["cvxq_plan"] = cplan.record
         with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer:
             for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
@@ -84,6 +88,8 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                 spec = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
                 try:
                     extras = {"cvxq_depth": depths[name]} if name in depths else {}
+                    if name in means:
+                        extras["cvxq_input_mean"] = means[name]
                     enc = codec.encode(weight, spec, EncodeContext(name=name, role=role, seed=seed, extras=extras))
                 except ThawedError as exc:
                     raise ThawedError(f"tensor {name!r} ({choice}): {exc}") from exc

@@ -104,6 +104,30 @@ def parse_budget(text: str | int | None) -> int | None:
     return int(value)
 
 
+def attach_output_biases(ckpt: Checkpoint, lazy_modules: list[tuple[nn.Module, str, str]],
+                         device: torch.device, dtype: torch.dtype) -> int:
+    """Add each compressed linear weight's stored output correction (``Codec.decode_output_bias``,
+    e.g. cvxq's bias correction) to its layer's bias, creating the bias where the layer has none.
+    Read once on load (a few KB per layer); returns the number of layers corrected."""
+    done = 0
+    for mod, pname, key in lazy_modules:
+        entry = ckpt.index[key]
+        if pname != "weight" or not isinstance(mod, nn.Linear) or not entry.params.get("bias"):
+            continue
+        corr = get_codec(entry.codec).decode_output_bias(ckpt.encoded(key), entry.spec, device, dtype)
+        if corr is None:
+            continue
+        if tuple(corr.shape) != (mod.out_features,):
+            raise ThawedError(
+                f"checkpoint tensor {key!r}: its bias correction has shape {list(corr.shape)}, the layer has "
+                f"{mod.out_features} outputs; the file is damaged or was not written by thawed"
+            )
+        bias = corr if mod.bias is None else mod.bias.detach().to(device, dtype) + corr
+        mod.bias = nn.Parameter(bias, requires_grad=False)
+        done += 1
+    return done
+
+
 class LazyModel:
     """A causal LM over a thawed checkpoint; ``.model`` is an ordinary transformers module."""
 
@@ -204,6 +228,8 @@ class LazyModel:
                     if key not in seen_keys:
                         seen_keys.add(key)
                         decoded_nbytes += entry.spec.numel * torch.empty((), dtype=dtype).element_size()
+
+        attach_output_biases(ckpt, lazy_modules, device, dtype)
 
         if cache_budget is not None and cache_budget < 0:  # a share of the decoded size
             cache_budget = decoded_nbytes * (-cache_budget) // 1000

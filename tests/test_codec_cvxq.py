@@ -131,7 +131,7 @@ def test_bad_input_raises() -> None:
         with pytest.raises(CodecError, match=f"'{next(iter(kwargs))}'"):
             Cvxq(**kwargs)
     c = get_codec("cvxq").from_options({"bits": "3", "group_rows": "64"})
-    assert c.options() == {"group_rows": 64, "bits": 3}
+    assert c.options() == {"group_rows": 64, "bits": 3, "bias": True}
 
 
 def test_empty_tensor() -> None:
@@ -241,3 +241,32 @@ def test_sqnr_floor_on_minilm(minilm_linears: dict[str, torch.Tensor], target: f
     assert abs(res["bpw"] - target) <= 0.02
     floor_worst, floor_all = FLOORS[target]
     assert res["worst"] >= floor_worst and res["all"] >= floor_all
+
+
+def test_bias_correction_removes_the_mean_output_error() -> None:
+    """With E[x] given, the stored correction b makes E[(W_hat x + b) - W x] ~ 0 on inputs of that mean."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 200, generator=g) * 0.05
+    mu = torch.randn(200, generator=g) + 1.0  # inputs with a clearly non-zero mean
+    spec = TensorSpec("t.weight", (96, 200), torch.float32, role="linear")
+    ctx = EncodeContext("t.weight", role="linear", extras={"cvxq_input_mean": mu})
+    enc = Cvxq(group_rows=32, bits=2).encode(w, spec, ctx)
+    assert enc.params["bias"] is True and enc.fields["bias"].shape == (96,)
+    assert set(Cvxq.expected_fields(spec, enc.params)) == set(enc.fields)
+    w_hat = Cvxq.decode(enc, spec, {}, CPU, torch.float32)
+    b = Cvxq.decode_output_bias(enc, spec, CPU, torch.float32)
+    x = mu + 0.1 * torch.randn(4096, 200, generator=g)
+    err_plain = (x @ (w_hat - w).T).mean(0)
+    err_corr = (x @ (w_hat - w).T + b).mean(0)
+    assert float(err_corr.abs().max()) < 0.1 * float(err_plain.abs().max())
+    # off by option, and for non-linear roles: no field, no correction
+    for codec, role in ((Cvxq(group_rows=32, bits=2, bias=False), "linear"), (Cvxq(group_rows=32, bits=2), "embedding")):
+        sp = TensorSpec("t.weight", (96, 200), torch.float32, role=role)
+        e2 = codec.encode(w, sp, EncodeContext("t.weight", role=role, extras={"cvxq_input_mean": mu}))
+        assert "bias" not in e2.fields and Cvxq.decode_output_bias(e2, sp, CPU, torch.float32) is None
+    # a bias field the params do not declare, or a wrong size, is rejected
+    bad = Encoded({**enc.fields, "bias": enc.fields["bias"][:-1]}, enc.params)
+    with pytest.raises(CorruptPayloadError, match="'bias'"):
+        Cvxq.decode_output_bias(bad, spec, CPU, torch.float32)
+    with pytest.raises(CodecError, match="'bias'"):
+        Cvxq.expected_fields(spec, {**enc.params, "bias": 1})

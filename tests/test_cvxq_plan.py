@@ -129,9 +129,21 @@ def test_checkpoint_round_trip_through_lazy_runtime(small_dir: Path, sens: dict,
              progress=False)
     dense = AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32).eval()
     ids = torch.tensor([[3, 7, 11, 5, 9, 4]])
+    corrected = 0
     with Checkpoint.open(out) as ck, torch.no_grad():
         for name, p in dense.named_parameters():
             p.copy_(ck.decode(name, dtype=torch.float32))
+        # the bias corrections stored with every linear layer become biases of the dense copy too
+        for mname, mod in dense.named_modules():
+            key = f"{mname}.weight"
+            if isinstance(mod, torch.nn.Linear) and key in ck.index and ck.index[key].codec == "cvxq":
+                e = ck.index[key]
+                corr = get_codec("cvxq").decode_output_bias(ck.encoded(key), e.spec, torch.device("cpu"), torch.float32)
+                if e.spec.role == "linear":
+                    assert corr is not None and corr.shape == (mod.out_features,) and corr.abs().sum() > 0, key
+                    mod.bias = torch.nn.Parameter(corr)
+                    corrected += 1
+        assert corrected == 14  # 7 linears x 2 layers; the tied lm_head is the embedding: none
         enc = ck.encoded("model.layers.1.mlp.down_proj.weight")
         e = ck.index["model.layers.1.mlp.down_proj.weight"]
         direct = get_codec("cvxq").decode(enc, e.spec, {}, torch.device("cpu"), torch.float32)
@@ -140,6 +152,8 @@ def test_checkpoint_round_trip_through_lazy_runtime(small_dir: Path, sens: dict,
         want = dense(input_ids=ids).logits
     with LazyModel.load(out, RuntimeConfig(device="cpu")) as lm, torch.no_grad():
         got = lm(input_ids=ids).logits
+        lazy_biases = sum(isinstance(m, torch.nn.Linear) and m.bias is not None for m in lm.model.modules())
+    assert lazy_biases == corrected  # the corrections survive reload
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dict(dense.named_parameters())["model.layers.1.mlp.down_proj.weight"], direct)
 
@@ -162,3 +176,26 @@ def test_cli_compress_with_target(small_dir: Path, tmp_path: Path, capsys) -> No
     text = capsys.readouterr().out
     lin = float(text.split("linear layers:")[1].split("bits/weight")[0].split(",")[-1])
     assert abs(lin - 3.0) <= 0.02, text
+
+
+def test_bias_correction_is_switchable_and_counted(small_dir: Path, sens: dict, tmp_path: Path) -> None:
+    from thawed.runtime.calibrate import linear_input_means
+    from thawed.runtime.checkpoint import Checkpoint
+    from thawed.runtime.compress import compress
+    from thawed.runtime.inspection import inspect_checkpoint
+    from thawed.runtime.plan import Plan, parse_codec_choice
+
+    means = linear_input_means(small_dir, 256, seq_len=128)
+    assert means["model.layers.0.mlp.down_proj.weight"].shape == (256,)
+    reps = {}
+    for bias in (True, False):
+        out = tmp_path / f"b{bias}"
+        compress(small_dir, out, Plan(parse_codec_choice(f"cvxq:group_rows=64,bias={str(bias).lower()}")),
+                 target_bpw=3.0, sensitivities=sens, input_means=means, progress=False)
+        with Checkpoint.open(out) as ck:
+            reps[bias] = inspect_checkpoint(ck)
+            with_bias = [n for n, e in ck.index.items() if e.params.get("bias")]
+        assert len(with_bias) == (14 if bias else 0)
+        # the correction's bytes are inside the target either way
+        assert abs(reps[bias]["linear"]["bpw"] - 3.0) <= 0.02, reps[bias]["linear"]
+        assert abs(reps[bias]["total"]["bpw"] - 3.0) <= 0.02, reps[bias]["total"]
