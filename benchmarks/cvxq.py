@@ -11,6 +11,8 @@ Stages (each appends one JSON line per result to ``--json-out`` so a partial run
            stride 512, no BOS) of dense, cvxq 3.25 / 4.25, rtn b3/b4 g128 and HQQ b3/b4 g128 (the
            ``hqq`` PyPI package, default settings, every linear layer and the tied embedding,
            dequantised into the dense model), all measured in this run.
+- bias:    cvxq 3.25 / 4.25 with and without bias correction (``cvxq:bias=false``), same calibration,
+           dense in the same run.
 - sqnr:    weight SQNR on MiniLM-L6's 36 genuine fp32 linear weights: cvxq at 3.0/3.25/4.0/4.25 bpw
            (allocation by weight variance alone) next to rtn b3/b4 g128 (3.25 / 4.25 bpw).
 - decode:  decode throughput of every compressed tensor of the cvxq 3.25 and rtn b3 checkpoints
@@ -214,6 +216,30 @@ def stage_decode(src: Path, work: Path, out: Path) -> None:
                                "threads": torch.get_num_threads()})
 
 
+def stage_bias(src: Path, work: Path, tokens: int, calib_tokens: int, out: Path) -> None:
+    """cvxq at 3.25 / 4.25 bpw with and without bias correction, same sensitivities, dense in this run."""
+    import shutil
+
+    from thawed.runtime.calibrate import linear_input_means
+    from thawed.runtime.compress import compress
+    from thawed.runtime.plan import Plan, parse_codec_choice
+
+    sens = _sens(work, calib_tokens)
+    t0 = time.perf_counter()
+    means = linear_input_means(src, calib_tokens)
+    emit(out, {"stage": "bias", "input_means_seconds": round(time.perf_counter() - t0, 1), "tokens": calib_tokens})
+    emit(out, {"stage": "bias", "model": "dense", **_eval_path(src, tokens)})
+    for t in PPL_RATES:
+        for bias in (False, True):
+            path = work / f"cvxq-{t}-bias{int(bias)}"
+            if path.exists():
+                shutil.rmtree(path)
+            rep = compress(src, path, Plan(parse_codec_choice(f"cvxq:bias={str(bias).lower()}")), target_bpw=t,
+                           sensitivities=sens, input_means=means, progress=False)
+            emit(out, {"stage": "bias", "model": f"cvxq target {t} bias={bias}", **_inspect(path),
+                       "compress_seconds": round(rep.seconds, 1), **_eval_path(path, tokens)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", default="calib,targets,ppl,sqnr,decode")
@@ -236,6 +262,8 @@ def main() -> None:
         stage_targets(src, work, args.calib_tokens, out, tuple(float(r) for r in args.rates.split(",")))
     if "ppl" in stages:
         stage_ppl(src, work, args.tokens, out)
+    if "bias" in stages:
+        stage_bias(src, work, args.tokens, args.calib_tokens, out)
     if "sqnr" in stages:
         stage_sqnr(out)
     if "decode" in stages:

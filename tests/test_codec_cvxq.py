@@ -75,6 +75,8 @@ def test_decode_matches_references_mixed_depths(shape: tuple[int, ...], group_ro
     assert out.shape == w.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, cvxq_decode_reference(enc, tuple(shape)), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out, torch.from_numpy(_numpy_decode(enc, tuple(shape))), rtol=1e-5, atol=1e-6)
+    fused = Cvxq.decode(enc, spec, {}, CPU, torch.float32, fused=True)  # the CUDA default, run on the CPU
+    torch.testing.assert_close(fused, out, rtol=1e-6, atol=1e-7)
     bf = Cvxq.decode(enc, spec, {}, CPU, torch.bfloat16)
     assert torch.equal(bf, out.to(torch.bfloat16))
 
@@ -182,9 +184,10 @@ def test_decode_on_cuda_matches_cpu() -> None:
         w = torch.randn(shape) * 0.02
         enc, spec = _encode(w, _random_depths(shape, gr, 5), group_rows=gr)
         cpu = Cvxq.decode(enc, spec, {}, CPU, torch.float32)
-        gpu = Cvxq.decode(enc.to("cuda"), spec, {}, torch.device("cuda"), torch.float32)
-        assert gpu.device.type == "cuda"
-        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+        for fused in (None, False):  # the CUDA default (fused) and the per-depth reference
+            gpu = Cvxq.decode(enc.to("cuda"), spec, {}, torch.device("cuda"), torch.float32, fused=fused)
+            assert gpu.device.type == "cuda"
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6 * float(cpu.abs().max()))
 
 
 # ---- quality floor on genuine fp32 weights ------------------------------------------------------
