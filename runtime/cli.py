@@ -30,6 +30,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="decoded-weight cache budget: auto (hold every layer), bytes, 512MiB, 2G, or 25%% of the decoded model")
     p.add_argument("--prefetch", type=int, default=1, metavar="LAYERS",
                    help="decode this many layers ahead in the background (0 = off; default 1)")
+    p.add_argument("--no-rowwise-embedding", dest="rowwise_embedding", action="store_false",
+                   help="decode the whole embedding table through the cache even when its codec (see) can "
+                        "decode single rows (default: only the rows each forward uses)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +142,7 @@ def _runtime_config(args: argparse.Namespace):
     from .model import RuntimeConfig, parse_budget
 
     return RuntimeConfig(device=args.device, dtype=args.dtype, cache_budget=parse_budget(args.cache_budget),
-                         prefetch_layers=args.prefetch)
+                         prefetch_layers=args.prefetch, rowwise_embedding=args.rowwise_embedding)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -63,6 +63,7 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
         names = source.names()
         settings = {"plan": plan.as_dict(), "seed": seed}
         depths: dict = {}
+        token_freq = None  # calibration token counts for codecs that weight embedding rows by use
         means: dict = {}
         if target_bpw is not None:
             if plan.default.name != "cvxq" and not any(c.name == "cvxq" for _, c in plan.overrides):
@@ -88,6 +89,12 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                 spec = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
                 try:
                     extras = {"cvxq_depth": depths[name]} if name in depths else {}
+                    if role in ("embedding", "lm_head") and getattr(codec, "wants_token_freq", False):
+                        if token_freq is None:  # once per model, only when such a codec is planned
+                            from .token_freq import token_frequencies
+
+                            token_freq = token_frequencies(src, int(shape[0]))
+                        extras["token_freq"] = token_freq
                     if name in means:
                         extras["cvxq_input_mean"] = means[name]
                     enc = codec.encode(weight, spec, EncodeContext(name=name, role=role, seed=seed, extras=extras))

@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint
 from .lazy import attach_lazy_weight
 from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
+from .rowwise import attach_rowwise_embedding
 from .skeleton import build_skeleton, load_config, tied_sources
 
 __all__ = ["RuntimeConfig", "LazyModel", "resolve_device", "resolve_dtype", "parse_budget"]
@@ -40,6 +41,9 @@ class RuntimeConfig:
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
     cache_budget: int | None = None
     prefetch_layers: int = 1
+    # Embeddings whose codec can decode single rows (see) rebuild only the ids of each forward
+    # instead of the whole table (runtime/rowwise.py); a tied lm_head still decodes the table.
+    rowwise_embedding: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,6 +212,7 @@ class LazyModel:
 
         cache_budget = config.cache_budget
         lazy_modules: list[tuple[nn.Module, str, str]] = []
+        rowwise_modules: list[tuple[nn.Module, str]] = []
         decoded_nbytes = 0
         seen_keys: set[str] = set()
         for mname, mod in model.named_modules():
@@ -223,6 +228,9 @@ class LazyModel:
                 if entry.codec == "raw":
                     value = ckpt.decode(key, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
                     setattr(mod, pname, nn.Parameter(value, requires_grad=False))
+                elif (config.rowwise_embedding and isinstance(mod, nn.Embedding) and pname == "weight"
+                      and hasattr(get_codec(entry.codec), "decode_rows")):
+                    rowwise_modules.append((mod, key))
                 else:
                     lazy_modules.append((mod, pname, key))
                     if key not in seen_keys:
@@ -240,6 +248,15 @@ class LazyModel:
         for mod, pname, key in lazy_modules:
             entry = index[key]
             attach_lazy_weight(mod, pname, key, cache, tuple(entry.shape), dtype, prefetcher.on_access)
+        for mod, key in rowwise_modules:
+            entry = index[key]
+
+            def rows(ids: torch.Tensor, key: str = key, entry=entry) -> torch.Tensor:
+                enc = payload(key)
+                return get_codec(entry.codec).decode_rows(enc, entry.spec, shared_cache[entry.codec], ids,
+                                                          device, dtype)
+
+            attach_rowwise_embedding(mod, rows, tuple(entry.shape), dtype)
         if cache_budget is not None and cache_budget < decoded_nbytes:
             return_large_frees_to_os()
             log.warning(
