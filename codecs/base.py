@@ -19,6 +19,7 @@ device) only ever sees named tensors plus JSON-able params.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -120,6 +121,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "lossless": "thawed.codecs.lossless",
     "cvxq": "thawed.codecs.cvxq",
     "hyperc": "thawed.codecs.hyperc",
+    "nwc": "thawed.codecs.nwc",
     "see": "thawed.codecs.see",
 }
 
@@ -233,7 +235,7 @@ class Codec:
 
 def _convert_option(codec: str, key: str, raw: str, typ: Any) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if raw.lower() in ("none", "null") and len(args) < len(typing.get_args(typ)):
             return None
