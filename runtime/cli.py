@@ -53,10 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
                    help="cvxq: calibrate and allocate per-group bit depths so the linear layers and the whole "
                         "file hit BPW bits/weight (side information included)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
+                   help="nwc: rate-distortion trade-off (larger = more bits); same as --codec nwc:lam=L")
     p.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
                    help="cvxq: tokens of Penn Treebank train for the gradient sensitivities (default 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train-codec", help="train a learned codec's network (nwc) on weights of another model")
+    p.add_argument("codec", choices=["nwc"])
+    p.add_argument("--out", required=True, help="network file to write (.safetensors)")
+    p.add_argument("--lambda", dest="lam", default=None, metavar="LO[,HI]",
+                   help="train only the grid rates with lambda in [LO, HI] (default: the whole grid, one "
+                        "lambda-conditioned network)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--dec-hidden", type=int, default=64, help="decoder width (the per-weight decode cost)")
+    p.add_argument("--enc-hidden", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("inspect", help="per-tensor codec, bytes and bits per weight of a checkpoint")
     p.add_argument("ckpt")
@@ -116,12 +130,39 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress
     from .plan import Plan, parse_codec_choice, parse_override
 
-    plan = Plan(parse_codec_choice(args.codec), tuple(parse_override(o) for o in args.codec_for))
+    codec_text, target_bpw = args.codec, args.target_bpw
+    if codec_text.partition(":")[0].strip() == "nwc":  # nwc plans its own rate per tensor
+        extra = ([f"lam={args.lam}"] if args.lam is not None else []) + \
+                ([f"target_bpw={target_bpw}"] if target_bpw is not None else [])
+        if extra:
+            codec_text += ("," if ":" in codec_text else ":") + ",".join(extra)
+        target_bpw = None
+    elif args.lam is not None:
+        raise ThawedError("--lambda is an nwc option; use it with --codec nwc")
+    plan = Plan(parse_codec_choice(codec_text), tuple(parse_override(o) for o in args.codec_for))
     report = compress(args.src, args.out, plan, progress=False if args.no_progress else None, seed=args.seed,
-                      target_bpw=args.target_bpw, calib_tokens=args.calib_tokens)
+                      target_bpw=target_bpw, calib_tokens=args.calib_tokens)
     ratio = report.source_bytes / report.payload_bytes if report.payload_bytes else 0
     print(f"wrote {report.path}: {report.tensors} tensors, {report.payload_bytes:,} bytes "
           f"({ratio:.2f}x smaller than the source) in {report.seconds:.1f}s")
+    return 0
+
+
+def _cmd_train_codec(args: argparse.Namespace) -> int:
+    from .train_nwc import TrainConfig, save_network, train_nwc
+
+    lam_min = lam_max = None
+    if args.lam:
+        parts = [float(v) for v in args.lam.split(",")]
+        lam_min, lam_max = parts[0], parts[-1]
+    cfg = TrainConfig(steps=args.steps, enc_hidden=args.enc_hidden, dec_hidden=args.dec_hidden, seed=args.seed,
+                      threads=args.threads, lam_min=lam_min, lam_max=lam_max)
+    net, tables, record = train_nwc(cfg)
+    record["command"] = (f"thawed train-codec nwc --out {args.out} --steps {args.steps} --dec-hidden {args.dec_hidden} "
+                         f"--enc-hidden {args.enc_hidden} --threads {args.threads} --seed {args.seed}"
+                         + (f" --lambda {args.lam}" if args.lam else ""))
+    path = save_network(net, tables, record, args.out)
+    print(json.dumps({"out": str(path), "train_seconds": record["train_seconds"], "val": record["val"]}))
     return 0
 
 
@@ -222,6 +263,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "demo-model": _cmd_demo_model,
     "compress": _cmd_compress,
+    "train-codec": _cmd_train_codec,
     "inspect": _cmd_inspect,
     "generate": _cmd_generate,
     "eval": _cmd_eval,

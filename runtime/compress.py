@@ -76,6 +76,14 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
             depths = cplan.depths
             means = cplan.input_means
             settings["cvxq_plan"] = cplan.record
+        grams: dict = {}
+        for choice in {plan.default, *(c for _, c in plan.overrides)}:
+            encoders.setdefault(choice, choice.build())
+        if any(getattr(c, "needs_input_grams", False) for c in encoders.values()):
+            from .input_stats import input_grams  # calibration: the runtime never imports it
+
+            grams = input_grams(src, tokens=calib_tokens)
+            settings["input_stats"] = {"tokens": calib_tokens, "corpus": "ptb-train"}
         with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer:
             for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
                 shape, dtype = source.shape_dtype(name)
@@ -97,7 +105,12 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                         extras["token_freq"] = token_freq
                     if name in means:
                         extras["cvxq_input_mean"] = means[name]
-                    enc = codec.encode(weight, spec, EncodeContext(name=name, role=role, seed=seed, extras=extras))
+                    gram = grams.get(name) if getattr(codec, "needs_input_grams", False) else None
+                    if gram is not None:
+                        extras["input_gram"] = gram
+                    enc = codec.encode(weight, spec, EncodeContext(
+                        name=name, role=role, seed=seed, extras=extras,
+                        importance=None if gram is None else torch.diagonal(gram).clone()))
                 except ThawedError as exc:
                     raise ThawedError(f"tensor {name!r} ({choice}): {exc}") from exc
                 writer.add(spec, codec.name, codec.version, enc)

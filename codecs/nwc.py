@@ -1,0 +1,334 @@
+"""``nwc``: Neural Weight Compression (arXiv 2510.11234) -- a learned autoencoder codec for weights
+with entropy-coded latents.
+
+A weight ``W`` [rows, cols] (``rows`` = output dim) is normalised by its per-row RMS ``s`` (stored
+F16), each input column is cut into chunks of 16 consecutive rows (rows zero-padded to a multiple
+of 16), and every chunk goes through the trained network (``nwc_net``): encoder MLP -> 16 latents
+-> rounding -> symbols, coded with interleaved rANS (``nwc_rans``) under the learned factorised
+prior's integer tables. Each input column ``j`` has a rate index ``levels[j]`` on the network's
+lambda grid (``lambda_k = 2**(3 + k/2)``): the base rate from ``lam`` / ``target_bpw``, raised for
+the most important columns by calibration importance (top 0.1 % / 1 % / 10 %: +6 / +4 / +2 grid
+steps, i.e. +1.5 / +1 / +0.5 bit).
+
+Fields (``P`` = rows padded to a multiple of 16, ``n = cols * P`` symbols)::
+
+    row_scale:  [rows] float16      # per-row RMS
+    levels:     [cols] uint8        # rate index of each input column (< grid)
+    states:     [lanes] int32       # rANS lane states (uint32 bit pattern)
+    lane_words: [lanes] int32
+    words:      [n_words] int16     # rANS words, lane-major
+
+Symbol ``i`` is latent channel ``i % 16`` of chunk ``i // 16``; chunk ``c`` covers rows
+``16 * (c % (P/16)) ..`` of column ``c // (P/16)``; its table is ``levels[col] * 16 + channel``.
+Params: ``{"rows", "cols", "lanes", "n_words", "precision_bits", "grid", "dec_hidden"}``.
+
+Shared state (once per file, ``__codec__.nwc.<id>.<param>``): the decoder network ``dec.log_gain``
+[grid, 16], ``dec.emb`` [grid, H], ``dec.w1`` [16, H], ``dec.b1`` [H], ``dec.w2`` [H, H],
+``dec.b2`` [H], ``dec.w3`` [H, 16], ``dec.b3`` [16] (float32) and, for every rate index ``k`` the
+file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**precision_bits``).
+
+Decode: rANS over all lanes at once (torch, on the payload's device), then the decoder MLP in
+batches of ``DECODE_BATCH`` chunks on that device, then the row scales. Decoding is integer-exact up
+to the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
+input Gram matrix from calibration in ``ctx.extras["input_gram"]``): GPTQ/LDLQ-style error feedback,
+columns encoded in order, each column's error pushed onto the not-yet-encoded columns through the
+Cholesky factor of the inverse Hessian. Quality floor and speed: docs/NWC.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from . import nwc_rans
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .errors import CodecError, CorruptPayloadError
+from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, rate_index
+
+__all__ = ["Nwc", "load_network", "NetworkFile", "column_levels"]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "nwc_weights"
+DECODE_BATCH = 1 << 17  # chunks per decoder MLP call
+LEVEL_BONUS = ((0.001, 6), (0.01, 4), (0.1, 2))  # (top fraction of columns by importance, extra grid steps)
+DEFAULT_LAM = 256.0
+_MAX_DIM = 1 << 24
+
+
+class NetworkFile:
+    """A trained network file: encoder (offline), decoder state and tables (stored in checkpoints)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        from .nwc_net import NwcNet
+
+        if not path.is_file():
+            raise CodecError(f"nwc network file {path} does not exist; train one with `thawed train-codec nwc --out FILE`")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != "thawed-nwc-network":
+            raise CodecError(f"{path} is not an nwc network file (metadata 'format' is {meta.get('format')!r})")
+        self.path = path
+        self.grid = int(meta["grid"])
+        self.precision_bits = int(meta["precision_bits"])
+        self.dec_hidden = int(meta["dec_hidden"])
+        self.record = meta.get("record", "{}")
+        net = NwcNet(int(meta["enc_hidden"]), self.dec_hidden, self.grid)
+        net.enc.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("enc.")})
+        with torch.no_grad():
+            net.log_gain.copy_(t["dec.log_gain"])
+        net.eval()
+        self.net = net
+        self.decoder = {k: t[f"dec.{k}"].float().contiguous() for k in DECODER_KEYS}
+        self.tables = t["tables"].to(torch.int32)  # [grid, 16, 256]
+        nwc_rans.check_tables(self.tables.view(-1, ALPHABET), self.precision_bits, what=f"nwc network {path}")
+
+
+@lru_cache(maxsize=4)
+def load_network(name: str) -> NetworkFile:
+    """``default`` (shipped in the package) or a path to a network file."""
+    path = WEIGHTS_DIR / f"{name}.safetensors" if "/" not in name and not name.endswith(".safetensors") else Path(name)
+    return NetworkFile(path)
+
+
+def column_levels(r: float, cols: int, importance: Tensor | None, grid: int, levels: bool = True) -> Tensor:
+    """Rate index per column [cols] int64: ``floor(r)``, the most important ``frac(r)`` of columns one
+    step more, then the importance bonuses (``LEVEL_BONUS``); clamped to the grid."""
+    r = min(max(r, 0.0), grid - 1.0)
+    base = math.floor(r)
+    order = torch.arange(cols) if importance is None else torch.argsort(importance.float(), descending=True, stable=True)
+    out = torch.full((cols,), base, dtype=torch.int64)
+    out[order[: round((r - base) * cols)]] += 1
+    if levels and importance is not None:
+        bonus = torch.zeros(cols, dtype=torch.int64)
+        for frac, extra in reversed(LEVEL_BONUS):
+            bonus[order[: max(1, round(frac * cols)) if frac * cols >= 0.5 else 0]] = extra
+        out += bonus
+    return out.clamp_(0, grid - 1)
+
+
+class Nwc(Codec, name="nwc", version=1):
+    """Learned transform + entropy-coded latents; the decoder network and tables live in the file."""
+
+    roles = ("linear", "embedding", "lm_head")
+
+    def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = True,
+                 levels: bool = True, network: str = "default", steps: int = 2048, damp: float = 0.01) -> None:
+        if lam is not None and target_bpw is not None:
+            raise CodecError("codec 'nwc': give either 'lam' or 'target_bpw', not both")
+        if lam is not None and not lam > 0:
+            raise CodecError(f"codec 'nwc' option 'lam' must be > 0, got {lam!r}")
+        if target_bpw is not None and not 1.0 <= target_bpw <= 8.0:
+            raise CodecError(f"codec 'nwc' option 'target_bpw' must be in [1, 8], got {target_bpw!r}")
+        if not 1 <= steps <= 1 << 20:
+            raise CodecError(f"codec 'nwc' option 'steps' must be in [1, 2**20], got {steps!r}")
+        self.lam, self.target_bpw, self.ec, self.levels = lam, target_bpw, ec, levels
+        self.network, self.steps, self.damp = network, steps, damp
+        self._net = load_network(network)
+        self._used: set[int] = set()
+
+    @property
+    def needs_input_grams(self) -> bool:
+        """The compression pipeline calibrates layer inputs (``runtime/input_stats.py``) when True."""
+        return self.ec or self.levels
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def _quant(self, wn: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Row-normalised columns [c, P] and their rate indices [c] -> symbols [c, P] uint8, reconstruction [c, P]."""
+        c, p = wn.shape
+        kk = k.repeat_interleave(p // CHUNK)
+        x = wn.reshape(-1, CHUNK)
+        with torch.no_grad():
+            sym = self._net.net.quantize(self._net.net.encode_latent(x, kk))
+            rec = decode_chunks(self._net.decoder, sym, kk)
+        return sym.to(torch.uint8).view(c, p), rec.view(c, p)
+
+    def _rate_for(self, wn_t: Tensor, importance: Tensor | None, rows: int, target: float, lanes_bits: float) -> float:
+        """Grid position whose estimated bpw (side info included) hits ``target``: bits per column
+        at every rate index measured on up to 64 sampled columns, then bisection on the position."""
+        cols, p = wn_t.shape
+        g = self._net.grid
+        idx = torch.linspace(0, cols - 1, min(cols, 64)).round().long()
+        sample = wn_t[idx]
+        flat = self._net.tables.view(-1, ALPHABET)
+        per_k = torch.empty(g)
+        for k in range(g):
+            kk = torch.full((len(idx),), k)
+            sym, _ = self._quant(sample, kk)
+            tid = (kk[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(len(idx), p // CHUNK, CHUNK)
+            per_k[k] = nwc_rans.code_lengths(sym.reshape(-1), tid.reshape(-1), flat, self._net.precision_bits).sum() / len(idx)
+        side = rows * 16 + cols * 8 + lanes_bits
+
+        def bpw(r: float) -> float:
+            lv = column_levels(r, cols, importance, g, self.levels)
+            return (float(per_k[lv].sum()) + side) / (rows * cols)
+
+        lo, hi = 0.0, g - 1.0
+        if bpw(hi) <= target:
+            return hi
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if bpw(mid) < target else (lo, mid)
+        return lo
+
+    def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
+        if weight.dim() != 2 or tuple(weight.shape) != tuple(spec.shape):
+            raise CodecError(f"tensor {spec.name!r}: nwc encodes 2-D weights matching the spec, got "
+                             f"{list(weight.shape)} (spec {list(spec.shape)}); store it with 'raw' or 'rtn'")
+        rows, cols = weight.shape
+        if not (0 < rows <= _MAX_DIM and 0 < cols <= _MAX_DIM):
+            raise CodecError(f"tensor {spec.name!r}: nwc needs 1..{_MAX_DIM} rows and columns, got {rows}x{cols}")
+        w = weight.detach().to("cpu", torch.float32)
+        if not torch.isfinite(w).all():
+            raise CodecError(f"tensor {spec.name!r} has NaN/Inf values; nwc cannot store them, use 'lossless' or 'raw'")
+        scale16 = w.square().mean(1).sqrt().clamp(6.2e-5, 6.0e4).to(torch.float16)
+        scale = scale16.float()
+        p = -(-rows // CHUNK) * CHUNK
+        imp = ctx.importance.detach().to("cpu", torch.float32).reshape(-1) if ctx.importance is not None else None
+        if imp is not None and imp.numel() != cols:
+            raise CodecError(f"tensor {spec.name!r}: importance has {imp.numel()} entries for {cols} input columns")
+        wn_t = torch.zeros(cols, p)
+        wn_t[:, :rows] = (w / scale[:, None]).t()
+        n = cols * p
+        lanes_est = max(1, -(-n // self.steps))
+        if self.target_bpw is not None:
+            r = self._rate_for(wn_t, imp, rows, self.target_bpw, lanes_est * 64)
+        else:
+            r = rate_index(self.lam if self.lam is not None else DEFAULT_LAM)
+        lv = column_levels(r, cols, imp, self._net.grid, self.levels)
+        gram = ctx.extras.get("input_gram") if self.ec else None
+        if gram is not None:
+            sym = self._encode_ec(w, scale, lv, gram.to(torch.float32), spec.name)
+        else:
+            sym, _ = self._quant(wn_t, lv)
+        tid = (lv[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(cols, p // CHUNK, CHUNK).reshape(-1)
+        stream = nwc_rans.encode_multi(sym.reshape(-1), tid, self._net.tables.view(-1, ALPHABET),
+                                       self._net.precision_bits, self.steps)
+        self._used.update(int(k) for k in torch.unique(lv))
+        fields = {"row_scale": scale16.contiguous(), "levels": lv.to(torch.uint8), "states": stream.states,
+                  "lane_words": stream.lane_words, "words": stream.words}
+        params = {"rows": rows, "cols": cols, "lanes": stream.lanes, "n_words": int(stream.words.numel()),
+                  "precision_bits": self._net.precision_bits, "grid": self._net.grid, "dec_hidden": self._net.dec_hidden,
+                  "rate": round(r, 4)}
+        return Encoded(fields, params)
+
+    def _encode_ec(self, w: Tensor, scale: Tensor, lv: Tensor, gram: Tensor, name: str, block: int = 128) -> Tensor:
+        """GPTQ-style error feedback; returns symbols [cols, P] uint8."""
+        rows, cols = w.shape
+        p = -(-rows // CHUNK) * CHUNK
+        if tuple(gram.shape) != (cols, cols):
+            raise CodecError(f"tensor {name!r}: input Gram matrix is {list(gram.shape)}, expected [{cols}, {cols}]")
+        W = w.clone()
+        H = gram.clone().double()
+        dead = torch.diag(H) <= 0
+        H[dead, dead] = 1.0
+        H += self.damp * float(torch.diag(H).mean()) * torch.eye(cols, dtype=H.dtype)
+        try:
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+        except torch.linalg.LinAlgError:
+            log.warning("tensor %s: input Gram matrix not positive definite even with damping; encoding without EC", name)
+            wn_t = torch.zeros(cols, p)
+            wn_t[:, :rows] = (w / scale[:, None]).t()
+            return self._quant(wn_t, lv)[0]
+        sym = torch.empty(cols, p, dtype=torch.uint8)
+        col = torch.zeros(1, p)
+        inv_scale = 1.0 / scale
+        for i1 in range(0, cols, block):
+            i2 = min(i1 + block, cols)
+            W1 = W[:, i1:i2].clone()
+            E1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col[0, :rows] = W1[:, i] * inv_scale
+                s, rec = self._quant(col, lv[i1 + i: i1 + i + 1])
+                sym[i1 + i] = s[0]
+                err = (W1[:, i] - rec[0, :rows] * scale) / U1[i, i]
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                E1[:, i] = err
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        return sym
+
+    def shared_tensors(self) -> dict[str, Tensor]:
+        if not self._used:
+            return {}
+        out = {f"dec.{k}": v.contiguous() for k, v in self._net.decoder.items()}
+        for k in sorted(self._used):
+            out[f"k{k:02d}.freq"] = self._net.tables[k].to(torch.int16).contiguous()
+        return out
+
+    # ---- decoding -----------------------------------------------------------------------------
+    @classmethod
+    def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        if len(spec.shape) != 2:
+            raise CodecError(f"tensor {spec.name!r}: codec 'nwc' stores 2-D tensors, the index says {list(spec.shape)}")
+        rows = check_param(cls.name, spec.name, params, "rows", int, 1, _MAX_DIM)
+        cols = check_param(cls.name, spec.name, params, "cols", int, 1, _MAX_DIM)
+        if (rows, cols) != tuple(spec.shape):
+            raise CodecError(f"tensor {spec.name!r}: codec 'nwc' params say {rows}x{cols}, the tensor is "
+                             f"{list(spec.shape)}; the index is damaged")
+        n = cols * (-(-rows // CHUNK) * CHUNK)
+        lanes = check_param(cls.name, spec.name, params, "lanes", int, 1, n)
+        n_words = check_param(cls.name, spec.name, params, "n_words", int, 0, n)
+        check_param(cls.name, spec.name, params, "precision_bits", int, 8, 15)
+        check_param(cls.name, spec.name, params, "grid", int, 1, 256)
+        check_param(cls.name, spec.name, params, "dec_hidden", int, 1, 4096)
+        return {"row_scale": FieldSpec(torch.float16, (rows,)), "levels": FieldSpec(torch.uint8, (cols,)),
+                "states": FieldSpec(torch.int32, (lanes,)), "lane_words": FieldSpec(torch.int32, (lanes,)),
+                "words": FieldSpec(torch.int16, (n_words,))}
+
+    @classmethod
+    def _shared(cls, spec: TensorSpec, shared: SharedState, params: Mapping[str, Any], used: list[int],
+                device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+        grid, h, k_bits = params["grid"], params["dec_hidden"], params["precision_bits"]
+        shapes = {"log_gain": (grid, CHUNK), "emb": (grid, h), "w1": (CHUNK, h), "b1": (h,), "w2": (h, h),
+                  "b2": (h,), "w3": (h, CHUNK), "b3": (CHUNK,)}
+        dec = {}
+        for key, shape in shapes.items():
+            t = shared.get(f"dec.{key}")
+            if t is None or t.dtype != torch.float32 or tuple(t.shape) != shape:
+                got = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
+                raise CorruptPayloadError(f"tensor {spec.name!r}: nwc shared state 'dec.{key}' is {got}, expected "
+                                          f"float32 {list(shape)}; the file's __codec__.nwc state is damaged or incomplete")
+            dec[key] = t.to(device)
+        tables = torch.ones(grid, CHUNK, ALPHABET, dtype=torch.int32, device=device)
+        for k in used:
+            t = shared.get(f"k{k:02d}.freq")
+            if t is None or tuple(t.shape) != (CHUNK, ALPHABET) or t.dtype != torch.int16:
+                raise CorruptPayloadError(f"tensor {spec.name!r}: nwc uses rate index {k} but shared table "
+                                          f"'k{k:02d}.freq' is missing or malformed; the file is damaged")
+            tables[k] = t.to(device=device, dtype=torch.int32)
+        nwc_rans.check_tables(tables[used].view(-1, ALPHABET), k_bits,
+                              what=f"tensor {spec.name!r}: nwc shared tables")
+        return dec, tables.view(-1, ALPHABET)
+
+    @classmethod
+    def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
+               device: torch.device, dtype: torch.dtype) -> Tensor:
+        f = cls.checked_fields(enc, spec, device)
+        prm = enc.params
+        rows, cols = prm["rows"], prm["cols"]
+        p = -(-rows // CHUNK) * CHUNK
+        lv = f["levels"].long()
+        used = torch.unique(lv).tolist()
+        if used[-1] >= prm["grid"]:
+            raise CorruptPayloadError(f"tensor {spec.name!r}: nwc field 'levels' holds rate index {used[-1]} but the "
+                                      f"grid has {prm['grid']}; the payload is damaged")
+        dec, tables = cls._shared(spec, shared, prm, used, torch.device(device))
+        tid = (lv[:, None, None] * CHUNK + torch.arange(CHUNK, device=lv.device)).expand(cols, p // CHUNK, CHUNK)
+        sym = nwc_rans.decode_multi(f["states"], f["words"], f["lane_words"], tid.reshape(-1), tables,
+                                    prm["precision_bits"], what=f"tensor {spec.name!r} nwc latents").view(-1, CHUNK)
+        kk = lv.repeat_interleave(p // CHUNK)
+        out = torch.empty(sym.shape[0], CHUNK, dtype=torch.float32, device=sym.device)
+        for s in range(0, sym.shape[0], DECODE_BATCH):
+            out[s:s + DECODE_BATCH] = decode_chunks(dec, sym[s:s + DECODE_BATCH], kk[s:s + DECODE_BATCH])
+        w = out.view(cols, p)[:, :rows].t()
+        return (w * f["row_scale"].to(torch.float32)[:, None]).to(dtype).contiguous()
