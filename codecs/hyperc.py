@@ -81,6 +81,7 @@ MAX_GROUP = 1 << 20
 # range; margin = half a codebook spacing inside the box (the first entry is the only one without
 # ``clip_search``; the second puts the extremes on the box faces, as ``rtn`` does).
 CLIP_FACTORS = ((1.0, True), (1.0, False), (0.93, True), (0.86, True), (0.78, True))
+HQQ_ITERS = 20  # offset refinement iterations for 1-D codebooks (``refine``)
 _CHUNK = 1 << 17  # vectors per nearest-point batch (bounds memory at 3**dim candidates each)
 
 
@@ -303,7 +304,7 @@ class HyperC(Codec, name="hyperc", version=1):
     # Optional[...] rather than ``X | None``: ``Codec.from_options`` recognises typing.Union only.
     def __init__(self, target_bpw: Optional[float] = None, dim: int = 2, index_bits: int = 9,
                  group_size: int = 128, points: Optional[int] = None, generator: Optional[int] = None,
-                 clip_search: bool = True) -> None:
+                 clip_search: bool = True, refine: bool = True) -> None:
         if target_bpw is not None:
             if isinstance(target_bpw, bool) or not isinstance(target_bpw, (int, float)) or not 1.5 <= target_bpw <= 16:
                 raise CodecError(f"codec 'hyperc' option 'target_bpw' must be a number in 1.5..16, got {target_bpw!r}")
@@ -328,7 +329,10 @@ class HyperC(Codec, name="hyperc", version=1):
         self.group_size = group_size
         self.points = points
         self.generator = generator
+        if not isinstance(refine, bool):
+            raise CodecError(f"codec 'hyperc' option 'refine' must be true or false, got {refine!r}")
         self.clip_search = clip_search
+        self.refine = refine
 
     def _z(self) -> tuple[list[int], int]:
         K = self.points or (1 << self.index_bits)
@@ -357,7 +361,7 @@ class HyperC(Codec, name="hyperc", version=1):
         if self.target_bpw is None:
             z, K = self._z()
             g = self.group_size or max(self.dim, -(-n // self.dim) * self.dim)
-            return _encode_one(w, z, K, self.index_bits, g, self.clip_search)[0]
+            return _encode_one(w, z, K, self.index_bits, g, self.clip_search, self.refine)[0]
         # target_bpw: the model's best (index_bits, group_size) for each dim at this row length
         # (so the tensor's own bpw meets the target), then the one with the lowest squared error.
         cands = rate_candidates(float(self.target_bpw), n) or {self.dim: (self.index_bits, self.group_size)}
@@ -365,7 +369,7 @@ class HyperC(Codec, name="hyperc", version=1):
         for dim, (bits, g) in sorted(cands.items()):
             K = 1 << bits
             z = _korobov(good_generator(dim, K), dim, K)
-            enc, sse = _encode_one(w, z, K, bits, g, self.clip_search)
+            enc, sse = _encode_one(w, z, K, bits, g, self.clip_search, self.refine)
             log.debug("%s: dim=%d index_bits=%d group_size=%d sse=%.4g", spec.name, dim, bits, g, sse)
             if best is None or sse < best[1]:
                 best = (enc, sse)
@@ -422,9 +426,10 @@ class HyperC(Codec, name="hyperc", version=1):
         return out.view(spec.shape)
 
 
-def _encode_one(w: Tensor, z: list[int], K: int, B: int, g: int, clip_search: bool) -> tuple[Encoded, float]:
+def _encode_one(w: Tensor, z: list[int], K: int, B: int, g: int, clip_search: bool,
+                refine: bool = True) -> tuple[Encoded, float]:
     """Encode a float32 ``[m, n]`` matrix with one configuration -> (payload, squared error)."""
-    k, scale, offset, sse = quantize(w, z, K, g, clip_search=clip_search)
+    k, scale, offset, sse = quantize(w, z, K, g, clip_search=clip_search, refine=refine)
     fields = {"codes_lo": pack_bits(k & 0xFF if B > 8 else k, min(B, 8))}  # [packed_nbytes(m*V, min(B,8))]
     if B > 8:
         fields["codes_hi"] = pack_bits(k >> 8, B - 8)  # [packed_nbytes(m*V, B-8)] uint8
@@ -442,10 +447,14 @@ def _unpack_index(f: dict[str, Tensor], B: int, count: int) -> Tensor:
 
 
 # ---- quantisation (encode side) ----------------------------------------------------------------
-def quantize(w: Tensor, z: list[int], K: int, g: int, *,
-             clip_search: bool = True) -> tuple[Tensor, Tensor, Tensor, float]:
+def quantize(w: Tensor, z: list[int], K: int, g: int, *, clip_search: bool = True,
+             refine: bool = True) -> tuple[Tensor, Tensor, Tensor, float]:
     """Finite float32 ``[m, n]`` -> indices int64 ``[m*V]``, scale and offset ``[m, G]`` float16,
-    and the total squared error."""
+    and the total squared error.
+
+    ``refine`` (1-D codebooks only, where the trajectory's points are a uniform scalar grid):
+    after the box search, HQQ's half-quadratic offset iterations (``rtn._hqq_refine``), keeping
+    each group's lowest-squared-error F16 offset, so a group never gets worse."""
     dim = len(z)
     m, n = w.shape
     V = -(-n // dim)
@@ -493,8 +502,31 @@ def quantize(w: Tensor, z: list[int], K: int, g: int, *,
             best_s = torch.where(better, scale16, best_s)
             best_o = torch.where(better, offset16, best_o)
             best_k = torch.where(better.repeat_interleave(g // dim, dim=1), k, best_k)
+    if refine and dim == 1:
+        best_k, best_o, best_err = _refine_scalar(wg, mask, best_k, best_s, best_o, best_err, z, K)
     k = best_k.view(m, G * g // dim)[:, :V].reshape(-1)
     return k, best_s, best_o, float(best_err.sum())
+
+
+def _refine_scalar(wg: Tensor, mask: Tensor | None, k: Tensor, scale16: Tensor, offset16: Tensor,
+                   err: Tensor, z: list[int], K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """HQQ offset refinement of a 1-D codebook (point ``j`` = ``j/K``: a grid of step scale/K)."""
+    from .rtn import _hqq_refine
+
+    m, G, g = wg.shape
+    step = scale16.float() / K
+    q, off = _hqq_refine(wg, k.view(m, G, g).float(), torch.where(step > 0, step, torch.ones_like(step)),
+                         offset16, mask, K - 1, HQQ_ITERS)
+    # Score with the decoder's own arithmetic; keep the refined group only where it is better.
+    kk = q.long().clamp_(0, K - 1)
+    x = codebook(z, K)[kk.view(-1)].view(m, G, g)
+    e = torch.addcmul(off.float().unsqueeze(-1), x, scale16.float().unsqueeze(-1)).sub_(wg).square_()
+    if mask is not None:
+        e.mul_(mask)
+    e = e.sum(-1)
+    better = (e < err) & (scale16 > 0)
+    return (torch.where(better.unsqueeze(-1), kk, k.view(m, G, g)).view(m, G * g),
+            torch.where(better, off, offset16), torch.where(better, e, err))
 
 
 def hyperc_decode_reference(enc: Encoded, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
