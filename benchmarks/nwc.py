@@ -120,6 +120,39 @@ def part_sqnr(rates: list[float]) -> list[dict]:
     return rows
 
 
+def part_width(networks: list[str], lams: list[float], repeats: int) -> list[dict]:
+    """Decoder width trade-off on MiniLM's held-out layer 5: bpw, SQNR and CPU decode time per network."""
+    from thawed.codecs import EncodeContext, TensorSpec
+    from thawed.codecs.nwc import Nwc, load_network
+
+    lin = {k: v for k, v in hb._minilm().items() if ".layer.5." in k}
+    numel = sum(w.numel() for w in lin.values())
+    rows = []
+    for net in networks:
+        h = load_network(net).dec_hidden
+        for lam in lams:
+            codec = Nwc(lam=lam, ec=False, levels=False, network=net)
+            encs = {n: (TensorSpec(n, tuple(w.shape), w.dtype, "linear"), w) for n, w in lin.items()}
+            encs = {n: (spec, w, codec.encode(w, spec, EncodeContext(n))) for n, (spec, w) in encs.items()}
+            shared = codec.shared_tensors()
+            sig = noise = 0.0
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                outs = {n: Nwc.decode(e, spec, shared, torch.device("cpu"), torch.float32) for n, (spec, w, e) in encs.items()}
+                times.append(time.perf_counter() - t0)
+            for n, (spec, w, e) in encs.items():
+                sig, noise = sig + float(w.square().sum()), noise + float((w - outs[n]).square().sum())
+            bpw = sum(e.nbytes for _, _, e in encs.values()) * 8 / numel
+            row = {"network": net, "dec_hidden": h, "macs_per_weight": (16 * h + h * h + h * 16) / 16, "lam": lam,
+                   "bpw": bpw, "sqnr_db": 10 * math.log10(sig / noise), "decode_s": min(times),
+                   "ns_per_weight": min(times) / numel * 1e9}
+            rows.append(row)
+            print(f"  H={h:<4} ({row['macs_per_weight']:5.0f} MAC/weight) lam {lam:6.0f}: {bpw:6.3f} bpw  "
+                  f"SQNR {row['sqnr_db']:6.2f} dB  decode {row['ns_per_weight']:6.1f} ns/weight", flush=True)
+    return rows
+
+
 def part_rd(rates: list[float], tokens: int, ctx: int, work: Path, only: list[str] | None) -> dict:
     from thawed.runtime.checkpoint import Checkpoint
     from thawed.runtime.demo_model import demo_model_dir
@@ -202,7 +235,8 @@ def part_speed(work: Path, labels: list[str], repeats: int, device: str) -> list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", default="all", choices=["all", "sqnr", "rd", "speed"])
+    ap.add_argument("--part", default="all", choices=["all", "sqnr", "rd", "speed", "width"])
+    ap.add_argument("--networks", default="default", help="width part: comma-separated network names/files")
     ap.add_argument("--rates", default="3.5,4.25,4.5")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=1024)
@@ -232,6 +266,9 @@ def main() -> None:
         print(f"\nrate-distortion on SmolLM2-135M, PTB test, first {args.tokens} tokens, ctx {args.ctx}:", flush=True)
         result["rd"] = part_rd(rates, args.tokens, args.ctx, work, args.only.split(",") if args.only else None)
         print("correctness:", json.dumps(result["rd"]["correctness"], indent=1))
+    if args.part in ("all", "width"):
+        print("\ndecoder width trade-off on MiniLM layer 5 (held out), no calibration:", flush=True)
+        result["width"] = part_width(args.networks.split(","), [64.0, 256.0], max(1, args.repeats))
     if args.part in ("all", "speed"):
         labels = [f"nwc-{r}-ec" for r in rates] + [f"rtn-b{RTN_AT[r][0]}-g{RTN_AT[r][1]}" for r in rates[:1]]
         print(f"\ndecode throughput on {args.device} ({args.threads} threads), whole model, median of {args.repeats}:",
