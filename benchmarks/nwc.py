@@ -209,7 +209,8 @@ def part_speed(work: Path, labels: list[str], repeats: int, device: str) -> list
         if not (path / "model.thawed.safetensors").is_file():
             print(f"  {label}: no checkpoint in {work}; run --part rd first", flush=True)
             continue
-        print("  correctness:", check_correctness(path, device), flush=True)
+        if label.startswith("nwc"):
+            print("  correctness:", check_correctness(path, device), flush=True)
         with Checkpoint.open(path) as ckpt:
             items = [(e, ckpt.encoded(k).to(dev)) for k, e in ckpt.index.items() if e.codec != "raw"]
             shared = {c: {k: v.to(dev) for k, v in ckpt.shared(c).items()} for c in {e.codec for e, _ in items}}

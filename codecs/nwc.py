@@ -30,7 +30,8 @@ file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**pre
 Decode: rANS over all lanes at once (torch, on the payload's device), then the decoder MLP in
 batches of ``DECODE_BATCH`` chunks on that device, then the row scales. Decoding is integer-exact up
 to the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
-input Gram matrix from calibration in ``ctx.extras["input_gram"]``): GPTQ/LDLQ-style error feedback,
+input Gram matrix from calibration in ``ctx.extras["input_gram"]``; off by default because on SmolLM2
+it measured worse, docs/NWC.md): GPTQ/LDLQ-style error feedback,
 columns encoded in order, each column's error pushed onto the not-yet-encoded columns through the
 Cholesky factor of the inverse Hessian. Quality floor and speed: docs/NWC.md.
 """
@@ -121,7 +122,7 @@ class Nwc(Codec, name="nwc", version=1):
 
     roles = ("linear", "embedding", "lm_head")
 
-    def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = True,
+    def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = False,
                  levels: bool = True, network: str = "default", steps: int = 2048, damp: float = 0.01) -> None:
         if lam is not None and target_bpw is not None:
             raise CodecError("codec 'nwc': give either 'lam' or 'target_bpw', not both")
