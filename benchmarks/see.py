@@ -38,10 +38,10 @@ import torch
 
 EMB = "model.embed_tokens.weight"
 EMB_CONFIGS = [  # label, --codec-for spec for the embedding
-    ("see-r8", "see:rank=8,units=256,core_bits=8"),
-    ("see-r12", "see:rank=12,units=256,core_bits=8"),
-    ("see-r16c6", "see:rank=16,units=256,core_bits=6"),
-    ("see-r20c4", "see:rank=20,units=256,core_bits=4"),
+    ("see-r8", "see:rank=8,units=256,core_bits=8"),  # pure SEE, 32x
+    ("see-r16c6", "see:rank=16,units=256,core_bits=6"),  # pure SEE, 11.3x
+    ("see-r4-res2g64", "see:rank=4,units=256,core_bits=8,residual_bits=2,residual_group=64"),  # 11.4x
+    ("see-r8-res2g128", "see:rank=8,units=256,core_bits=8,residual_bits=2,residual_group=128"),  # 10.0x
     ("rtn-emb-b3g128", "rtn:bits=3,group_size=128"),
     ("rtn-emb-b2g64", "rtn:bits=2,group_size=64"),
 ]
@@ -51,7 +51,8 @@ LINEAR_CONFIGS = [  # label, default codec for linears (embedding stays raw)
     ("see-lin-4.0", "see:target_bpw=4.0,residual_bits=3,residual_group=128"),
     ("rtn-b3-g32", "rtn:bits=3,group_size=32"),
 ]
-MEM_SPEC = ("see-r16c6+rtn4", "rtn:bits=4,group_size=128", f"{EMB}=see:rank=16,units=256,core_bits=6")
+MEM_SPEC = ("see-r4-res2g64+rtn4", "rtn:bits=4,group_size=128",
+            f"{EMB}=see:rank=4,units=256,core_bits=8,residual_bits=2,residual_group=64")
 PROMPT = "The capital of France is"
 
 

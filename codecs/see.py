@@ -9,10 +9,12 @@ a row-unit ``a_i`` and a column-unit ``b_i``, found by clustering the embedding 
 k-means of the normalised rows, then k-subspaces refinement; no subword structure is used). Each
 unit owns ``R`` factor vectors (``A[a] : R x p``, ``B[b] : R x q``). A row is::
 
-    x_i = ( sum_{r,s} G_i[r,s] * kron(A[a_i, r], B[b_i, s]) )[:d]   (+ residual_i)
+    x_i = mean + ( sum_{r,s} G_i[r,s] * kron(A[a_i, r], B[b_i, s]) )[:d]   (+ residual_i)
 
 with a per-token ``R x R`` mixing core ``G_i`` (quantised to ``core_bits`` with one F16 scale per
-token). The core is the post-training departure from MorphTE's pure unit products, which cannot
+token) and the table's mean row stored exactly (F16): on SmolLM2 the mean row is 45 % of the
+table's energy, and a tied lm_head turns any per-token error in that shared direction into a
+per-token logit shift, so the units fit only what differs between tokens. The core is the post-training departure from MorphTE's pure unit products, which cannot
 reproduce a trained table without retraining. Factors and units are fitted to minimise the
 reconstruction error weighted by token frequency on calibration text (``ctx.extras["token_freq"]``,
 filled by the compression pipeline; ``freq_share`` of the weight follows frequency, the rest is
@@ -28,6 +30,7 @@ Fields (``V`` rows / ``m`` rows, ``L8(x) = ceil(x/8)*8``; ``F`` = float16 factor
 and an F16 scale per factor vector when ``factor_bits=8``)::
 
     rows:    A [K, R, p] F, B [K, R, q] F, (A_scale [K, R], B_scale [K, R] f16 when factor_bits=8)
+             mean [d] f16
              unit_a, unit_b [V] uint8 (K <= 256) or int16
              core [V, L8(R*R)/8*core_bits] uint8   # row-aligned pack_bits of codes + 2**(core_bits-1)
              core_scale [V] f16
@@ -36,10 +39,10 @@ and an F16 scale per factor vector when ``factor_bits=8``)::
              res_scale, res_offset [rows, ceil(d/group)] f16 -- rtn's layout, one row per table row
 
 Quality floor (SQNR ``20 log10(|W| / |W - W^|)``, measured, tests hold a little below): MiniLM-L6
-word embeddings (rows 2000..5999, d=384), rank=12 units=64 core_bits=8: 3.43 dB at 3.40 bpw (rtn
-b2 g128: 5.96 dB at 2.25 bpw); SmolLM2's table, frequency-weighted fit: rank 8 (1.0 bpw, 32x vs
-fp32) 2.84 dB (3.99 dB weighted by PTB frequency), rank 16 core_bits=6 (2.83 bpw, 11.3x) 5.77 dB
-(8.48 dB weighted). MiniLM layer-0 query [384x384]: rank 16 + 3-bit g128 residual 14.14 dB at 4.69
+word embeddings (rows 2000..5999, d=384), rank=12 units=64 core_bits=8: 3.49 dB at 3.41 bpw (rtn
+b2 g128: 5.96 dB at 2.25 bpw). SmolLM2's table (PTB-frequency-weighted fit): rank 8 (1.0 bpw, 32x
+vs fp32) 3.83 dB; rank 16 core_bits=6 (2.83 bpw, 11.3x) 6.52 dB; rank 4 + 2-bit g64 residual (2.81
+bpw, 11.4x) 9.96 dB; rtn b2 g64 (2.5 bpw) 5.19 dB, rtn b3 g128 (3.28 bpw) 10.61 dB. MiniLM layer-0 query [384x384]: rank 16 + 3-bit g128 residual 14.14 dB at 4.69
 bpw (rtn b3 g128 13.19 dB at 3.25, b3 g64 14.16 dB at 3.5); pure Kronecker sum rank 64: 3.44 dB at
 5.78 bpw. Post-training, trained tables and weights have little Kronecker structure: at equal bpw
 ``see`` is below ``rtn`` on both (docs/SEE.md has the perplexities).
@@ -123,7 +126,7 @@ def rows_bpw(v: int, d: int, rank: int, units: int, core_bits: int, factor_bits:
     k = min(units, v)
     idx = 1 if k <= 256 else 2
     nbytes = (_factor_bytes(k * rank, p, factor_bits) + _factor_bytes(k * rank, q, factor_bits)
-              + 2 * v * idx + v * _l8(rank * rank) // 8 * core_bits + 2 * v
+              + 2 * v * idx + v * _l8(rank * rank) // 8 * core_bits + 2 * v + 2 * d
               + _residual_bytes(v, d, residual_bits, residual_group))
     return nbytes * 8 / (v * d)
 
@@ -260,8 +263,9 @@ class See(Codec, name="see", version=1):
             f[: src.numel()] = src.clamp_min(0)
             f = f / f.sum() if float(f.sum()) > 0 else torch.full((v,), 1.0 / v)
         weights = self.freq_share * f + (1.0 - self.freq_share) / v
+        fields: dict[str, Tensor] = {"mean": w.mean(0).to(torch.float16)}
+        w_full, w = w, w - fields["mean"].float()  # the units fit what differs between rows
         A, B, a, b = fit_units(w, weights * v, p, q, rank, k, self.iters, ctx.seed)  # A [K,p,R], B [K,q,R]
-        fields: dict[str, Tensor] = {}
         Aq = self._store_factors(fields, "A", A.transpose(1, 2), 2)  # [K, R, p]
         Bq = self._store_factors(fields, "B", B.transpose(1, 2), 2)  # [K, R, q]
         idx_dtype = torch.uint8 if k <= 256 else torch.int16
@@ -290,7 +294,7 @@ class See(Codec, name="see", version=1):
         if self.residual_bits:
             approx = type(self).decode(Encoded(dict(fields), params | {"residual_bits": 0}), spec, {},
                                        torch.device("cpu"), torch.float32)
-            self._residual(fields, w - approx)
+            self._residual(fields, w_full - approx)
         return Encoded(fields, params)
 
     def _encode_matrix(self, w: Tensor, spec: TensorSpec) -> Encoded:
@@ -355,6 +359,7 @@ class See(Codec, name="see", version=1):
             out["unit_a"], out["unit_b"] = FieldSpec(idt, (v,)), FieldSpec(idt, (v,))
             out["core"] = FieldSpec(torch.uint8, (v, _l8(r * r) // 8 * cb))
             out["core_scale"] = FieldSpec(torch.float16, (v,))
+            out["mean"] = FieldSpec(torch.float16, (d,))
             rows, width = v, d
         elif mode == "matrix":
             m, n = _matrix_shape(tuple(spec.shape))
@@ -430,7 +435,7 @@ class See(Codec, name="see", version=1):
         g = g.mul_(f["core_scale"][ids].to(torch.float32)[:, None]).view(-1, r, r)
         A, B = cls._factors(f, "A"), cls._factors(f, "B")  # [K, R, p], [K, R, q]
         x = torch.bmm(A[a].transpose(1, 2), torch.bmm(g, B[b]))  # [n, p, q] = A^T G B
-        x = x.reshape(-1, p * q)[:, :d]
+        x = x.reshape(-1, p * q)[:, :d] + f["mean"].to(torch.float32)
         if params["residual_bits"]:
             x = x + cls._residual_rows(f, params, ids, d)
         return x
@@ -476,7 +481,7 @@ def see_decode_reference(enc: Encoded, spec: TensorSpec) -> Tensor:
             a, b = int(f["unit_a"][i]), int(f["unit_b"][i])
             g = codes[i].view(r, r) * float(f["core_scale"][i])
             row = sum(g[s, t] * torch.kron(A[a, s], B[b, t]) for s in range(r) for t in range(r))
-            out[i] = row[:d]
+            out[i] = row[:d] + f["mean"].float()
         width = d
     else:
         m, n = _matrix_shape(tuple(spec.shape))
