@@ -327,11 +327,14 @@ class Cvxq(Codec, name="cvxq", version=1):
 
 
 def _level_table(device: torch.device) -> Tensor:
-    """[9, 256] float32: row b holds ``levels(b)`` (row 0 and the unused tail are zero)."""
-    t = torch.zeros(MAX_DEPTH + 1, 256, dtype=torch.float32, device=device)
-    for b in range(1, MAX_DEPTH + 1):
-        t[b, : 1 << b] = levels(b, device)
-    return t
+    """[9, 256] float32: row b holds ``levels(b)`` (row 0 and the unused tail are zero); built in one
+    vectorised pass with ``levels``' float64 arithmetic, so the values are identical."""
+    b = torch.arange(MAX_DEPTH + 1, dtype=torch.float64, device=device)[:, None]
+    j = torch.arange(256, dtype=torch.float64, device=device)[None, :]
+    k = torch.exp2(b)
+    d = (j + 0.5) / k - 0.5
+    lv = -torch.sign(d) * torch.log1p(-2.0 * d.abs())
+    return torch.where((j < k) & (b > 0), lv, torch.zeros_like(lv)).to(torch.float32)
 
 
 def _decode_fused(depth: Tensor, order: Tensor, loc: Tensor, scale: Tensor, codes: Tensor,
@@ -358,9 +361,8 @@ def _decode_fused(depth: Tensor, order: Tensor, loc: Tensor, scale: Tensor, code
     word = padded[byte] | (padded[byte + 1] << 8)
     q = (word >> (bit & 7).to(torch.int32)) & ((1 << depth.to(torch.int32)) - 1)[:, None]
     vals = _level_table(dev).view(-1)[depth[:, None] * 256 + q.long()]
-    sc = torch.zeros(k, dtype=torch.float32, device=dev)
-    coded = depth > 0
-    sc[coded] = scale[pos[coded] - counts[0]]
+    sp = torch.cat([scale, scale.new_zeros(1)])  # depth-0 groups read the trailing 0 (no boolean
+    sc = sp[torch.where(depth > 0, pos - counts[0], sp.numel() - 1)]  # mask: that would sync the GPU)
     return torch.addcmul(loc[:, None], vals, sc[:, None])
 
 

@@ -273,3 +273,13 @@ def test_bias_correction_removes_the_mean_output_error() -> None:
         Cvxq.decode_output_bias(bad, spec, CPU, torch.float32)
     with pytest.raises(CodecError, match="'bias'"):
         Cvxq.expected_fields(spec, {**enc.params, "bias": 1})
+
+
+def test_fused_level_table_equals_levels() -> None:
+    from thawed.codecs.cvxq import _level_table
+
+    t = _level_table(CPU)
+    assert t.shape == (9, 256) and float(t[0].abs().sum()) == 0
+    for b in range(1, 9):
+        assert torch.equal(t[b, : 1 << b], levels(b)), b
+        assert float(t[b, 1 << b:].abs().sum()) == 0
