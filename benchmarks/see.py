@@ -50,6 +50,7 @@ LINEAR_CONFIGS = [  # label, default codec for linears (embedding stays raw)
     ("rtn-b3-g64", "rtn:bits=3,group_size=64"),
     ("see-lin-4.0", "see:target_bpw=4.0,residual_bits=3,residual_group=128"),
     ("rtn-b3-g32", "rtn:bits=3,group_size=32"),
+    ("rtn-b3-g128", "rtn:bits=3,group_size=128"),  # the residual alone (no Kronecker part)
 ]
 MEM_SPEC = ("see-r4-res2g64+rtn4", "rtn:bits=4,group_size=128",
             f"{EMB}=see:rank=4,units=256,core_bits=8,residual_bits=2,residual_group=64")

