@@ -152,13 +152,21 @@ class Lossless(Codec, name="lossless", version=1):
 
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
-               device: torch.device, dtype: torch.dtype) -> Tensor:
-        f = cls.checked_fields(enc, spec, device)
+               device: torch.device, dtype: torch.dtype, entropy_on_cpu: bool | None = None) -> Tensor:
+        """``entropy_on_cpu`` (default: when decoding on a GPU): decode the rANS exponent stream on
+        the host, then assemble the bits on the device. rANS is a loop of small sequential steps
+        that a GPU runs slower than a CPU (H200: 0.40 s vs 0.19 s on 16 host threads for 3.5 M
+        weights); the exponents are identical either way."""
+        dev = torch.device(device)
+        f = cls.checked_fields(enc, spec, dev)
         idt, ebits, mbits = _layout(spec)
         p = enc.params
-        exp = rans.decode(f["exp_freq"], f["exp_states"], f["exp_words"], f["exp_lane_words"],
+        if entropy_on_cpu is None:
+            entropy_on_cpu = dev.type != "cpu"
+        ent = torch.device("cpu") if entropy_on_cpu else dev
+        exp = rans.decode(*(f[k].to(ent) for k in ("exp_freq", "exp_states", "exp_words", "exp_lane_words")),
                           p["n"], p["lanes"], p["precision_bits"], what=f"tensor {spec.name!r} exponents")
-        e = exp.to(torch.int32)
+        e = exp.to(dev, torch.int32)
         if spec.dtype == torch.float32:
             r = f["rest"].to(torch.int32)
             rest = r[0] | (r[1] << 8) | (r[2] << 16)

@@ -137,8 +137,9 @@ def test_decode_on_cuda() -> None:
     for dtype in FLOATS:
         w = _special_values(dtype)
         enc, spec = _encode(w)
-        out = Lossless.decode(enc.to("cuda"), spec, {}, torch.device("cuda"), dtype)
-        assert out.device.type == "cuda" and torch.equal(_bits(out.cpu()), _bits(w))
+        for entropy_on_cpu in (None, False):  # default on CUDA: exponents decoded on the host; all on the GPU
+            out = Lossless.decode(enc.to("cuda"), spec, {}, torch.device("cuda"), dtype, entropy_on_cpu=entropy_on_cpu)
+            assert out.device.type == "cuda" and torch.equal(_bits(out.cpu()), _bits(w))
 
 
 def test_minilm_fp32_rate_below_32_bits() -> None:

@@ -116,8 +116,11 @@ def test_decode_deterministic_and_devices_agree(tiny_net: Path) -> None:
     assert torch.equal(out, Nwc.decode(enc, spec, shared, CPU, torch.float32))
     if torch.cuda.is_available():
         dev = torch.device("cuda")
-        gpu = Nwc.decode(enc.to(dev), spec, {k: v.to(dev) for k, v in shared.items()}, dev, torch.float32)
-        torch.testing.assert_close(gpu.cpu(), out, rtol=1e-4, atol=1e-5)
+        for entropy_on_cpu in (None, False):  # default on CUDA: rANS on the host; and all on the GPU
+            gpu = Nwc.decode(enc.to(dev), spec, {k: v.to(dev) for k, v in shared.items()}, dev, torch.float32,
+                             entropy_on_cpu=entropy_on_cpu)
+            assert gpu.device.type == "cuda"
+            torch.testing.assert_close(gpu.cpu(), out, rtol=1e-4, atol=1e-5)
 
 
 def test_error_feedback_and_levels_use_calibration(tiny_net: Path) -> None:
