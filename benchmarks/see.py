@@ -44,6 +44,7 @@ EMB_CONFIGS = [  # label, --codec-for spec for the embedding
     ("see-r8-res2g128", "see:rank=8,units=256,core_bits=8,residual_bits=2,residual_group=128"),  # 10.0x
     ("rtn-emb-b3g128", "rtn:bits=3,group_size=128"),
     ("rtn-emb-b2g64", "rtn:bits=2,group_size=64"),
+    ("rtn-emb-b2g32", "rtn:bits=2,group_size=32"),  # 3.0 bpw, 10.7x: the nearest rtn above see-r4-res2g64
 ]
 LINEAR_CONFIGS = [  # label, default codec for linears (embedding stays raw)
     ("see-lin-3.5", "see:target_bpw=3.5,residual_bits=3,residual_group=128"),
@@ -184,7 +185,7 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def worker(path: str, tokens: int, budget: str, rowwise: bool) -> None:
+def worker(path: str, tokens: int, budget: str, rowwise: str) -> None:
     torch.set_num_threads(2)
     from thawed.runtime.generate import SamplingParams, generate_tokens
     from thawed.runtime.loading import load_for_inference
@@ -214,12 +215,12 @@ def part_memory(work: Path, tokens: int, repeats: int) -> dict:
     # (budget, rowwise): everything cached vs a budget under which the tied head's table is not
     # kept between forwards (the 30 layers + table decode to ~540 MiB fp32; 160 MiB holds the
     # table while the head runs, nothing more).
-    confs = [("auto", False), ("auto", True), ("160MiB", False), ("160MiB", True)]
+    confs = [("auto", "off"), ("auto", "on"), ("160MiB", "off"), ("160MiB", "on")]
     results: dict = {}
     for _ in range(repeats):
         for budget, rowwise in confs:
             cmd = [sys.executable, __file__, "--worker", str(path), "--gen-tokens", str(tokens), "--budget", budget]
-            cmd += ["--rowwise"] if rowwise else []
+            cmd += ["--rowwise", rowwise]
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env=os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"})
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -235,7 +236,7 @@ def part_memory(work: Path, tokens: int, repeats: int) -> dict:
                "tok_per_s": statistics.median(r["tok_per_s"] for r in rs),
                "cache_peak_mib": rs[0]["cache_peak_mib"], "decodes": rs[0]["decodes"], "runs": len(rs)}
         rows.append(row)
-        print(f"  budget {budget:<7} rowwise {str(rowwise):<5}: peak RSS {row['peak_rss_mib']:7.1f} MiB, cache peak "
+        print(f"  budget {budget:<7} rowwise {rowwise:<4}: peak RSS {row['peak_rss_mib']:7.1f} MiB, cache peak "
               f"{row['cache_peak_mib']:6.1f} MiB, {row['tok_per_s']:.2f} tok/s, decodes {row['decodes']}", flush=True)
     return {"checkpoint": label, "tokens": tokens, "rows": rows, "text": texts.pop()}
 
@@ -327,7 +328,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--budget", default="auto", help=argparse.SUPPRESS)
-    ap.add_argument("--rowwise", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rowwise", default="off", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.gen_tokens, args.budget, args.rowwise)

@@ -30,9 +30,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="decoded-weight cache budget: auto (hold every layer), bytes, 512MiB, 2G, or 25%% of the decoded model")
     p.add_argument("--prefetch", type=int, default=1, metavar="LAYERS",
                    help="decode this many layers ahead in the background (0 = off; default 1)")
-    p.add_argument("--no-rowwise-embedding", dest="rowwise_embedding", action="store_false",
-                   help="decode the whole embedding table through the cache even when its codec (see) can "
-                        "decode single rows (default: only the rows each forward uses)")
+    p.add_argument("--rowwise-embedding", default="auto", choices=["auto", "on", "off"],
+                   help="decode only the embedding rows each forward uses when the codec can (see): auto = "
+                        "when the table is not also a tied lm_head (default), on = always, off = never")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,8 +42,10 @@ class RuntimeConfig:
     cache_budget: int | None = None
     prefetch_layers: int = 1
     # Embeddings whose codec can decode single rows (see) rebuild only the ids of each forward
-    # instead of the whole table (runtime/rowwise.py); a tied lm_head still decodes the table.
-    rowwise_embedding: bool = True
+    # instead of the whole table (runtime/rowwise.py). "auto": only when no other module needs the
+    # whole table (an untied embedding); a tied lm_head decodes it through the cache anyway, and
+    # then per-token decode saves nothing (docs/SEE.md measures it). "on" | "off": always | never.
+    rowwise_embedding: str = "auto"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,6 +132,12 @@ def attach_output_biases(ckpt: Checkpoint, lazy_modules: list[tuple[nn.Module, s
         mod.bias = nn.Parameter(bias, requires_grad=False)
         done += 1
     return done
+
+
+def _rowwise(mode: str, shared: bool) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise ThawedError(f"--rowwise-embedding {mode!r} is not one of auto, on, off")
+    return mode == "on" or (mode == "auto" and not shared)
 
 
 class LazyModel:
@@ -228,8 +236,8 @@ class LazyModel:
                 if entry.codec == "raw":
                     value = ckpt.decode(key, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
                     setattr(mod, pname, nn.Parameter(value, requires_grad=False))
-                elif (config.rowwise_embedding and isinstance(mod, nn.Embedding) and pname == "weight"
-                      and hasattr(get_codec(entry.codec), "decode_rows")):
+                elif (isinstance(mod, nn.Embedding) and pname == "weight" and hasattr(get_codec(entry.codec), "decode_rows")
+                      and _rowwise(config.rowwise_embedding, sum(k == key for k in param_key.values()) > 1)):
                     rowwise_modules.append((mod, key))
                 else:
                     lazy_modules.append((mod, pname, key))

@@ -238,16 +238,21 @@ def test_rowwise_embedding_matches_materialised_table(fixture, request, tmp_path
     with Checkpoint.open(ckpt) as c:
         assert c.index["model.embed_tokens.weight"].codec == "see"
     ids = torch.tensor([[1, 5, 9, 3, 17, 4, 22, 8, 11, 2, 6, 30, 5, 5]])
-    with LazyModel.load(ckpt, RuntimeConfig(device="cpu", rowwise_embedding=False)) as lm, torch.inference_mode():
+    with LazyModel.load(ckpt, RuntimeConfig(device="cpu", rowwise_embedding="off")) as lm, torch.inference_mode():
         want = lm(input_ids=ids).logits
         assert "model.embed_tokens.weight" in lm.cache.stats().keys
         want_gen = lm.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    with LazyModel.load(ckpt, RuntimeConfig(device="cpu")) as lm, torch.inference_mode():
+    tied = "untied" not in fixture
+    # "auto" (the default) is per-token only for an untied table; "on" forces it for a tied one too.
+    with LazyModel.load(ckpt, RuntimeConfig(device="cpu")) as lm:
+        hooks = lm.model.get_input_embeddings()._forward_pre_hooks.values()
+        assert any(h.__module__ == "thawed.runtime.rowwise" for h in hooks) != tied
+    with LazyModel.load(ckpt, RuntimeConfig(device="cpu", rowwise_embedding="on")) as lm, torch.inference_mode():
         got = lm(input_ids=ids).logits
         emb = lm.model.get_input_embeddings()
         assert emb.weight.device.type == "meta"  # the table is never set on the embedding
         keys = lm.cache.stats().keys
-        tied = lm.config.tie_word_embeddings
+        assert lm.config.tie_word_embeddings == tied
         # Tied: the head reads the table through the cache; untied: nothing ever decodes it whole.
         assert ("model.embed_tokens.weight" in keys) == tied
         got_gen = lm.model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
