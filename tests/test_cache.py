@@ -183,3 +183,35 @@ def test_known_sizes_make_room_before_decoding_so_peak_stays_within_budget():
         use(cache, k)
     s = cache.stats()
     assert s.peak_bytes == 2 * NB and s.keys == ["e", "f"] and s.evictions == 4
+
+
+@pytest.mark.parametrize("budget", [None, 2 * NB])
+def test_prefetcher_skips_checks_only_for_groups_an_unbounded_cache_holds(budget):
+    """With an unbounded cache (which never evicts) a group found fully decoded is not checked
+    again on every access; under a budget every access still checks, so evicted keys are queued."""
+    from thawed.runtime.prefetch import Prefetcher
+
+    dec = Decoder()
+    cache = WeightCache(dec, budget_bytes=budget)
+    keys = [f"layers.{i}.w" for i in range(4)]
+    pf = Prefetcher(cache, keys, depth=1, device=torch.device("cpu"))
+    try:
+        for _ in range(3):  # three "tokens"
+            for k in keys:
+                use(cache, k)
+                pf.on_access(k)
+            deadline = time.time() + 5
+            while pf._queued and time.time() < deadline:
+                time.sleep(0.01)
+        checks = []
+        real = cache.contains
+        cache.contains = lambda key: checks.append(key) or real(key)  # type: ignore[method-assign]
+        for k in keys:
+            use(cache, k)
+            pf.on_access(k)
+        if budget is None:
+            assert checks == [] and len(pf._resident) == 4
+        else:
+            assert len(checks) == 4 and pf._resident == set()
+    finally:
+        pf.close()
