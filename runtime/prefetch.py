@@ -91,9 +91,11 @@ class Prefetcher:
                 self._resident.add(gi)
         if unbounded and len(self._resident) == n:
             # Everything is decoded and an unbounded cache never evicts: nothing is left to
-            # prefetch, so stop the worker. Merely alive (blocked on its queue), it made every
-            # token 2.4x slower on an H200 (71 vs 29 ms: GIL hand-offs around each torch op);
-            # sys.setswitchinterval(1) removed the gap, stopping the thread does too.
+            # prefetch, so stop the worker. Measured on an H200 (layers decoded by warm(), so no
+            # side-stream entries): with the idle worker alive a decode step took 71 ms, with
+            # sys.setswitchinterval(1) 29 ms (= prefetch off), with the worker stopped 38 ms. When
+            # the layers were decoded by the worker on its side stream, steps stayed at ~60 ms even
+            # after it stopped -- not understood yet (docs/SERVING.md, "GPU").
             self.close(wait=False)
 
     def _run(self) -> None:
