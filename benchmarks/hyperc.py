@@ -178,6 +178,20 @@ def _compress(src: Path, work: Path, label: str, spec_text: str) -> tuple[Path, 
     return path, rep.seconds
 
 
+def rates_and_work_dir(rates_text: str, work_dir: str | None, default_name: str) -> tuple[list[float], Path]:
+    """``--rates`` checked against ``RTN_AT`` (each needs an rtn setting at exactly that bpw) and the
+    checkpoint folder (default ``$THAWED_CACHE/<default_name>``), created. Shared with benchmarks/nwc.py."""
+    from thawed.runtime.demo_model import default_cache_dir
+
+    rates = [float(r) for r in rates_text.split(",")]
+    for r in rates:
+        if r not in RTN_AT:
+            sys.exit(f"--rates: {r} has no rtn setting at exactly that bpw; choose from {sorted(RTN_AT)}")
+    work = Path(work_dir) if work_dir else default_cache_dir() / default_name
+    work.mkdir(parents=True, exist_ok=True)
+    return rates, work
+
+
 def check_correctness(path: Path) -> str:
     from thawed.codecs.hyperc import HyperC, hyperc_decode_reference
     from thawed.runtime.checkpoint import Checkpoint
@@ -328,14 +342,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    rates = [float(r) for r in args.rates.split(",")]
-    for r in rates:
-        if r not in RTN_AT:
-            sys.exit(f"--rates: {r} has no rtn setting at exactly that bpw; choose from {sorted(RTN_AT)}")
-    from thawed.runtime.demo_model import default_cache_dir
-
-    work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench-hyperc"
-    work.mkdir(parents=True, exist_ok=True)
+    rates, work = rates_and_work_dir(args.rates, args.work_dir, "bench-hyperc")
     cmd = "python benchmarks/hyperc.py " + " ".join(sys.argv[1:])
     result: dict = {"command": cmd, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     if args.part in ("all", "sqnr"):

@@ -250,14 +250,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rates = [float(r) for r in args.rates.split(",")]
-    for r in rates:
-        if r not in RTN_AT:
-            sys.exit(f"--rates: {r} has no rtn setting at exactly that bpw; choose from {sorted(RTN_AT)}")
-    from thawed.runtime.demo_model import default_cache_dir
-
-    work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench-nwc"
-    work.mkdir(parents=True, exist_ok=True)
+    rates, work = hb.rates_and_work_dir(args.rates, args.work_dir, "bench-nwc")
     result: dict = {"command": "python benchmarks/nwc.py " + " ".join(sys.argv[1:]), "threads": args.threads,
                     "cpu_count": os.cpu_count()}
     if args.part in ("all", "sqnr"):
