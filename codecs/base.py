@@ -192,6 +192,12 @@ class Codec:
         raise NotImplementedError
 
     @classmethod
+    def has_output_bias(cls, params: Mapping[str, Any]) -> bool:
+        """Whether a payload with these params carries an output correction (``decode_output_bias``);
+        read from the index alone, so the runtime touches no payload byte of the others."""
+        return False
+
+    @classmethod
     def decode_output_bias(cls, enc: Encoded, spec: TensorSpec, device: torch.device,
                            dtype: torch.dtype) -> Tensor | None:
         """A correction added to the output of the linear layer that uses this weight (``[out]``),

@@ -272,9 +272,13 @@ class Cvxq(Codec, name="cvxq", version=1):
         return out
 
     @classmethod
+    def has_output_bias(cls, params: Mapping[str, Any]) -> bool:
+        return params.get("bias") is True
+
+    @classmethod
     def decode_output_bias(cls, enc: Encoded, spec: TensorSpec, device: torch.device,
                            dtype: torch.dtype) -> Tensor | None:
-        if not enc.params.get("bias"):
+        if not cls.has_output_bias(enc.params):
             return None
         return cls.checked_fields(enc, spec, device)["bias"].to(dtype)
 
@@ -302,7 +306,9 @@ class Cvxq(Codec, name="cvxq", version=1):
         loc = f["loc"].reshape(-1).to(torch.float32)
         scale = f["scale"].to(torch.float32)
         codes = f["codes"]
-        if fused if fused is not None else dev.type == "cuda":
+        if fused is None:
+            fused = dev.type == "cuda"
+        if fused:
             out = _decode_fused(depth, order, loc, scale, codes, counts, g)
             return out.view(r, n, g).transpose(1, 2).reshape(r * g, n)[:m].to(dtype).reshape(spec.shape)
         out = torch.empty((k, g), dtype=torch.float32, device=dev)  # group-major

@@ -118,9 +118,10 @@ def attach_output_biases(ckpt: Checkpoint, lazy_modules: list[tuple[nn.Module, s
     done = 0
     for mod, pname, key in lazy_modules:
         entry = ckpt.index[key]
-        if pname != "weight" or not isinstance(mod, nn.Linear) or not entry.params.get("bias"):
+        codec = get_codec(entry.codec)
+        if pname != "weight" or not isinstance(mod, nn.Linear) or not codec.has_output_bias(entry.params):
             continue
-        corr = get_codec(entry.codec).decode_output_bias(ckpt.encoded(key), entry.spec, device, dtype)
+        corr = codec.decode_output_bias(ckpt.encoded(key), entry.spec, device, dtype)
         if corr is None:
             continue
         if tuple(corr.shape) != (mod.out_features,):
