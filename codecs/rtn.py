@@ -158,6 +158,33 @@ class Rtn(Codec, name="rtn", version=1):
         return out.view(spec.shape)
 
 
+    @classmethod
+    def decode_rows(cls, enc: Encoded, spec: TensorSpec, shared: SharedState, ids: Tensor,
+                    device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Rows ``ids`` (int, any shape ``S``) of the decoded 2-D tensor, shape ``S + [n]``, reading
+        only their codes (an embedding lookup that never decodes the table). Equal to
+        ``decode(...)[ids]`` (tested)."""
+        if len(spec.shape) != 2:
+            raise CodecError(f"tensor {spec.name!r}: rtn decode_rows needs a 2-D tensor, got {list(spec.shape)}")
+        m, n = spec.shape
+        flat = ids.reshape(-1).to(device=device, dtype=torch.int64)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= m):
+            raise CodecError(f"tensor {spec.name!r}: row ids must be in 0..{m - 1}, got {int(flat.min())}..{int(flat.max())}")
+        f = cls.checked_fields(enc, spec, device)
+        bits, g = enc.params["bits"], enc.params["group_size"]
+        codes = f["codes"]
+        col = torch.arange(n, device=codes.device)
+        if bits == 8:
+            q = codes[flat[:, None] * n + col]
+        else:  # code i of the flat array starts at bit i*bits (8 codes fill `bits` whole bytes)
+            start = (flat[:, None] * n + col) * bits  # [U, n] bit offsets
+            lo, hi = codes[start >> 3].to(torch.int32), codes[(start + bits - 1) >> 3].to(torch.int32)
+            q = ((lo | (hi << 8)) >> (start & 7)) & ((1 << bits) - 1)
+        grp = col // g
+        sc = f["scale"][flat][:, grp].to(torch.float32)
+        of = f["offset"][flat][:, grp].to(torch.float32)
+        return torch.addcmul(of, q.to(torch.float32), sc).to(dtype).view(*ids.shape, n)
+
 # ---- unpacking --------------------------------------------------------------------------------
 _SHIFT_CACHE: dict[tuple[int, str], tuple[Tensor, ...]] = {}
 

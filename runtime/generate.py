@@ -1,21 +1,26 @@
 """Token generation over any transformers causal LM (a ``LazyModel``'s or a dense one).
 
-A plain loop over ``model(input_ids, past_key_values=...)`` that yields one token at a time, so
+A plain loop over a step function (``Stepper`` or transformers' forward) that yields one token at a time, so
 callers can stream, stop on strings, or cancel between tokens. Sampling is reproducible per call
 through its own ``torch.Generator`` (no global RNG state).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from thawed.codecs.errors import ThawedError
 
+from .stepper import Stepper, stepper_unsupported_reason
+
 __all__ = ["SamplingParams", "StepOutput", "generate_tokens", "next_token"]
+
+log = logging.getLogger(__name__)
 
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (as vLLM does)
@@ -84,9 +89,16 @@ def generate_tokens(
     params: SamplingParams,
     eos_token_ids: Sequence[int] = (),
     device: torch.device | str | None = None,
+    *,
+    fast: bool = True,
+    prefill_chunk: int = 512,
 ) -> Iterator[StepOutput]:
     """Yield generated tokens one by one; stops at ``max_new_tokens`` or an EOS token (which is
-    yielded). The caller may stop iterating at any time to cancel."""
+    yielded). The caller may stop iterating at any time to cancel.
+
+    ``fast``: run the model through ``Stepper`` (a static KV cache and a short functional forward;
+    runtime/stepper.py) when its architecture allows, else through transformers' own forward with
+    a ``DynamicCache``; the two give the same tokens (tests/test_stepper.py)."""
     params.validate()
     if not prompt_ids:
         raise ThawedError("the prompt is empty: give at least one token")
@@ -100,13 +112,13 @@ def generate_tokens(
         generator.seed()
     tokens = list(prompt_ids)
     eos = set(eos_token_ids)
-    past = None
+    step = _stepper_fn(model, len(tokens) + params.max_new_tokens, prefill_chunk) if fast else None
+    if step is None:
+        step = _transformers_fn(model)
     inputs = torch.tensor([tokens], dtype=torch.long, device=device)
     with torch.inference_mode():
         for _ in range(params.max_new_tokens):
-            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1].float()
+            logits = step(inputs, len(tokens) - inputs.shape[1])
             token = next_token(logits, params, generator, tokens)
             logp = torch.log_softmax(logits, dim=-1)
             top: tuple[tuple[int, float], ...] = ()
@@ -118,3 +130,38 @@ def generate_tokens(
             if token in eos and not params.ignore_eos:
                 return
             inputs = torch.tensor([[token]], dtype=torch.long, device=device)
+
+
+# A step: (new ids [1, T], position of the first of them) -> fp32 logits [vocab] of the last one.
+StepFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _stepper_fn(model: nn.Module, length: int, chunk: int) -> StepFn | None:
+    reason = stepper_unsupported_reason(model)
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or length
+    if reason is None and length > max_len:
+        reason = f"{length} positions exceed the model's context of {max_len}"
+    if reason is not None:
+        log.info("generating through transformers' forward: %s", reason)
+        return None
+    stepper = Stepper(model, slots=1, max_len=max(length, 16), capacity=length)
+
+    def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
+        logits = None
+        for b in range(0, ids.shape[1], chunk):  # a long prompt is prefilled a chunk at a time
+            logits = stepper.forward(ids[:, b:b + chunk], 0, [pos + b])
+        return logits[0]
+
+    return step
+
+
+def _transformers_fn(model: nn.Module) -> StepFn:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+
+    def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    return step

@@ -22,7 +22,8 @@ from thawed.codecs.errors import ThawedError
 
 from .cache import WeightCache
 from .checkpoint import Checkpoint
-from .lazy import attach_lazy_weight
+from .direct import DirectLinear, direct_unsupported_reason
+from .lazy import ResidentWeightHandle, attach_lazy_weight, attach_resident_weight
 from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
 from .rowwise import attach_rowwise_embedding
@@ -46,6 +47,11 @@ class RuntimeConfig:
     # whole table (an untied embedding); a tied lm_head decodes it through the cache anyway, and
     # then per-token decode saves nothing (docs/SEE.md measures it). "on" | "off": always | never.
     rowwise_embedding: str = "auto"
+    # Linear weights whose codec has a fused decode-matmul (rtn with <= 4 bits) run from their
+    # packed codes ("direct" mode: runtime/direct.py) instead of being decoded. "auto": on the CPU
+    # (measured faster there, benchmarks/speed.py); on CUDA only when asked ("on"), since the
+    # tinygemm path has not been measured yet. "off": decode every weight.
+    direct: str = "auto"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,10 +141,48 @@ def attach_output_biases(ckpt: Checkpoint, lazy_modules: list[tuple[nn.Module, s
     return done
 
 
-def _rowwise(mode: str, shared: bool) -> bool:
-    if mode not in ("auto", "on", "off"):
-        raise ThawedError(f"--rowwise-embedding {mode!r} is not one of auto, on, off")
-    return mode == "on" or (mode == "auto" and not shared)
+def _count(modes: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in modes.values():
+        out[m] = out.get(m, 0) + 1
+    return out
+
+
+def plan_modes(weights: list[tuple[str, nn.Module, str, str]], index, config: RuntimeConfig,
+               device: torch.device, elem: int, budget: int | None) -> list[str]:
+    """The execution mode of each compressed parameter ``(module name, module, param, key)``:
+
+    * ``direct``: an ``nn.Linear`` weight whose codec has a fused decode-matmul (``config.direct``);
+    * ``rowwise``: an embedding whose codec decodes single rows, when no other module needs the
+      whole table (its tied head runs direct, or it is untied), or always with ``rowwise_embedding=on``;
+    * ``resident``: decoded once and bound, when every weight left for the cache fits its budget;
+    * ``streamed``: decoded into the budgeted cache on every use.
+
+    ``elem``: bytes per decoded weight; ``budget``: the cache budget in bytes (None: unbounded).
+    """
+    if config.direct not in ("auto", "on", "off"):
+        raise ThawedError(f"--direct {config.direct!r} is not one of auto, on, off")
+    if config.rowwise_embedding not in ("auto", "on", "off"):
+        raise ThawedError(f"--rowwise-embedding {config.rowwise_embedding!r} is not one of auto, on, off")
+    use_direct = config.direct == "on" or (config.direct == "auto" and device.type == "cpu")
+    plan: list[str] = []
+    for mname, mod, pname, key in weights:
+        entry = index[key]
+        if (use_direct and isinstance(mod, nn.Linear) and pname == "weight"
+                and direct_unsupported_reason(entry.codec, entry.params, tuple(entry.shape), device) is None):
+            plan.append("direct")
+        else:
+            plan.append("")
+    for i, (mname, mod, pname, key) in enumerate(weights):
+        if plan[i] or not (isinstance(mod, nn.Embedding) and pname == "weight"
+                           and hasattr(get_codec(index[key].codec), "decode_rows")):
+            continue
+        others = any(k == key and j != i and plan[j] != "direct" for j, (_, _, _, k) in enumerate(weights))
+        if config.rowwise_embedding == "on" or (config.rowwise_embedding == "auto" and not others):
+            plan[i] = "rowwise"
+    need = sum(index[k].spec.numel for k in dict.fromkeys(k for i, (_, _, _, k) in enumerate(weights) if not plan[i]))
+    fits = budget is None or need * elem <= budget
+    return [p or ("resident" if fits else "streamed") for p in plan]
 
 
 class LazyModel:
@@ -146,7 +190,9 @@ class LazyModel:
 
     def __init__(self, checkpoint: Checkpoint, model: nn.Module, cache: WeightCache,
                  prefetcher: Prefetcher, device: torch.device, dtype: torch.dtype,
-                 decoded_nbytes: int, lazy_keys: list[str], load_seconds: float) -> None:
+                 decoded_nbytes: int, lazy_keys: list[str], load_seconds: float, *,
+                 modes: dict[str, str] | None = None, residents: list | None = None,
+                 direct_nbytes: int = 0) -> None:
         self.checkpoint = checkpoint
         self.model = model
         self.cache = cache
@@ -157,6 +203,15 @@ class LazyModel:
         self.lazy_keys = lazy_keys
         self.load_seconds = load_seconds
         self.config = model.config
+        self.modes = modes or {}  # parameter name -> direct | resident | streamed | rowwise
+        self._residents = residents or []
+        self.direct_nbytes = direct_nbytes  # memory of the weights that run compressed
+
+    def mode_summary(self) -> dict[str, object]:
+        """How many weights run in each execution mode, and the memory they hold."""
+        stats = self.cache.stats()
+        return {"modes": _count(self.modes), "direct_bytes": self.direct_nbytes,
+                "decoded_bytes_in_cache": stats.bytes_used, "cache_budget": stats.budget_bytes}
 
     @classmethod
     def load(cls, path: str | Path, config: RuntimeConfig = RuntimeConfig()) -> "LazyModel":
@@ -220,10 +275,8 @@ class LazyModel:
             return weight, entry.codec, ready
 
         cache_budget = config.cache_budget
-        lazy_modules: list[tuple[nn.Module, str, str]] = []
-        rowwise_modules: list[tuple[nn.Module, str]] = []
-        decoded_nbytes = 0
-        seen_keys: set[str] = set()
+        elem = torch.empty((), dtype=dtype).element_size()
+        weights: list[tuple[str, nn.Module, str, str]] = []  # (module name, module, param, key)
         for mname, mod in model.named_modules():
             for pname, param in list(mod.named_parameters(recurse=False)):
                 full = f"{mname}.{pname}" if mname else pname
@@ -237,48 +290,67 @@ class LazyModel:
                 if entry.codec == "raw":
                     value = ckpt.decode(key, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
                     setattr(mod, pname, nn.Parameter(value, requires_grad=False))
-                elif (isinstance(mod, nn.Embedding) and pname == "weight" and hasattr(get_codec(entry.codec), "decode_rows")
-                      and _rowwise(config.rowwise_embedding, sum(k == key for k in param_key.values()) > 1)):
-                    rowwise_modules.append((mod, key))
                 else:
-                    lazy_modules.append((mod, pname, key))
-                    if key not in seen_keys:
-                        seen_keys.add(key)
-                        decoded_nbytes += entry.spec.numel * torch.empty((), dtype=dtype).element_size()
+                    weights.append((mname, mod, pname, key))
 
+        # Decoded bytes of the whole model: what a "25%" budget is a share of.
+        decoded_nbytes = sum(index[k].spec.numel for k in dict.fromkeys(k for _, _, _, k in weights)) * elem
+        if cache_budget is not None and cache_budget < 0:
+            cache_budget = decoded_nbytes * (-cache_budget) // 1000
+        plan = plan_modes(weights, index, config, device, elem, cache_budget)
+        modes = {f"{mname}.{pname}" if mname else pname: plan[i] for i, (mname, _, pname, _) in enumerate(weights)}
+        lazy_modules = [(mod, pname, key) for i, (_, mod, pname, key) in enumerate(weights)
+                        if plan[i] in ("resident", "streamed")]
         attach_output_biases(ckpt, lazy_modules, device, dtype)
 
-        if cache_budget is not None and cache_budget < 0:  # a share of the decoded size
-            cache_budget = decoded_nbytes * (-cache_budget) // 1000
-        elem = torch.empty((), dtype=dtype).element_size()
+        direct_nbytes = 0
+        for i, (mname, mod, pname, key) in enumerate(weights):
+            if plan[i] != "direct":
+                continue
+            enc, entry = ckpt.encoded(key), index[key]
+            lin = DirectLinear.from_rtn(enc.fields["codes"], enc.fields["scale"], enc.fields["offset"], enc.params,
+                                        tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device)
+            parent, _, child = mname.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, lin)
+            direct_nbytes += lin.nbytes
+
         cache = WeightCache(decode, cache_budget, size_of=lambda key: index[key].spec.numel * elem)
         lazy_keys = [key for _, _, key in lazy_modules]
-        prefetcher = Prefetcher(cache, lazy_keys, config.prefetch_layers, device)
-        for mod, pname, key in lazy_modules:
+        streamed = [k for i, (_, _, _, k) in enumerate(weights) if plan[i] == "streamed"]
+        prefetcher = Prefetcher(cache, streamed, config.prefetch_layers if streamed else 0, device)
+        residents: list[ResidentWeightHandle] = []
+        for i, (mname, mod, pname, key) in enumerate(weights):
             entry = index[key]
-            attach_lazy_weight(mod, pname, key, cache, tuple(entry.shape), dtype, prefetcher.on_access)
-        for mod, key in rowwise_modules:
-            entry = index[key]
+            if plan[i] == "resident":
+                residents.append(attach_resident_weight(mod, pname, key, cache, tuple(entry.shape), dtype))
+            elif plan[i] == "streamed":
+                attach_lazy_weight(mod, pname, key, cache, tuple(entry.shape), dtype, prefetcher.on_access)
+            elif plan[i] == "rowwise":
 
-            def rows(ids: torch.Tensor, key: str = key, entry=entry) -> torch.Tensor:
-                enc = payload(key)
-                return get_codec(entry.codec).decode_rows(enc, entry.spec, shared_cache[entry.codec], ids,
-                                                          device, dtype)
+                def rows(ids: torch.Tensor, key: str = key, entry=entry) -> torch.Tensor:
+                    enc = payload(key)
+                    return get_codec(entry.codec).decode_rows(enc, entry.spec, shared_cache[entry.codec], ids,
+                                                              device, dtype)
 
-            attach_rowwise_embedding(mod, rows, tuple(entry.shape), dtype)
-        if cache_budget is not None and cache_budget < decoded_nbytes:
+                attach_rowwise_embedding(mod, rows, tuple(entry.shape), dtype)
+        streamed_nbytes = sum(index[k].spec.numel for k in dict.fromkeys(streamed)) * elem
+        if streamed:
             return_large_frees_to_os()
             log.warning(
-                "cache budget %.1f MiB is below the decoded model size %.1f MiB: layers will be "
-                "decoded again on every forward (streaming decode), which is much slower",
-                cache_budget / 2**20, decoded_nbytes / 2**20,
+                "cache budget %.1f MiB is below the %.1f MiB of decoded weights that need the cache: "
+                "%d weights are decoded again on every forward (streaming decode), which is much slower",
+                (cache_budget or 0) / 2**20, streamed_nbytes / 2**20, len(streamed),
             )
+        log.info("execution modes: %s", ", ".join(f"{n} {m}" for m, n in sorted(_count(modes).items())))
         model.to(device)  # buffers (RoPE inv_freq) and raw parameters
         return cls(ckpt, model, cache, prefetcher, device, dtype, decoded_nbytes, lazy_keys,
-                   time.perf_counter() - t0)
+                   time.perf_counter() - t0, modes=modes, residents=residents, direct_nbytes=direct_nbytes)
 
     def warm(self) -> None:
-        """Decode every compressed weight now (fills the cache up to its budget)."""
+        """Decode every compressed weight now: resident weights are bound (hook-free from here on),
+        streamed ones fill the cache up to its budget."""
+        for handle in self._residents:
+            handle.bind()
         for key in dict.fromkeys(self.lazy_keys):
             self.cache.prefetch(key)
 

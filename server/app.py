@@ -123,7 +123,8 @@ def _start_model(st: ServerState, loaded) -> None:
     st.metrics.load_seconds.set(getattr(loaded, "load_seconds", 0.0))
     st.engine = Engine(model, loaded.tokenizer, loaded.eos_token_ids, loaded.device,
                        max_queue=st.settings.max_queue, max_running=st.settings.max_running, metrics=st.metrics,
-                       batching=st.settings.batching)
+                       batching=st.settings.batching, max_model_len=st.max_model_len,
+                       fast=st.settings.batching)
     st.engine.start()
 
 

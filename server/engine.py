@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from thawed.runtime.generate import SamplingParams, next_token
+from thawed.runtime.stepper import Stepper, stepper_unsupported_reason
 
 from .detok import TextAssembler
 from .metrics import Metrics
@@ -132,7 +133,7 @@ class Job:
 
 class _Seq:
     __slots__ = ("job", "spec", "past", "batch", "history", "generator", "text", "n", "first_at", "last_at",
-                 "last_token")
+                 "last_token", "slot", "pos")
 
     def __init__(self, job: Job, spec: SeqSpec, tokenizer) -> None:
         self.job = job
@@ -153,6 +154,8 @@ class _Seq:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.last_token: int | None = None
+        self.slot: int | None = None  # row of the Stepper's KV cache (fast path)
+        self.pos = 0  # tokens of this sequence in that cache
 
 
 class _Batch:
@@ -226,7 +229,8 @@ class _Batch:
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, eos_token_ids: Sequence[int], device: torch.device, *,
-                 max_queue: int, max_running: int, metrics: Metrics | None = None, batching: bool = True) -> None:
+                 max_queue: int, max_running: int, metrics: Metrics | None = None, batching: bool = True,
+                 max_model_len: int | None = None, fast: bool = True, prefill_chunk: int = 512) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos = frozenset(int(e) for e in eos_token_ids)
@@ -241,6 +245,16 @@ class Engine:
         self._batches: list[_Batch] = []
         self._n_active = 0
         self.batching = batching
+        # The fast path (runtime/stepper.py): one KV cache with a slot per running sequence; rows
+        # 0..len(_rows)-1 are the prefilled sequences, decoded together in one forward per token.
+        self.stepper: Stepper | None = None
+        reason = stepper_unsupported_reason(model) if fast else "turned off"
+        if reason is None:
+            self.stepper = Stepper(model, slots=max_running, max_len=max_model_len, capacity=256)
+        else:
+            log.info("the engine decodes through transformers' forward: %s", reason)
+        self.prefill_chunk = prefill_chunk
+        self._rows: list[_Seq] = []
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="thawed-engine", daemon=True)
 
@@ -295,6 +309,9 @@ class Engine:
                         self._admit()
                     if self._closing:
                         break
+                if self.stepper is not None:
+                    self._step_fast()
+                    continue
                 for seq in [s for s in self._active if s.batch is None]:  # new: prefill alone
                     if seq.job.cancelled:
                         self._drop(seq, cancelled=True)
@@ -351,6 +368,8 @@ class Engine:
         self.metrics.running.set(self._n_active)
 
     def _drop(self, seq: _Seq, *, cancelled: bool = False) -> None:
+        if seq.slot is not None:
+            self._free_slot(seq)
         batch, seq.batch, seq.past = seq.batch, None, None
         if batch is not None:
             batch.remove(seq)
@@ -434,6 +453,110 @@ class Engine:
             done = [(r, reason) for i, r in enumerate(rows) if (reason := self._next(r, logits[i])) is not None]
         for r, reason in done:
             self._finish(r, reason)
+
+    # ---- fast path: Stepper slots -----------------------------------------------------------------
+    def _step_fast(self) -> None:
+        """Prefill every newly admitted sequence together, then one token for every running one."""
+        new = [s for s in self._active if s.slot is None]
+        for seq in [s for s in new if s.job.cancelled]:
+            self._drop(seq, cancelled=True)
+        new = [s for s in new if not s.job.cancelled]
+        if new:
+            try:
+                self._prefill_fast(new)
+            except Exception as exc:  # a failing forward fails its requests, not the server
+                log.exception("prefill failed for %d sequence(s)", len(new))
+                for job in {id(s.job): s.job for s in new}.values():
+                    self._fail(job, f"generation failed: {type(exc).__name__}: {exc}")
+        for seq in [r for r in self._rows if r.job.cancelled]:
+            self._drop(seq, cancelled=True)
+        if self._rows:
+            try:
+                self._decode_fast()
+            except Exception as exc:
+                log.exception("decode step failed for %d sequence(s)", len(self._rows))
+                for job in {id(r.job): r.job for r in self._rows}.values():
+                    self._fail(job, f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _prefill_fast(self, seqs: list[_Seq]) -> None:
+        """Batched, chunked prefill: the new prompts right-padded to one [n, T] block per chunk of
+        ``prefill_chunk`` positions, in slots after the running rows. Prompt scoring (echo +
+        logprobs) takes every position's logits, so such sequences go one at a time."""
+        scored = [s for s in seqs if s.spec.prompt_logprobs is not None]
+        plain = [s for s in seqs if s.spec.prompt_logprobs is None]
+        for seq in [s for s in plain if s.spec.params.max_new_tokens == 0]:
+            self._finish(seq, "length")
+        plain = [s for s in plain if s.spec.params.max_new_tokens > 0]
+        for group in [[s] for s in scored] + ([plain] if plain else []):
+            self._prefill_group(group)
+
+    def _prefill_group(self, seqs: list[_Seq]) -> None:
+        stepper = self.stepper
+        start = len(self._rows)
+        stepper.ensure_slots(start + len(seqs))
+        for i, seq in enumerate(seqs):
+            seq.slot = start + i
+            self._rows.append(seq)
+            self.metrics.prompt_tokens.inc(len(seq.spec.prompt_ids))
+        lengths = [len(s.spec.prompt_ids) for s in seqs]
+        longest = max(lengths)
+        score = seqs[0].spec.prompt_logprobs is not None
+        first: list[torch.Tensor | None] = [None] * len(seqs)
+        scores = []
+        with torch.inference_mode():
+            for b in range(0, longest, self.prefill_chunk):
+                t = min(self.prefill_chunk, longest - b)
+                block = [list(s.spec.prompt_ids[b:b + t]) for s in seqs]
+                ids = torch.tensor([row + [0] * (t - len(row)) for row in block], dtype=torch.long,
+                                   device=self.device)  # rows whose prompt ended: padding, masked later
+                last = [min(max(n - 1 - b, 0), t - 1) for n in lengths]
+                logits = stepper.forward(ids, start, [b] * len(seqs), last, all_positions=score)
+                if score:
+                    scores.append(logits[0])
+                    if b + t >= longest:
+                        first[0] = logits[0, lengths[0] - 1 - b]
+                    continue
+                for i, n in enumerate(lengths):
+                    if b <= n - 1 < b + t:
+                        first[i] = logits[i]
+        for seq, n in zip(seqs, lengths):
+            seq.pos = n
+        if score:
+            seq = seqs[0]
+            logp_all = torch.log_softmax(torch.cat(scores), dim=-1)  # [prompt, vocab] fp32
+            seq.job.emit(self._prompt_scores(seq.spec, logp_all))
+            del logp_all
+            if seq.spec.params.max_new_tokens == 0:
+                self._finish(seq, "length")
+                return
+        for seq, logits in zip(seqs, first):
+            reason = self._next(seq, logits)
+            if reason is not None:
+                self._finish(seq, reason)
+
+    def _decode_fast(self) -> None:
+        rows = list(self._rows)
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
+        self.metrics.batch_rows.observe(len(rows))
+        with torch.inference_mode():
+            logits = self.stepper.forward(ids, 0, [r.pos for r in rows])
+        for r in rows:
+            r.pos += 1
+        done = [(r, reason) for i, r in enumerate(rows) if (reason := self._next(r, logits[i])) is not None]
+        for r, reason in done:
+            self._finish(r, reason)
+
+    def _free_slot(self, seq: _Seq) -> None:
+        """Give up a row: the last row moves into its slot, so rows stay 0..n-1."""
+        i = seq.slot
+        seq.slot = None
+        if i is None or i >= len(self._rows) or self._rows[i] is not seq:
+            return
+        tail = self._rows.pop()
+        if tail is not seq:
+            self.stepper.move_slot(tail.slot, i, tail.pos)
+            tail.slot = i
+            self._rows[i] = tail
 
     def _next(self, seq: _Seq, logits: torch.Tensor) -> str | None:
         """Choose, record and emit the next token from a [vocab] logits row; the finish reason or None."""
