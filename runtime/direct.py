@@ -117,7 +117,7 @@ class DirectLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
         y = y.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

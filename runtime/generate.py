@@ -161,7 +161,7 @@ def _transformers_fn(model: nn.Module) -> StepFn:
     cache = DynamicCache()
 
     def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float()
 
     return step

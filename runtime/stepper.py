@@ -28,6 +28,7 @@ compares every path with transformers' own forward.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import torch
@@ -62,7 +63,7 @@ class Stepper:
     """Prefill and decode steps for a Llama-family transformers model over a slot-based KV cache."""
 
     def __init__(self, model: nn.Module, *, slots: int = 1, max_len: int | None = None,
-                 capacity: int = 256) -> None:
+                 capacity: int = 256, compile: bool = False) -> None:
         reason = stepper_unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -92,6 +93,9 @@ class Stepper:
         self._gate_up = [fuse_linears(l.mlp, ("gate_proj", "up_proj")) for l in self.layers]
         self._fast_norm = all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon")
                               for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm))
+        self._compiled = None
+        if compile:
+            self._compiled = compile_step(self._decode_static)
 
     def _compute_dtype(self) -> torch.dtype:
         for p in self.norm.parameters():
@@ -160,6 +164,15 @@ class Stepper:
             raise ValueError(f"{len(pos0)} start positions for {B} rows")
         end = max(pos0) + T  # positions in use after this step (exclusive)
         self.reserve(end)
+        if self._compiled is not None and T == 1 and start == 0 and not all_positions and last is None:
+            try:
+                # the embedding runs eager: a row-wise (per-token decoded) table is data-dependent
+                return self._compiled(self.embed(ids), torch.tensor(pos0, device=self.device), self.k, self.v,
+                                      self._cos, self._sin)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
+                log.warning("compiled decode step failed (%s: %s); running eager from now on",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                self._compiled = None
         dev = self.device
         same = all(p == pos0[0] for p in pos0)
         if same:
@@ -207,10 +220,52 @@ class Stepper:
             h = h[torch.arange(B, device=dev), torch.tensor(last, device=dev)]
         return self.head(self._norm(self.norm, h)).float()
 
+    def _decode_static(self, h: Tensor, pos: Tensor, ks: list[Tensor], vs: list[Tensor], cos_t: Tensor,
+                       sin_t: Tensor) -> Tensor:
+        """One decode token for rows 0..B-1 at positions ``pos`` [B], attending over the whole cache
+        capacity with a mask: shapes depend only on (B, capacity), so it compiles once per pair
+        (``torch.compile(dynamic=True)`` keeps that to one graph)."""
+        B = h.shape[0]  # h: the embedded tokens [B, 1, hidden]
+        H, KV, hd = self.heads, self.kv_heads, self.head_dim
+        cap = ks[0].shape[2]
+        cos, sin = cos_t[pos][:, None, None], sin_t[pos][:, None, None]  # [B, 1, 1, hd]
+        mask = (torch.arange(cap, device=h.device)[None, :] <= pos[:, None])[:, None, None]  # [B,1,1,cap]
+        rows = torch.arange(B, device=h.device)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = self._norm(layer.input_layernorm, h)
+            qkv = self._qkv[i](x).view(B, 1, H + 2 * KV, hd)
+            qk = qkv[:, :, : H + KV]
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)
+            kc, vc = ks[i], vs[i]
+            kc[rows, :, pos] = qk[:, 0, H:].to(kc.dtype)
+            vc[rows, :, pos] = qkv[:, 0, H + KV:].to(vc.dtype)
+            o = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), kc[:B], vc[:B], attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=KV != H)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, H * hd))
+            x = self._norm(layer.post_attention_layernorm, h)
+            gu = self._gate_up[i](x)
+            mlp = layer.mlp
+            h = h + mlp.down_proj(mlp.act_fn(gu[..., : self.inter]) * gu[..., self.inter:])
+        return self.head(self._norm(self.norm, h[:, -1])).float()
+
     def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
         if self._fast_norm:  # Llama's RMSNorm, one fused op (equal to the module: tests/test_stepper.py)
             return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype) * norm.weight
         return norm(x)
+
+
+def compile_step(fn):
+    """``torch.compile`` (inductor; CUDA graphs come with mode "reduce-overhead" on a GPU) of a
+    decode step, or None with one log line when this torch cannot compile here. Compilation
+    itself happens on the first call (its cost is what benchmarks/speed.py reports as cold and,
+    with inductor's on-disk cache, warm); a failure then falls back to eager (``forward``)."""
+    try:
+        import torch._dynamo  # noqa: F401
+        return torch.compile(fn, dynamic=os.environ.get("THAWED_COMPILE_DYNAMIC", "1") == "1", fullgraph=False)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("torch.compile is unavailable (%s); the decode step runs eager", exc)
+        return None
 
 
 def fuse_linears(parent: nn.Module, names: tuple[str, ...]):
