@@ -31,8 +31,13 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int, default=1, metavar="LAYERS",
                    help="decode this many layers ahead in the background (0 = off; default 1)")
     p.add_argument("--rowwise-embedding", default="auto", choices=["auto", "on", "off"],
-                   help="decode only the embedding rows each forward uses when the codec can (see): auto = "
-                        "when the table is not also a tied lm_head (default), on = always, off = never")
+                   help="decode only the embedding rows each forward uses when the codec can (rtn, see): auto = "
+                        "when no other layer needs the whole table (default), on = always, off = never")
+    p.add_argument("--direct", default="auto", choices=["auto", "on", "off"],
+                   help="run rtn <=4-bit linears from their packed codes (fused decode-matmul, about 4.5 bits "
+                        "per weight in memory): auto = on the CPU (default), on, off = decode every weight")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (costs a compile on first use; see docs/SPEED.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +188,8 @@ def _runtime_config(args: argparse.Namespace):
     from .model import RuntimeConfig, parse_budget
 
     return RuntimeConfig(device=args.device, dtype=args.dtype, cache_budget=parse_budget(args.cache_budget),
-                         prefetch_layers=args.prefetch, rowwise_embedding=args.rowwise_embedding)
+                         prefetch_layers=args.prefetch, rowwise_embedding=args.rowwise_embedding,
+                         direct=args.direct, compile=args.compile)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -206,7 +212,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         out: list[int] = []
         printed = ""
         first = None
-        for step in generate_tokens(loaded.model, list(ids), params, loaded.eos_token_ids, loaded.device):
+        for step in generate_tokens(loaded.model, list(ids), params, loaded.eos_token_ids, loaded.device,
+                                    compile=args.compile):
             first = first or time.perf_counter()
             out.append(step.token)
             text = tok.decode(out, skip_special_tokens=True)
@@ -223,6 +230,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     "new_tokens": n,
                     "tokens_per_second_after_first": round((n - 1) / (t1 - first), 2) if first and n > 1 else None}
             if loaded.lazy is not None:
+                info["execution"] = loaded.lazy.mode_summary()
                 info["cache"] = loaded.lazy.cache.stats().as_dict()
                 info["cache"].pop("keys", None)
             print(json.dumps(info), file=sys.stderr)

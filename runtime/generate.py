@@ -92,6 +92,7 @@ def generate_tokens(
     *,
     fast: bool = True,
     prefill_chunk: int = 512,
+    compile: bool = False,
 ) -> Iterator[StepOutput]:
     """Yield generated tokens one by one; stops at ``max_new_tokens`` or an EOS token (which is
     yielded). The caller may stop iterating at any time to cancel.
@@ -112,7 +113,7 @@ def generate_tokens(
         generator.seed()
     tokens = list(prompt_ids)
     eos = set(eos_token_ids)
-    step = _stepper_fn(model, len(tokens) + params.max_new_tokens, prefill_chunk) if fast else None
+    step = _stepper_fn(model, len(tokens) + params.max_new_tokens, prefill_chunk, compile) if fast else None
     if step is None:
         step = _transformers_fn(model)
     inputs = torch.tensor([tokens], dtype=torch.long, device=device)
@@ -136,7 +137,7 @@ def generate_tokens(
 StepFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def _stepper_fn(model: nn.Module, length: int, chunk: int) -> StepFn | None:
+def _stepper_fn(model: nn.Module, length: int, chunk: int, compile: bool) -> StepFn | None:
     reason = stepper_unsupported_reason(model)
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or length
     if reason is None and length > max_len:
@@ -144,7 +145,7 @@ def _stepper_fn(model: nn.Module, length: int, chunk: int) -> StepFn | None:
     if reason is not None:
         log.info("generating through transformers' forward: %s", reason)
         return None
-    stepper = Stepper(model, slots=1, max_len=max(length, 16), capacity=length)
+    stepper = Stepper(model, slots=1, max_len=max(length, 16), capacity=length, compile=compile)
 
     def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
         logits = None

@@ -52,6 +52,9 @@ class RuntimeConfig:
     # (measured faster there, benchmarks/speed.py); on CUDA only when asked ("on"), since the
     # tinygemm path has not been measured yet. "off": decode every weight.
     direct: str = "auto"
+    # torch.compile the one-token decode step (runtime/stepper.py). Off by default: on this
+    # project's 2-core CPU it compiled in ~90 s and ran no faster than the eager step (docs/SPEED.md).
+    compile: bool = False
 
 
 def resolve_device(name: str) -> torch.device:

@@ -90,7 +90,8 @@ def _default_loader(settings: Settings):
     if not settings.checkpoint:
         raise ThawedError("no checkpoint given: pass CKPT to `thawed serve` or set THAWED_CHECKPOINT")
     config = RuntimeConfig(device=settings.device, dtype=settings.dtype,
-                           cache_budget=parse_budget(settings.cache_budget), prefetch_layers=settings.prefetch)
+                           cache_budget=parse_budget(settings.cache_budget), prefetch_layers=settings.prefetch,
+                           direct=settings.direct, compile=settings.compile)
     loaded = load_for_inference(settings.checkpoint, config)
     if settings.preload and loaded.lazy is not None:
         t0 = time.perf_counter()
@@ -124,7 +125,8 @@ def _start_model(st: ServerState, loaded) -> None:
     st.engine = Engine(model, loaded.tokenizer, loaded.eos_token_ids, loaded.device,
                        max_queue=st.settings.max_queue, max_running=st.settings.max_running, metrics=st.metrics,
                        batching=st.settings.batching, max_model_len=st.max_model_len,
-                       fast=st.settings.batching)
+                       fast=st.settings.batching, compile=st.settings.compile,
+                       prefill_chunk=st.settings.prefill_chunk)
     st.engine.start()
 
 

@@ -37,6 +37,9 @@ _SERVE_FLAGS = [
     ("--max-running", "max_running", int,
      "sequences decoded at once, token by token in turn (default 8) [THAWED_MAX_RUNNING]"),
     ("--max-model-len", "max_model_len", int, "context length (default: the model's) [THAWED_MAX_MODEL_LEN]"),
+    ("--direct", "direct", str,
+     "auto | on | off: run rtn <=4-bit linears from packed codes (default auto = on the CPU) [THAWED_DIRECT]"),
+    ("--prefill-chunk", "prefill_chunk", int, "prompt tokens per prefill forward (default 512) [THAWED_PREFILL_CHUNK]"),
     ("--default-max-tokens", "default_max_tokens", int,
      "new tokens for chat/TGI requests that give no limit (default 512) [THAWED_DEFAULT_MAX_TOKENS]"),
     ("--max-request-bytes", "max_request_bytes", int,
@@ -58,7 +61,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--preload", dest="preload", action="store_true", default=argparse.SUPPRESS,
                    help="decode every layer before reporting ready [THAWED_PRELOAD]")
     p.add_argument("--no-batching", dest="batching", action="store_false", default=argparse.SUPPRESS,
-                   help="decode each sequence alone instead of batching running sequences [THAWED_BATCHING=false]")
+                   help="decode each sequence alone through transformers' forward, without the fast path "
+                        "[THAWED_BATCHING=false]")
+    p.add_argument("--compile", dest="compile", action="store_true", default=argparse.SUPPRESS,
+                   help="torch.compile the batched decode step (a compile on first use) [THAWED_COMPILE]")
     p.add_argument("--strict-model-name", dest="strict_model_name", action="store_true", default=argparse.SUPPRESS,
                    help="reject requests naming another model [THAWED_STRICT_MODEL_NAME]")
     return p

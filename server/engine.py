@@ -230,7 +230,8 @@ class _Batch:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, eos_token_ids: Sequence[int], device: torch.device, *,
                  max_queue: int, max_running: int, metrics: Metrics | None = None, batching: bool = True,
-                 max_model_len: int | None = None, fast: bool = True, prefill_chunk: int = 512) -> None:
+                 max_model_len: int | None = None, fast: bool = True, prefill_chunk: int = 512,
+                 compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos = frozenset(int(e) for e in eos_token_ids)
@@ -250,7 +251,7 @@ class Engine:
         self.stepper: Stepper | None = None
         reason = stepper_unsupported_reason(model) if fast else "turned off"
         if reason is None:
-            self.stepper = Stepper(model, slots=max_running, max_len=max_model_len, capacity=256)
+            self.stepper = Stepper(model, slots=max_running, max_len=max_model_len, capacity=256, compile=compile)
         else:
             log.info("the engine decodes through transformers' forward: %s", reason)
         self.prefill_chunk = prefill_chunk
