@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--stats", action="store_true", help="print timing and cache statistics to stderr")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--no-fast", action="store_true",
+                   help="generate through transformers' forward instead of the fast decode path (for comparison)")
     _add_runtime_args(p)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint or a dense HF directory, fixed protocol")
@@ -206,15 +209,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         else:
             ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
         if not args.chat:
             sys.stdout.write(args.prompt)
         out: list[int] = []
         printed = ""
         first = None
         for step in generate_tokens(loaded.model, list(ids), params, loaded.eos_token_ids, loaded.device,
-                                    compile=args.compile):
-            first = first or time.perf_counter()
+                                    compile=args.compile, fast=not args.no_fast):
+            if first is None:
+                first, first_unix = time.perf_counter(), time.time()
             out.append(step.token)
             text = tok.decode(out, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
@@ -227,6 +231,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             n = len(out)
             info = {"load_seconds": round(loaded.load_seconds, 3),
                     "time_to_first_token": round((first or t1) - t0, 3),
+                    "first_token_unix": first_unix if first else None,
                     "new_tokens": n,
                     "tokens_per_second_after_first": round((n - 1) / (t1 - first), 2) if first and n > 1 else None}
             if loaded.lazy is not None:

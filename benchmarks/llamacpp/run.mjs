@@ -32,6 +32,7 @@ console.log(JSON.stringify({
   engine: "llama.cpp",
   load_s: (tLoaded - t0) / 1000,
   ttft_s: (first - tLoaded) / 1000,
+  first_token_unix: (performance.timeOrigin + first) / 1000,
   tokens: count,
   tok_s: decodeTokens > 0 ? decodeTokens / ((last - first) / 1000) : null,
   text,
