@@ -214,11 +214,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(args.prompt)
         out: list[int] = []
         printed = ""
-        first = None
+        first = second = None
         for step in generate_tokens(loaded.model, list(ids), params, loaded.eos_token_ids, loaded.device,
                                     compile=args.compile, fast=not args.no_fast):
             if first is None:
                 first, first_unix = time.perf_counter(), time.time()
+            elif second is None:  # with --compile the first decode step compiles: a pause here
+                second = time.perf_counter()
             out.append(step.token)
             text = tok.decode(out, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
@@ -232,6 +234,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             info = {"load_seconds": round(loaded.load_seconds, 3),
                     "time_to_first_token": round((first or t1) - t0, 3),
                     "first_token_unix": first_unix if first else None,
+                    "second_token_gap": round(second - first, 3) if second else None,
+                    "tokens_per_second_after_second": round((n - 2) / (t1 - second), 2) if second and n > 2 else None,
                     "new_tokens": n,
                     "tokens_per_second_after_first": round((n - 1) / (t1 - first), 2) if first and n > 1 else None}
             if loaded.lazy is not None:

@@ -28,7 +28,6 @@ compares every path with transformers' own forward.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Sequence
 
 import torch
@@ -63,7 +62,7 @@ class Stepper:
     """Prefill and decode steps for a Llama-family transformers model over a slot-based KV cache."""
 
     def __init__(self, model: nn.Module, *, slots: int = 1, max_len: int | None = None,
-                 capacity: int = 256, compile: bool = False) -> None:
+                 capacity: int = 256, compile: bool = False, dynamic: bool = False) -> None:
         reason = stepper_unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -95,7 +94,7 @@ class Stepper:
                               for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm))
         self._compiled = None
         if compile:
-            self._compiled = compile_step(self._decode_static)
+            self._compiled = compile_step(self._decode_static, dynamic)
 
     def _compute_dtype(self) -> torch.dtype:
         for p in self.norm.parameters():
@@ -255,14 +254,16 @@ class Stepper:
         return norm(x)
 
 
-def compile_step(fn):
+def compile_step(fn, dynamic: bool = False):
     """``torch.compile`` (inductor; CUDA graphs come with mode "reduce-overhead" on a GPU) of a
     decode step, or None with one log line when this torch cannot compile here. Compilation
     itself happens on the first call (its cost is what benchmarks/speed.py reports as cold and,
-    with inductor's on-disk cache, warm); a failure then falls back to eager (``forward``)."""
+    with inductor's on-disk cache, warm); a failure then falls back to eager (``forward``).
+    ``dynamic=False`` specialises on (rows, cache capacity): fastest, one compile per pair (batch-1
+    generation has one); ``dynamic=True`` makes one graph for every shape (the server's batches)."""
     try:
         import torch._dynamo  # noqa: F401
-        return torch.compile(fn, dynamic=os.environ.get("THAWED_COMPILE_DYNAMIC", "1") == "1", fullgraph=False)
+        return torch.compile(fn, dynamic=dynamic, fullgraph=False)
     except Exception as exc:  # noqa: BLE001
         log.warning("torch.compile is unavailable (%s); the decode step runs eager", exc)
         return None

@@ -251,7 +251,8 @@ class Engine:
         self.stepper: Stepper | None = None
         reason = stepper_unsupported_reason(model) if fast else "turned off"
         if reason is None:
-            self.stepper = Stepper(model, slots=max_running, max_len=max_model_len, capacity=256, compile=compile)
+            self.stepper = Stepper(model, slots=max_running, max_len=max_model_len, capacity=256, compile=compile,
+                                   dynamic=True)  # batches change size: one graph for all
         else:
             log.info("the engine decodes through transformers' forward: %s", reason)
         self.prefill_chunk = prefill_chunk
