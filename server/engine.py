@@ -36,7 +36,8 @@ from typing import AsyncIterator, Sequence
 import torch
 from torch import nn
 
-from thawed.runtime.generate import SamplingParams, next_token
+from thawed.runtime.generate import SamplingParams, cache_kwargs, output_cache
+from thawed.runtime.sampling import process_logits, sample
 
 from .detok import TextAssembler
 from .metrics import Metrics
@@ -398,7 +399,7 @@ class Engine:
                 return
             else:
                 out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            seq.past = out.past_key_values
+            seq.past = output_cache(out)
             reason = self._next(seq, out.logits[0, -1])
         if reason is not None:
             self._finish(seq, reason)
@@ -426,20 +427,32 @@ class Engine:
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
         self.metrics.batch_rows.observe(len(rows))
         with torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=batch.cache, use_cache=True, **kwargs)
-            batch.cache = out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(batch.cache), **kwargs)
+            batch.cache = output_cache(out)
             batch.length += 1
-            logits = out.logits[:, -1]
+            logits = out.logits[:, -1].float()
             del out
-            done = [(r, reason) for i, r in enumerate(rows) if (reason := self._next(r, logits[i])) is not None]
+            tokens = self._choose(rows, logits)  # the whole batch's logits processing at once
+            done = [(r, reason) for i, r in enumerate(rows)
+                    if (reason := self._next(r, logits[i], tokens[i])) is not None]
         for r, reason in done:
             self._finish(r, reason)
 
-    def _next(self, seq: _Seq, logits: torch.Tensor) -> str | None:
-        """Choose, record and emit the next token from a [vocab] logits row; the finish reason or None."""
+    @staticmethod
+    def _choose(rows: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
+        """The next token of every row from fp32 logits [rows, vocab] (runtime.sampling)."""
+        params = [r.spec.params for r in rows]
+        generated = [r.history[len(r.spec.prompt_ids):] for r in rows]
+        x = process_logits(logits, params, generated, [r.history for r in rows])
+        return sample(x, params, [r.generator for r in rows])
+
+    def _next(self, seq: _Seq, logits: torch.Tensor, token: int | None = None) -> str | None:
+        """Record and emit the next token (chosen from the [vocab] logits row unless given); the
+        finish reason or None."""
         spec, p = seq.spec, seq.spec.params
         logits = logits.float()
-        token = next_token(logits, p, seq.generator, seq.history)
+        if token is None:
+            token = self._choose([seq], logits[None])[0]
         logp = torch.log_softmax(logits, dim=-1)
         lp = float(logp[token])
         top: tuple = ()
