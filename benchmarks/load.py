@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         "generated_tokens": stats.tokens,
         "aggregate_tokens_per_s": round(stats.tokens / wall, 2) if wall else None,
         "rss_mib": {"ready": round(rss.get("ready", 0) / 2**20, 1), "peak": round(rss.get("peak", 0) / 2**20, 1)},
-        "server_metrics": {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+        "server_metrics": {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                            if line.startswith(("thawed_requests_rejected_total", "thawed_requests_cancelled_total",
                                                "thawed_generation_tokens_total", "thawed_request_errors_total"))},
     }

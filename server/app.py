@@ -43,7 +43,7 @@ def thawed_version() -> str:
 class ServerState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.model_name)
         self.status = "loading"  # loading | ready | failed | stopping
         self.error: str | None = None
         self.loaded = None
@@ -196,11 +196,14 @@ class APIKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``limit`` bytes with 413 (by Content-Length, or while reading)."""
+    """Refuse request bodies over ``limit`` bytes with 413 (by Content-Length, or while reading),
+    and bodies that pause for more than ``timeout`` seconds with 408 (a slow client holds no
+    connection for ever)."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -211,11 +214,21 @@ class BodyLimitMiddleware:
                 return await response(scope, receive, send)
         seen = 0
         exceeded = False
+        timed_out = False
+        body_done = False
 
         async def limited_receive():
-            nonlocal seen, exceeded
-            message = await receive()
+            nonlocal seen, exceeded, timed_out, body_done
+            if body_done or self.timeout is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.timeout)
+                except asyncio.TimeoutError:
+                    timed_out = True
+                    return {"type": "http.disconnect"}
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:  # no Content-Length (chunked): stop reading, answer 413 below
                     exceeded = True
@@ -223,16 +236,20 @@ class BodyLimitMiddleware:
             return message
 
         async def guarded_send(message):
-            if not exceeded:
+            if not (exceeded or timed_out):
                 await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if not (exceeded or timed_out):
                 raise
         if exceeded:
             await JSONResponse(envelope(413, self._message()), status_code=413)(scope, receive, send)
+        elif timed_out:
+            msg = (f"the request body stalled for more than {self.timeout:g} s; send it at once or raise "
+                   "--timeout-body (THAWED_TIMEOUT_BODY)")
+            await JSONResponse(envelope(408, msg), status_code=408, headers={"Connection": "close"})(scope, receive, send)
 
     def _message(self) -> str:
         return (f"the request body is larger than {self.limit} bytes; send less or raise "
@@ -280,7 +297,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
                   description="OpenAI- and TGI-compatible server over a lazily decoded thawed checkpoint")
     app.state.thawed = st
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, timeout=settings.timeout_body)
     if settings.api_key:  # added last = runs first: no body is read for an unauthenticated request
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
 

@@ -133,7 +133,7 @@ class Job:
 
 class _Seq:
     __slots__ = ("job", "spec", "past", "batch", "history", "generator", "text", "n", "first_at", "last_at",
-                 "last_token")
+                 "last_token", "admitted")
 
     def __init__(self, job: Job, spec: SeqSpec, tokenizer) -> None:
         self.job = job
@@ -154,6 +154,7 @@ class _Seq:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.last_token: int | None = None
+        self.admitted = time.monotonic()
 
 
 class _Batch:
@@ -379,6 +380,11 @@ class Engine:
         self._drop(seq)  # free the slot before the client can see the end and send its next request
         self.metrics.request_success.labels(reason).inc()
         self.metrics.e2e.observe(time.monotonic() - seq.job.submitted)
+        self.metrics.request_prompt_tokens.observe(len(seq.spec.prompt_ids))
+        self.metrics.request_generation_tokens.observe(seq.n)
+        if seq.first_at is not None:
+            self.metrics.prefill_time.observe(seq.first_at - seq.admitted)
+            self.metrics.decode_time.observe(seq.last_at - seq.first_at)
         seq.job.emit(Finished(seq.spec.index, reason, delta, seq.text.output, seq.n))
 
     def _prefill(self, seq: _Seq) -> None:

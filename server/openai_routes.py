@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import replace
-from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -24,10 +24,11 @@ from .app import ServerState, ready_state
 from .engine import (ClientGone, EngineClosed, Failed, Finished, Job, PromptScores, QueueFull, SeqSpec,
                      TokenEvent, job_events)
 from .errors import APIError, bad_request, envelope
+from .offloop import OffLoopRoute, off_loop
 from .schemas import (SEED_LIMIT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                       TokenizeRequest)
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)  # bodies parsed and validated off the event loop
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 NEG_INF = -9999.0  # JSON has no -inf
@@ -45,15 +46,6 @@ def sse(obj: Any) -> str:
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: every client skips it; proxies see traffic
-
-T = TypeVar("T")
-
-
-async def off_loop(st: ServerState, fn: Callable[..., T], *args) -> T:
-    """Run CPU work (tokenising, chat templating, detokenising, building large responses) in the
-    server's worker threads, never on the event loop: /health keeps answering meanwhile."""
-    return await asyncio.get_running_loop().run_in_executor(st.cpu_pool, fn, *args)
-
 
 class _KeepAlive:
     pass
@@ -321,6 +313,9 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     check_model(st, body.model)
 
     def work() -> dict:
+        if len(body.tokens) > st.max_model_len:
+            raise bad_request(f"tokens: {len(body.tokens)} tokens is more than this model's context "
+                              f"({st.max_model_len}); detokenize at most that many at once", "tokens")
         check_ids(st, body.tokens, "tokens")
         return {"prompt": st.tokenizer.decode(body.tokens)}
 

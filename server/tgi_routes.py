@@ -20,12 +20,13 @@ from fastapi.responses import Response, StreamingResponse
 from .app import ServerState, ready_state, thawed_version
 from .engine import ClientGone, Failed, Finished, Job, PromptScores, SeqSpec, TokenEvent, job_events
 from .errors import bad_request
+from .offloop import OffLoopRoute
 from .openai_routes import (KEEPALIVE, SSE_HEADERS, SSE_KEEPALIVE, _collect, check_length, check_text_length,
                             default_max_tokens, encode, num, off_loop, sampling, sse, submit, token_text,
                             with_keepalive)
 from .schemas import TGIParameters, TGIRequest
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)  # bodies parsed and validated off the event loop
 
 _REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 

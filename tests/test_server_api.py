@@ -248,9 +248,17 @@ def test_metrics_and_cache(client):
                  "thawed_generation_tokens_total", "thawed_request_success_total",
                  "thawed_time_to_first_token_seconds_bucket", "thawed_inter_token_latency_seconds_bucket",
                  "thawed_e2e_request_latency_seconds_bucket", "thawed_cache_hits_total", "thawed_cache_misses_total",
-                 "thawed_cache_evictions_total", "thawed_cache_bytes", 'thawed_layer_decode_seconds_total{codec="rtn",device="cpu"}',
-                 "thawed_model_load_seconds"):
+                 "thawed_cache_evictions_total", "thawed_cache_bytes",
+                 'thawed_layer_decode_seconds_total{codec="rtn",device="cpu",model_name="tiny"}',
+                 "thawed_model_load_seconds", "thawed_request_prompt_tokens_bucket",
+                 "thawed_request_generation_tokens_bucket", "thawed_request_prefill_time_seconds_bucket",
+                 "thawed_request_decode_time_seconds_bucket", "process_resident_memory_bytes",
+                 "python_gc_collections_total"):
         assert name in text, name
+    # every thawed_ series carries the model name (as vLLM's do); the process ones do not
+    thawed = [line for line in text.splitlines() if line.startswith("thawed_")]
+    assert thawed and all('model_name="tiny"' in line for line in thawed), [x for x in thawed if "model_name" not in x]
+    assert 'thawed_request_generation_tokens_count{model_name="tiny"} ' in text
     assert ":" not in "".join(line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#"))
     cache = client.get("/v1/cache").json()
     assert cache["lazy"] is True and cache["decoded_layers"] >= 1 and cache["misses"] >= 1
