@@ -228,7 +228,10 @@ def message_text(msg: ChatMessage, i: int) -> str:
     return "\n".join(parts)
 
 
-def chat_prompt(st: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+def chat_prompt(st: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                bounded: bool = True) -> list[int]:
+    """The chat template's token ids. ``bounded``: refuse a conversation longer than the context
+    early (``encode_prompt``); /tokenize counts any length."""
     tok = st.tokenizer
     if not getattr(tok, "chat_template", None):
         raise bad_request("messages: this model's tokenizer has no chat template; use /v1/completions with a "
@@ -246,7 +249,9 @@ def chat_prompt(st: ServerState, messages: list[ChatMessage], add_generation_pro
         text = tok.apply_chat_template(convo, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as exc:  # jinja raise_exception (e.g. roles out of order), bad content
         raise bad_request(f"messages: the chat template rejected these messages: {exc}", "messages") from None
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    if not bounded:
+        return encode(st, text, add_special_tokens=False)
+    return encode_prompt(st, text, "messages", add_special_tokens=False)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -296,7 +301,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if body.messages is not None:
         if not body.messages:
             raise bad_request("messages: give at least one message", "messages")
-        ids = await off_loop(st, chat_prompt, st, body.messages, body.add_generation_prompt is not False)
+        ids = await off_loop(st, chat_prompt, st, body.messages, body.add_generation_prompt is not False, False)
     else:
         check_text_length(st, len(body.prompt), "prompt")
         ids = await off_loop(st, encode, st, body.prompt, body.add_special_tokens is not False)
@@ -305,6 +310,27 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 def encode(st: ServerState, text: str, add_special_tokens: bool = True) -> list[int]:
     return list(st.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+PREFIX_CHARS_PER_TOKEN = 8  # a probe prefix of this many characters per context token
+PREFIX_MARGIN = 16  # tokens a cut at a space can add at the boundary
+
+
+def encode_prompt(st: ServerState, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+    """Tokenise a prompt that must fit the context. A long text is probed first: its prefix of
+    ``8 x max_model_len`` characters (cut at a space, so no word is split) is tokenised, and if
+    that alone has more than ``max_model_len`` tokens the text is refused without tokenising the
+    rest (a 1 MB prompt costs a 64 KB tokenisation, not a 1 MB one)."""
+    probe = PREFIX_CHARS_PER_TOKEN * st.max_model_len
+    if len(text) > 2 * probe:
+        cut = text.rfind(" ", probe // 2, probe)
+        head = text[:cut if cut > 0 else probe]
+        n = len(encode(st, head, add_special_tokens))
+        if n > st.max_model_len + PREFIX_MARGIN:
+            raise bad_request(f"{field}: the prompt has more than {n - PREFIX_MARGIN} tokens (its first {len(head)} "
+                              f"of {len(text)} characters alone) but this model's context is {st.max_model_len} "
+                              "tokens; shorten it", field)
+    return encode(st, text, add_special_tokens)
 
 
 @router.post("/detokenize")
@@ -355,7 +381,7 @@ def _prompts(st: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
     for item in items:
         if isinstance(item, str):
             check_text_length(st, len(item), "prompt")
-            ids = list(tok(item, add_special_tokens=True)["input_ids"])
+            ids = encode_prompt(st, item, "prompt")
             texts.append(item)
         else:
             ids = list(item)

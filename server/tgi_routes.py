@@ -22,8 +22,8 @@ from .engine import ClientGone, Failed, Finished, Job, PromptScores, SeqSpec, To
 from .errors import bad_request
 from .offloop import OffLoopRoute
 from .openai_routes import (KEEPALIVE, SSE_HEADERS, SSE_KEEPALIVE, _collect, check_length, check_text_length,
-                            default_max_tokens, encode, num, off_loop, sampling, sse, submit, token_text,
-                            with_keepalive)
+                            default_max_tokens, encode, encode_prompt, num, off_loop, sampling, sse, submit,
+                            token_text, with_keepalive)
 from .schemas import TGIParameters, TGIRequest
 
 router = APIRouter(route_class=OffLoopRoute)  # bodies parsed and validated off the event loop
@@ -56,7 +56,7 @@ def _input_ids(st: ServerState, inputs: str, truncate: int | None) -> list[int]:
         keep = 2 * (truncate + 1) * max(1, st.max_prompt_chars // max(1, 2 * st.max_model_len))
         inputs = inputs[-keep:]
         return encode(st, inputs)[-truncate:]
-    return encode(st, inputs)
+    return encode_prompt(st, inputs, "inputs")
 
 
 async def _job(st: ServerState, body: TGIRequest) -> tuple[Job, TGIParameters, list[int]]:

@@ -358,3 +358,28 @@ def test_text_generation_client_streams_and_generates(tiny_loaded):
         assert sampled.details.seed == 4
         raw = httpx.post(f"{url}/generate_stream", json={"inputs": "the", "parameters": {"max_new_tokens": 2}}).text
         assert "[DONE]" not in raw and raw.endswith("}\n\n")
+
+
+def test_long_prompt_refused_from_a_prefix_without_tokenising_it_all(client, tiny_loaded, monkeypatch):
+    """Text under the character bound but over the context is refused after tokenising only a
+    prefix (8 x max_model_len characters), on every route that generates."""
+    st = client.app.state.thawed
+    text = "the " * ((st.max_prompt_chars - 100) // 4)
+    assert len(text) > 2 * 8 * st.max_model_len
+    seen: list[int] = []
+    real = type(tiny_loaded.tokenizer).__call__
+
+    def spy(self, text, *a, **k):
+        seen.append(len(text) if isinstance(text, str) else 0)
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(type(tiny_loaded.tokenizer), "__call__", spy)
+    for path, body, param in [("/v1/completions", {"prompt": text}, "prompt"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}, "messages"),
+                              ("/generate", {"inputs": text}, "inputs")]:
+        seen.clear()
+        e = err(client.post(path, json=body), 400, param, "context")
+        assert "first" in e["message"], e
+        assert seen and max(seen) <= 8 * st.max_model_len, seen
+    # /tokenize still counts a long text in full
+    assert client.post("/tokenize", json={"prompt": text}).json()["count"] > st.max_model_len
