@@ -249,7 +249,8 @@ class BodyLimitMiddleware:
         elif timed_out:
             msg = (f"the request body stalled for more than {self.timeout:g} s; send it at once or raise "
                    "--timeout-body (THAWED_TIMEOUT_BODY)")
-            await JSONResponse(envelope(408, msg), status_code=408, headers={"Connection": "close"})(scope, receive, send)
+            response = JSONResponse(envelope(408, msg), status_code=408, headers={"Connection": "close"})
+            await response(scope, receive, send)
 
     def _message(self) -> str:
         return (f"the request body is larger than {self.limit} bytes; send less or raise "

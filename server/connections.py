@@ -77,15 +77,14 @@ def protocol_class(timeout_header: float) -> type[GuardedH11Protocol]:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind (and listen) before anything slow happens: a busy port is an error at once."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, addr = infos[0]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses it
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then (without it
     # every keep-alive response waits ~40 ms for a delayed ACK)
-    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        sock.bind(addr)
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:

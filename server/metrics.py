@@ -127,7 +127,8 @@ class Metrics:
         self.request_prompt_tokens = Histogram("thawed_request_prompt_tokens", "prompt tokens per sequence",
                                                buckets=_TOKENS, registry=r)
         self.request_generation_tokens = Histogram("thawed_request_generation_tokens",
-                                                   "tokens generated per finished sequence", buckets=_TOKENS, registry=r)
+                                                   "tokens generated per finished sequence", buckets=_TOKENS,
+                                                   registry=r)
         self.prefill_time = Histogram("thawed_request_prefill_time_seconds", "admission to the first token (prefill)",
                                       buckets=_LATENCY, registry=r)
         self.decode_time = Histogram("thawed_request_decode_time_seconds", "first token to the last (decode)",

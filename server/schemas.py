@@ -94,7 +94,8 @@ class _Sampling(_Body):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # extras: checked against UNSUPPORTED
 
     model: str | None = None
-    temperature: float | None = Field(None, ge=0, description="0 = greedy; default: the model's generation_config, else 1.0")
+    temperature: float | None = Field(None, ge=0,
+                                      description="0 = greedy; default: the model's generation_config, else 1.0")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=TOP_K_LIMIT, description="0 or -1 = off; at most the vocabulary size")
     min_p: float | None = Field(None, ge=0, le=1, description="drop tokens below min_p x the top token's probability")
