@@ -256,18 +256,41 @@ async def client_loop(url: str, stats: Stats, args, k: int, deadline: float) -> 
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
 
 
-async def health_loop(url: str, stats: Stats, deadline: float) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        while time.monotonic() < deadline:
-            t0 = time.perf_counter()
-            try:
-                r = await client.get("/health")
-                if r.status_code != 200:
-                    stats.health_failures.append(f"status {r.status_code}")
-            except httpx.TransportError as exc:
-                stats.health_failures.append(f"{type(exc).__name__}: {exc}")
-            stats.health_ms.append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(0.25)
+_HEALTH_POLLER = """
+import json, sys, time, httpx
+url, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+ms, failures = [], []
+with httpx.Client(base_url=url, timeout=10) as c:
+    while time.time() < deadline:
+        t0 = time.perf_counter()
+        try:
+            r = c.get("/health")
+            if r.status_code != 200:
+                failures.append(f"status {r.status_code}")
+        except httpx.TransportError as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+        ms.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.25)
+print(json.dumps({"ms": ms, "failures": failures}))
+"""
+
+
+def start_health_poller(url: str, seconds: float) -> subprocess.Popen:
+    """/health polled every 0.25 s from its own process (the clients' event loop and GIL would
+    otherwise add their own delays to the figure)."""
+    return subprocess.Popen([sys.executable, "-c", _HEALTH_POLLER, url, str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def collect_health(poller: subprocess.Popen, stats: Stats) -> None:
+    out, _ = poller.communicate(timeout=60)
+    try:
+        got = json.loads(out)
+    except ValueError:
+        stats.health_failures.append(f"the /health poller printed {out[:200]!r}")
+        return
+    stats.health_ms.extend(got["ms"])
+    stats.health_failures.extend(got["failures"])
 
 
 def sample_rss(proc: psutil.Process, out: dict, stop: threading.Event) -> None:
@@ -339,11 +362,12 @@ def main(argv=None) -> int:
         deadline = start + args.seconds
 
         async def run():
-            await asyncio.gather(health_loop(url, stats, deadline),
-                                 *(client_loop(url, stats, args, k, deadline) for k in range(args.clients)))
+            await asyncio.gather(*(client_loop(url, stats, args, k, deadline) for k in range(args.clients)))
 
+        poller = start_health_poller(url, args.seconds)
         asyncio.run(run())
         wall = time.monotonic() - start
+        collect_health(poller, stats)
         stop.set()
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     finally:
