@@ -359,6 +359,10 @@ def test_text_generation_client_streams_and_generates(tiny_loaded):
         sampled = c.generate("the", max_new_tokens=4, do_sample=True, seed=4, typical_p=0.9, top_k=10,
                              repetition_penalty=1.2)
         assert sampled.details.seed == 4
+        from text_generation.errors import BadRequestError
+
+        with pytest.raises(BadRequestError, match="watermark"):  # refused, not silently ignored
+            c.generate("the", max_new_tokens=2, watermark=True)
         raw = httpx.post(f"{url}/generate_stream", json={"inputs": "the", "parameters": {"max_new_tokens": 2}}).text
         assert "[DONE]" not in raw and raw.endswith("}\n\n")
 
