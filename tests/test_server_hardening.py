@@ -390,3 +390,26 @@ def test_long_prompt_refused_from_a_prefix_without_tokenising_it_all(client, tin
         assert seen and max(seen) <= 8 * st.max_model_len, seen
     # /tokenize still counts a long text in full
     assert client.post("/tokenize", json={"prompt": text}).json()["count"] > st.max_model_len
+
+
+def test_stalled_body_gets_408_and_the_connection_is_freed(tiny_loaded):
+    with LiveServer(make_app(tiny_loaded, timeout_body=0.5)) as url:
+        host, port = url[len("http://"):].split(":")
+        s = socket.create_connection((host, int(port)))
+        try:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")  # then nothing more
+            s.settimeout(10)
+            t0 = time.monotonic()
+            data = b""
+            while b"\r\n\r\n" not in data or b"}" not in data.split(b"\r\n\r\n", 1)[1]:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 408"), data[:200]
+            assert b"THAWED_TIMEOUT_BODY" in data
+            assert 0.4 < time.monotonic() - t0 < 5
+        finally:
+            s.close()
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "the", "max_tokens": 1}).status_code == 200
