@@ -76,3 +76,17 @@ def test_readme_states_setup_time_and_disk_and_gives_max_tokens():
     for block in re.findall(r"```python\n(.*?)```", readme, re.S):
         for call in re.findall(r"\.create\((.*?)\)\n", block, re.S):
             assert "max_tokens" in call, call
+
+
+def test_generate_prints_no_transformers_warning_into_the_text(tiny_llama_dir, tmp_path):  # noqa: F811
+    """transformers' past_key_values deprecation used to print in the middle of the generated text."""
+    import subprocess
+    import sys
+
+    ck = tmp_path / "ck"
+    assert main(["compress", str(tiny_llama_dir), str(ck), "--codec", "rtn:bits=8,group_size=32", "--no-progress"]) == 0
+    out = subprocess.run([sys.executable, "-W", "default", "-m", "thawed.server.cli", "generate", str(ck), "the",
+                          "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for stream in (out.stdout, out.stderr):
+        assert "deprecated" not in stream.lower() and "FutureWarning" not in stream, stream[-2000:]
