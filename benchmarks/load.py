@@ -1,18 +1,22 @@
-"""Bounded load test for ``thawed serve``: N concurrent streaming clients for T seconds, loopback only.
+"""Bounded load test for ``thawed serve``: N concurrent clients for T seconds, loopback only.
 
 Starts ``thawed serve CKPT`` on 127.0.0.1 (a free port) as a subprocess, waits for /health, then
-runs N asyncio/httpx clients that each send streaming requests back to back until T seconds have
-passed (or until each has sent --requests). Every response is checked (status; SSE framing: each
-event ``data: <json>``, chunk shape, ``[DONE]`` last; usage present). A 429 is counted and the
-client waits ``Retry-After`` before trying again. The server's RSS is sampled every 0.2 s.
+runs N asyncio/httpx clients that each send requests back to back until T seconds have passed (or
+until each has sent --requests). By default every request is a streaming chat request; with
+``--mix`` the clients cycle through four kinds: streaming chat, non-streaming completion,
+TGI ``/generate_stream``, and a streaming chat that disconnects after its first token. Every
+response is checked (status; SSE framing: each event ``data: <json>`` or a ``:`` comment, chunk
+shape, ``[DONE]`` last on OpenAI routes and none on TGI's; usage present). A 429 is counted and
+the client waits ``Retry-After`` before trying again. The server's RSS is sampled every 0.2 s and
+``/health`` is polled every 0.25 s throughout (its latency and any non-200 are reported).
 
-Prints one JSON report: requests, statuses, 429s, 5xx, malformed, time to first token and
-per-stream tokens/s (p50/p95), aggregate tokens/s, RSS at ready and peak. Exits 1 when any
-response was 5xx or malformed, or the peak RSS exceeds --max-rss-mib.
+Prints one JSON report: requests by kind, statuses, 429s, 5xx, malformed, time to first token and
+per-stream tokens/s (p50/p95), aggregate tokens/s, /health latency, RSS at ready and peak. Exits 1
+when any response was 5xx or malformed, /health ever failed, or the peak RSS exceeds --max-rss-mib.
 
+    python benchmarks/load.py CKPT --clients 32 --seconds 60 --mix --max-running 8 --max-queue 16
     python benchmarks/load.py CKPT --clients 16 --seconds 60 --max-running 8 --max-queue 4
     python benchmarks/load.py CKPT --clients 1 --requests 3 --max-tokens 64      # one stream
-    python benchmarks/load.py CKPT --clients 8 --requests 1 --max-tokens 64      # 8 concurrent
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class Stats:
     tokens: int = 0
     completed: int = 0
     transport_errors: list[str] = field(default_factory=list)
+    kinds: dict[str, int] = field(default_factory=dict)
+    disconnects: int = 0
+    health_ms: list[float] = field(default_factory=list)
+    health_failures: list[str] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -83,8 +91,9 @@ def check_chunk(obj: dict) -> str | None:
     return None
 
 
-async def one_request(client: httpx.AsyncClient, stats: Stats, args, i: int) -> float:
-    """One streaming chat request; returns seconds to wait before the next (Retry-After on 429)."""
+async def one_request(client: httpx.AsyncClient, stats: Stats, args, i: int, disconnect: bool = False) -> float:
+    """One streaming chat request; returns seconds to wait before the next (Retry-After on 429).
+    ``disconnect``: close the connection after the first token (the server must cancel it)."""
     body = {"model": "x", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             "max_tokens": args.max_tokens, "temperature": 0.7, "seed": i, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": args.ignore_eos}
@@ -113,6 +122,8 @@ async def one_request(client: httpx.AsyncClient, stats: Stats, args, i: int) -> 
                 buf += text
                 while "\n\n" in buf:
                     event, buf = buf.split("\n\n", 1)
+                    if event.startswith(":"):  # an SSE comment (keep-alive)
+                        continue
                     if done:
                         stats.malformed.append("data after [DONE]")
                     if not event.startswith("data: "):
@@ -135,6 +146,11 @@ async def one_request(client: httpx.AsyncClient, stats: Stats, args, i: int) -> 
                             last = now
                         if c.get("finish_reason"):
                             finished = True
+                if disconnect and first is not None:
+                    break
+            if disconnect:
+                stats.disconnects += 1
+                return 0.0
             if not done or buf.strip():
                 stats.malformed.append("stream did not end with data: [DONE]")
             if not finished or not usage:
@@ -153,16 +169,128 @@ async def one_request(client: httpx.AsyncClient, stats: Stats, args, i: int) -> 
     return 0.0
 
 
+def _refused(stats: Stats, r: httpx.Response, raw: bytes) -> float:
+    try:
+        err = json.loads(raw)["error"]
+        assert {"message", "type", "code"} <= set(err)
+    except Exception:
+        stats.malformed.append(f"status {r.status_code} without the error envelope: {raw[:200]!r}")
+    return float(r.headers.get("retry-after", "1")) if r.status_code == 429 else 0.5
+
+
+async def completion_request(client: httpx.AsyncClient, stats: Stats, args, i: int) -> float:
+    """One non-streaming /v1/completions request."""
+    body = {"model": "x", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens,
+            "temperature": 0.7, "seed": i, "ignore_eos": args.ignore_eos}
+    try:
+        r = await client.post("/v1/completions", json=body)
+    except httpx.TransportError as exc:
+        stats.transport_errors.append(f"{type(exc).__name__}: {exc}")
+        return 0.5
+    stats.statuses[r.status_code] = stats.statuses.get(r.status_code, 0) + 1
+    if r.status_code != 200:
+        return _refused(stats, r, r.content)
+    try:
+        obj = r.json()
+        assert obj["object"] == "text_completion" and isinstance(obj["choices"][0]["text"], str)
+        stats.tokens += obj["usage"]["completion_tokens"]
+    except Exception as exc:  # noqa: BLE001
+        stats.malformed.append(f"bad completion: {type(exc).__name__}: {r.text[:200]}")
+        return 0.0
+    stats.completed += 1
+    return 0.0
+
+
+async def tgi_stream_request(client: httpx.AsyncClient, stats: Stats, args, i: int) -> float:
+    """One TGI /generate_stream request: token events, the last with generated_text, no [DONE]."""
+    body = {"inputs": PROMPTS[i % len(PROMPTS)],
+            "parameters": {"max_new_tokens": args.max_tokens, "do_sample": True, "seed": i, "details": True}}
+    events = []
+    try:
+        async with client.stream("POST", "/generate_stream", json=body) as r:
+            stats.statuses[r.status_code] = stats.statuses.get(r.status_code, 0) + 1
+            if r.status_code != 200:
+                return _refused(stats, r, await r.aread())
+            buf = ""
+            async for text in r.aiter_text():
+                buf += text
+                while "\n\n" in buf:
+                    event, buf = buf.split("\n\n", 1)
+                    if event.startswith(":"):
+                        continue
+                    if not event.startswith("data:") or "[DONE]" in event:
+                        stats.malformed.append(f"TGI event {event[:80]!r}")
+                        continue
+                    events.append(json.loads(event[5:]))
+    except (httpx.TransportError, json.JSONDecodeError) as exc:
+        stats.transport_errors.append(f"{type(exc).__name__}: {exc}")
+        return 0.5
+    if not events or events[-1].get("generated_text") is None or any(e.get("generated_text") is not None
+                                                                      for e in events[:-1]):
+        stats.malformed.append(f"TGI stream without a final generated_text: {str(events[-1:])[:200]}")
+        return 0.0
+    stats.completed += 1
+    stats.tokens += len(events)
+    return 0.0
+
+
+KINDS = ("chat_stream", "completion", "tgi_stream", "disconnect")
+
+
 async def client_loop(url: str, stats: Stats, args, k: int, deadline: float) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(args.request_timeout)) as client:
         i = k
         sent = 0
         while time.monotonic() < deadline and (args.requests is None or sent < args.requests):
-            wait = await one_request(client, stats, args, i)
+            kind = KINDS[(i // args.clients + k) % len(KINDS)] if args.mix else "chat_stream"
+            stats.kinds[kind] = stats.kinds.get(kind, 0) + 1
+            if kind == "completion":
+                wait = await completion_request(client, stats, args, i)
+            elif kind == "tgi_stream":
+                wait = await tgi_stream_request(client, stats, args, i)
+            else:
+                wait = await one_request(client, stats, args, i, disconnect=kind == "disconnect")
             sent += 1
             i += args.clients
             if wait:
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+
+
+_HEALTH_POLLER = """
+import json, sys, time, httpx
+url, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+ms, failures = [], []
+with httpx.Client(base_url=url, timeout=10) as c:
+    while time.time() < deadline:
+        t0 = time.perf_counter()
+        try:
+            r = c.get("/health")
+            if r.status_code != 200:
+                failures.append(f"status {r.status_code}")
+        except httpx.TransportError as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+        ms.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.25)
+print(json.dumps({"ms": ms, "failures": failures}))
+"""
+
+
+def start_health_poller(url: str, seconds: float) -> subprocess.Popen:
+    """/health polled every 0.25 s from its own process (the clients' event loop and GIL would
+    otherwise add their own delays to the figure)."""
+    return subprocess.Popen([sys.executable, "-c", _HEALTH_POLLER, url, str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+
+
+def collect_health(poller: subprocess.Popen, stats: Stats) -> None:
+    out, _ = poller.communicate(timeout=60)
+    try:
+        got = json.loads(out)
+    except ValueError:
+        stats.health_failures.append(f"the /health poller printed {out[:200]!r}")
+        return
+    stats.health_ms.extend(got["ms"])
+    stats.health_failures.extend(got["failures"])
 
 
 def sample_rss(proc: psutil.Process, out: dict, stop: threading.Event) -> None:
@@ -184,6 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--requests", type=int, default=None, help="requests per client (default: until --seconds)")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--mix", action="store_true",
+                   help="cycle through streaming chat, completion, TGI stream and disconnect-after-first-token")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--max-running", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=4)
@@ -234,8 +364,10 @@ def main(argv=None) -> int:
         async def run():
             await asyncio.gather(*(client_loop(url, stats, args, k, deadline) for k in range(args.clients)))
 
+        poller = start_health_poller(url, args.seconds)
         asyncio.run(run())
         wall = time.monotonic() - start
+        collect_health(poller, stats)
         stop.set()
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     finally:
@@ -253,6 +385,10 @@ def main(argv=None) -> int:
         "clients": args.clients, "seconds": round(wall, 1), "max_tokens": args.max_tokens,
         "server": {"max_running": args.max_running, "max_queue": args.max_queue, "ready_seconds": round(ready_s, 1)},
         "requests": sum(stats.statuses.values()) + len(stats.transport_errors),
+        "kinds": stats.kinds, "disconnects": stats.disconnects,
+        "health": {"polls": len(stats.health_ms), "failures": len(stats.health_failures),
+                   "failure_examples": stats.health_failures[:3], "p50_ms": pct(stats.health_ms, 0.5),
+                   "p99_ms": pct(stats.health_ms, 0.99), "max_ms": pct(stats.health_ms, 1.0)},
         "completed_streams": stats.completed,
         "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
         "429": stats.statuses.get(429, 0), "5xx": five,
@@ -264,12 +400,12 @@ def main(argv=None) -> int:
         "generated_tokens": stats.tokens,
         "aggregate_tokens_per_s": round(stats.tokens / wall, 2) if wall else None,
         "rss_mib": {"ready": round(rss.get("ready", 0) / 2**20, 1), "peak": round(rss.get("peak", 0) / 2**20, 1)},
-        "server_metrics": {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+        "server_metrics": {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                            if line.startswith(("thawed_requests_rejected_total", "thawed_requests_cancelled_total",
                                                "thawed_generation_tokens_total", "thawed_request_errors_total"))},
     }
     print(json.dumps(report, indent=1))
-    bad = five > 0 or stats.malformed or stats.transport_errors
+    bad = five > 0 or stats.malformed or stats.transport_errors or stats.health_failures
     if rss.get("peak", 0) / 2**20 > args.max_rss_mib:
         print(f"peak RSS {rss['peak'] / 2**20:.0f} MiB is over --max-rss-mib {args.max_rss_mib}", file=sys.stderr)
         bad = True

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from thawed.codecs.base import _BUILTIN_MODULES
 from thawed.codecs.errors import ThawedError
 
 __all__ = ["main", "build_parser"]
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("out", help="output checkpoint directory (new or empty)")
     p.add_argument("--codec", required=True,
-                   help="codec for linear weights/embeddings, with options: rtn:bits=4,group_size=128 | lossless | raw")
+                   help="codec for linear weights/embeddings, with options (k=v after a colon). Codecs: "
+                        + ", ".join(sorted(_BUILTIN_MODULES)) + ". E.g. rtn:bits=4,group_size=128, "
+                        "rtn:bits=3,hqq=true, cvxq (with --target-bpw), hyperc, nwc, see, lossless, raw")
     p.add_argument("--codec-for", action="append", default=[], metavar="PATTERN=CODEC[:k=v,...]",
                    help="override by tensor-name glob, repeatable, later wins: '*.v_proj.weight=rtn:bits=6'")
     p.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
@@ -137,6 +140,9 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress
     from .plan import Plan, parse_codec_choice, parse_override
+
+    if not sys.stderr.isatty():  # no progress bar: the progress log lines are shown instead
+        logging.getLogger("thawed.runtime.compress").setLevel(logging.INFO)
 
     codec_text, target_bpw = args.codec, args.target_bpw
     if codec_text.partition(":")[0].strip() == "nwc":  # nwc plans its own rate per tensor

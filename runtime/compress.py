@@ -28,6 +28,38 @@ __all__ = ["compress", "CompressReport"]
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY = 10.0  # seconds between progress log lines when stderr is not a terminal
+
+
+class _Heartbeat:
+    """Without a progress bar (stderr not a terminal: CI, ``nohup``, a pipe), log a line every
+    ``every`` seconds from a daemon thread, so one slow tensor still shows signs of life."""
+
+    def __init__(self, total: int, every: float | None = None, enabled: bool = True) -> None:
+        import threading
+
+        self.total, self.every, self.enabled = total, PROGRESS_EVERY if every is None else every, enabled
+        self.done, self.current = 0, ""
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="thawed-compress-progress", daemon=True)
+
+    def __enter__(self) -> "_Heartbeat":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def update(self, done: int, current: str) -> None:
+        self.done, self.current = done, current
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            log.info("compress: %d/%d tensors done, %.0f s so far; encoding %s", self.done, self.total,
+                     time.monotonic() - self.t0, self.current)
+
 
 @dataclass(frozen=True)
 class CompressReport:
@@ -84,8 +116,10 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
 
             grams = input_grams(src, tokens=calib_tokens)
             settings["input_stats"] = {"tokens": calib_tokens, "corpus": "ptb-train"}
-        with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer:
-            for name in tqdm(names, desc="compress", unit="tensor", disable=not progress):
+        with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer, \
+                _Heartbeat(len(names), enabled=not progress) as beat:
+            for i, name in enumerate(tqdm(names, desc="compress", unit="tensor", disable=not progress)):
+                beat.update(i, name)
                 shape, dtype = source.shape_dtype(name)
                 role = roles.get(name, "other")
                 choice = plan.choose(name, role, dtype, len(shape))

@@ -16,14 +16,51 @@ from torch import nn
 
 from thawed.codecs.errors import ThawedError
 
+from .sampling import GREEDY_BELOW, check_params, process_logits, sample
 from .stepper import Stepper, stepper_unsupported_reason
 
-__all__ = ["SamplingParams", "StepOutput", "generate_tokens", "next_token"]
+__all__ = ["SamplingParams", "StepOutput", "generate_tokens", "next_token", "GREEDY_BELOW", "new_cache",
+           "cache_kwargs", "output_cache"]
 
 log = logging.getLogger(__name__)
 
 
-GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (as vLLM does)
+def _cache_name() -> str:
+    """The name transformers gives the KV cache, in forward's arguments and in its outputs:
+    ``cache`` from the release that deprecated ``past_key_values`` (removed in 5.40)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+_CACHE_NAME: str | None = None
+
+
+def cache_kwargs(cache) -> dict:
+    """``model(..., **cache_kwargs(cache))``: the cache under the name this transformers uses."""
+    global _CACHE_NAME
+    if _CACHE_NAME is None:
+        _CACHE_NAME = _cache_name()
+    return {_CACHE_NAME: cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache``, or ``out.past_key_values`` before)."""
+    global _CACHE_NAME
+    if _CACHE_NAME is None:
+        _CACHE_NAME = _cache_name()
+    return getattr(out, _CACHE_NAME)
+
+
+def new_cache(model: nn.Module):
+    """An empty ``DynamicCache`` for ``model`` (the current cache API; no legacy tuples)."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # older transformers: DynamicCache() takes no config
+        return DynamicCache()
 
 
 @dataclass(frozen=True)
@@ -36,6 +73,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     logprobs: int = 0  # number of top alternatives to return per token (0 = only the chosen one)
+    # OpenAI's penalties over the generated tokens, logit bias ((token, bias) pairs), min-p and
+    # locally typical sampling: see runtime/sampling.py
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    typical_p: float = 1.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -48,6 +92,7 @@ class SamplingParams:
             raise ThawedError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ThawedError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_params(self)
 
 
 @dataclass(frozen=True)
@@ -58,29 +103,12 @@ class StepOutput:
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-               previous: Sequence[int]) -> int:
-    """Choose the next token from a [vocab] logits vector."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and len(previous):
-        idx = torch.tensor(sorted(set(previous)), device=logits.device)
-        vals = logits[idx]
-        logits = logits.clone()
-        logits[idx] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    if params.temperature < GREEDY_BELOW:  # dividing by a tinier temperature overflows to NaN
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=-1)
-        drop = cum - sorted_p >= params.top_p  # keep the smallest prefix reaching top_p
-        drop[0] = False  # the most likely token always stays, whatever float rounding says
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+               previous: Sequence[int], generated: Sequence[int] | None = None) -> int:
+    """Choose the next token from a [vocab] logits vector (one row of ``runtime.sampling``).
+    ``previous``: prompt + generated tokens (repetition penalty); ``generated``: the generated
+    ones only (frequency / presence penalties; default: none)."""
+    x = process_logits(logits.float()[None], [params], [generated or ()], [previous])
+    return sample(x, [params], [generator])[0]
 
 
 def generate_tokens(
@@ -112,6 +140,7 @@ def generate_tokens(
         generator = torch.Generator()
         generator.seed()
     tokens = list(prompt_ids)
+    n_prompt = len(tokens)
     eos = set(eos_token_ids)
     step = _stepper_fn(model, len(tokens) + params.max_new_tokens, prefill_chunk, compile) if fast else None
     if step is None:
@@ -120,7 +149,7 @@ def generate_tokens(
     with torch.inference_mode():
         for _ in range(params.max_new_tokens):
             logits = step(inputs, len(tokens) - inputs.shape[1])
-            token = next_token(logits, params, generator, tokens)
+            token = next_token(logits, params, generator, tokens, tokens[n_prompt:])
             logp = torch.log_softmax(logits, dim=-1)
             top: tuple[tuple[int, float], ...] = ()
             if params.logprobs > 0:
@@ -157,12 +186,11 @@ def _stepper_fn(model: nn.Module, length: int, chunk: int, compile: bool) -> Ste
 
 
 def _transformers_fn(model: nn.Module) -> StepFn:
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
+    state = {"cache": new_cache(model)}
 
     def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(state["cache"]))
+        state["cache"] = output_cache(out)
         return out.logits[0, -1].float()
 
     return step

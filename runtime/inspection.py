@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -33,12 +34,17 @@ def execution_mode(entry) -> str:
     return "decoded"
 
 
+def natural_key(name: str) -> list:
+    """``layers.2`` before ``layers.10``: digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
 def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     """Every byte counts: a tensor's bpw includes codes and side info; the file total also counts
     shared codec state and the header."""
     rows = []
     lin_bytes = lin_numel = all_bytes = all_numel = 0
-    for name, e in ckpt.index.items():
+    for name, e in sorted(ckpt.index.items(), key=lambda kv: natural_key(kv[0])):
         numel = e.spec.numel
         rows.append({"name": name, "codec": e.codec, "role": e.role, "shape": list(e.shape),
                      "dtype": str(e.dtype).replace("torch.", ""), "bytes": e.nbytes,

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . .venv/bin/activate
 SRC=$(thawed demo-model)
-CKPT=${THAWED_DEMO_CKPT:-out/smollm2-rtn-b4-g128}
+CKPT=${THAWED_DEMO_CKPT:-out/rtn4}  # the name the README's commands use
 if [ ! -f "$CKPT/model.thawed.safetensors" ]; then
   rm -rf "$CKPT"
   thawed compress "$SRC" "$CKPT" --codec rtn:bits=4,group_size=128

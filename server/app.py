@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Any, Callable
@@ -42,7 +43,7 @@ def thawed_version() -> str:
 class ServerState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.model_name)
         self.status = "loading"  # loading | ready | failed | stopping
         self.error: str | None = None
         self.loaded = None
@@ -50,8 +51,14 @@ class ServerState:
         self.model_name = settings.model_name
         self.max_model_len = 0
         self.vocab_size = 0
+        self.max_prompt_chars = 0  # longer text cannot fit the context: refused before tokenising
+        self.generation_defaults: dict[str, float] = {}  # from the checkpoint's generation_config.json
+        self.default_max_tokens = settings.default_max_tokens
         self.created = int(time.time())
         self.started = time.time()
+        # tokenising, chat templates, detokenising and large responses run here, never on the
+        # event loop (the tokenizers release the GIL while they encode)
+        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="thawed-cpu")
         self.metrics.watch_cache(self.cache_info)
 
     @property
@@ -116,11 +123,48 @@ def _context_length(model, settings: Settings) -> int:
     return native or 2048
 
 
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
+
+
+def generation_defaults(model) -> tuple[dict[str, float], int | None]:
+    """Sampling defaults and max_new_tokens set by the checkpoint's generation_config.json (only
+    values that differ from transformers' defaults, as vLLM's ``--generation-config auto``)."""
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None:
+        return {}, None
+    try:
+        diff = cfg.to_diff_dict()
+    except Exception:  # noqa: BLE001 - an odd config: no defaults rather than no server
+        log.warning("cannot read the checkpoint's generation_config; using the API defaults", exc_info=True)
+        return {}, None
+    values = {k: diff[k] for k in SAMPLING_DEFAULTS if isinstance(diff.get(k), (int, float))
+              and not isinstance(diff.get(k), bool)}
+    max_new = diff.get("max_new_tokens")
+    return values, (max_new if isinstance(max_new, int) and max_new > 0 else None)
+
+
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the vocabulary's longest token string (an upper bound on the characters of
+    text one token stands for: byte-level BPE spells each byte as one character)."""
+    try:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        return max((len(p) for p in pieces if isinstance(p, str)), default=16) or 16
+    except Exception:  # noqa: BLE001 - a tokenizer without a readable vocabulary
+        return 256
+
+
 def _start_model(st: ServerState, loaded) -> None:
     st.loaded = loaded
     model = loaded.model
     st.max_model_len = _context_length(model, st.settings)
     st.vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or len(loaded.tokenizer))
+    # 2x margin for normalisers that merge characters, plus room for a chat template
+    st.max_prompt_chars = 2 * st.max_model_len * longest_token_chars(loaded.tokenizer) + 4096
+    st.generation_defaults, max_new = generation_defaults(model)
+    if max_new is not None and "default_max_tokens" not in st.settings.model_fields_set:
+        st.default_max_tokens = max_new
+    if st.generation_defaults:
+        log.info("sampling defaults from the checkpoint's generation_config.json: %s", st.generation_defaults)
     st.metrics.load_seconds.set(getattr(loaded, "load_seconds", 0.0))
     st.engine = Engine(model, loaded.tokenizer, loaded.eos_token_ids, loaded.device,
                        max_queue=st.settings.max_queue, max_running=st.settings.max_running, metrics=st.metrics,
@@ -131,14 +175,14 @@ def _start_model(st: ServerState, loaded) -> None:
 
 
 class APIKeyMiddleware:
-    """Pure ASGI (streaming-safe): every route but /health needs ``Authorization: Bearer KEY``."""
+    """Pure ASGI (streaming-safe): every route but /health and /ping needs ``Authorization: Bearer KEY``."""
 
     def __init__(self, app, api_key: str) -> None:
         self.app = app
         self.key = api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") == "/health":
+        if scope["type"] != "http" or scope.get("path") in ("/health", "/ping"):
             return await self.app(scope, receive, send)
         given = b""
         for name, value in scope.get("headers", ()):
@@ -155,11 +199,14 @@ class APIKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``limit`` bytes with 413 (by Content-Length, or while reading)."""
+    """Refuse request bodies over ``limit`` bytes with 413 (by Content-Length, or while reading),
+    and bodies that pause for more than ``timeout`` seconds with 408 (a slow client holds no
+    connection for ever)."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -170,11 +217,21 @@ class BodyLimitMiddleware:
                 return await response(scope, receive, send)
         seen = 0
         exceeded = False
+        timed_out = False
+        body_done = False
 
         async def limited_receive():
-            nonlocal seen, exceeded
-            message = await receive()
+            nonlocal seen, exceeded, timed_out, body_done
+            if body_done or self.timeout is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.timeout)
+                except asyncio.TimeoutError:
+                    timed_out = True
+                    return {"type": "http.disconnect"}
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:  # no Content-Length (chunked): stop reading, answer 413 below
                     exceeded = True
@@ -182,16 +239,21 @@ class BodyLimitMiddleware:
             return message
 
         async def guarded_send(message):
-            if not exceeded:
+            if not (exceeded or timed_out):
                 await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if not (exceeded or timed_out):
                 raise
         if exceeded:
             await JSONResponse(envelope(413, self._message()), status_code=413)(scope, receive, send)
+        elif timed_out:
+            msg = (f"the request body stalled for more than {self.timeout:g} s; send it at once or raise "
+                   "--timeout-body (THAWED_TIMEOUT_BODY)")
+            response = JSONResponse(envelope(408, msg), status_code=408, headers={"Connection": "close"})
+            await response(scope, receive, send)
 
     def _message(self) -> str:
         return (f"the request body is larger than {self.limit} bytes; send less or raise "
@@ -233,16 +295,16 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
                 await asyncio.to_thread(st.engine.shutdown)
             if owns_model and st.loaded is not None:
                 st.loaded.close()
+            st.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="thawed", version=thawed_version(), lifespan=lifespan,
                   description="OpenAI- and TGI-compatible server over a lazily decoded thawed checkpoint")
     app.state.thawed = st
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, timeout=settings.timeout_body)
     if settings.api_key:  # added last = runs first: no body is read for an unauthenticated request
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
 
-    @app.get("/health")
     async def health(request: Request):
         s = state_of(request)
         if s.status == "ready" and s.engine is not None and s.engine.alive:
@@ -255,6 +317,13 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
             message = "the server is shutting down"
         return JSONResponse({"error": {"code": 503, "message": message, "type": "unavailable_error"}},
                             status_code=503, headers={"Retry-After": "5"})
+
+    # HEAD for load balancers and `curl -I`; /ping is SageMaker's (and vLLM's) readiness route
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/ping", health, methods=["GET"], operation_id="ping_get")
+    app.add_api_route("/ping", health, methods=["POST"], operation_id="ping_post", include_in_schema=False)
+    app.add_api_route("/ping", health, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/version")
     async def version():

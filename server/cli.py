@@ -48,6 +48,17 @@ _SERVE_FLAGS = [
     ("--served-model-name", "served_model_name", str,
      "model id in /v1/models (default: the checkpoint folder name) [THAWED_SERVED_MODEL_NAME]"),
     ("--log-level", "log_level", str, "debug | info | warning | error (default info) [THAWED_LOG_LEVEL]"),
+    ("--sse-keepalive", "sse_keepalive", float,
+     "seconds of silence after which a stream sends `: keep-alive` (default 15; 0 = never) [THAWED_SSE_KEEPALIVE]"),
+    ("--timeout-header", "timeout_header", float,
+     "seconds a client may take to send a request's line and headers; slower connections are closed "
+     "(default 10) [THAWED_TIMEOUT_HEADER]"),
+    ("--timeout-body", "timeout_body", float,
+     "longest pause while a request body is read; answered 408 (default 30) [THAWED_TIMEOUT_BODY]"),
+    ("--timeout-keep-alive", "timeout_keep_alive", float,
+     "seconds an idle keep-alive connection stays open (uvicorn; default 5) [THAWED_TIMEOUT_KEEP_ALIVE]"),
+    ("--limit-concurrency", "limit_concurrency", int,
+     "open connections + running requests before uvicorn answers 503 (default 256) [THAWED_LIMIT_CONCURRENCY]"),
 ]
 
 
@@ -105,11 +116,23 @@ def serve(settings) -> int:
     if not Path(settings.checkpoint).exists():
         raise ThawedError(f"checkpoint {settings.checkpoint} does not exist; give a directory written by "
                           "`thawed compress` (mounted read-only in a container)")
+    from .connections import MAX_HEADER_BYTES, bind_socket, protocol_class
+
     level = settings.log_level
     logging.getLogger("thawed").setLevel("DEBUG" if level == "trace" else level.upper())
+    sock = bind_socket(settings.host, settings.port)  # bind first: a busy port fails before the model loads
+    port = sock.getsockname()[1]
     app = create_app(settings)
-    log.info("serving %s on http://%s:%d", settings.checkpoint, settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=level, timeout_graceful_shutdown=10)
+    log.info("serving %s on http://%s:%d", settings.checkpoint, settings.host, port)
+    config = uvicorn.Config(app, log_level=level, timeout_graceful_shutdown=10,
+                            http=protocol_class(settings.timeout_header),
+                            timeout_keep_alive=settings.timeout_keep_alive,
+                            limit_concurrency=settings.limit_concurrency,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 

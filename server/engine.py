@@ -36,7 +36,8 @@ from typing import AsyncIterator, Sequence
 import torch
 from torch import nn
 
-from thawed.runtime.generate import SamplingParams, next_token
+from thawed.runtime.generate import SamplingParams, cache_kwargs, output_cache
+from thawed.runtime.sampling import process_logits, sample
 from thawed.runtime.stepper import Stepper, stepper_unsupported_reason
 
 from .detok import TextAssembler
@@ -133,7 +134,7 @@ class Job:
 
 class _Seq:
     __slots__ = ("job", "spec", "past", "batch", "history", "generator", "text", "n", "first_at", "last_at",
-                 "last_token", "slot", "pos")
+                 "last_token", "admitted", "slot", "pos")
 
     def __init__(self, job: Job, spec: SeqSpec, tokenizer) -> None:
         self.job = job
@@ -156,6 +157,7 @@ class _Seq:
         self.last_token: int | None = None
         self.slot: int | None = None  # row of the Stepper's KV cache (fast path)
         self.pos = 0  # tokens of this sequence in that cache
+        self.admitted = time.monotonic()
 
 
 class _Batch:
@@ -399,6 +401,11 @@ class Engine:
         self._drop(seq)  # free the slot before the client can see the end and send its next request
         self.metrics.request_success.labels(reason).inc()
         self.metrics.e2e.observe(time.monotonic() - seq.job.submitted)
+        self.metrics.request_prompt_tokens.observe(len(seq.spec.prompt_ids))
+        self.metrics.request_generation_tokens.observe(seq.n)
+        if seq.first_at is not None:
+            self.metrics.prefill_time.observe(seq.first_at - seq.admitted)
+            self.metrics.decode_time.observe(seq.last_at - seq.first_at)
         seq.job.emit(Finished(seq.spec.index, reason, delta, seq.text.output, seq.n))
 
     def _prefill(self, seq: _Seq) -> None:
@@ -419,7 +426,7 @@ class Engine:
                 return
             else:
                 out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            seq.past = out.past_key_values
+            seq.past = output_cache(out)
             reason = self._next(seq, out.logits[0, -1])
         if reason is not None:
             self._finish(seq, reason)
@@ -447,12 +454,14 @@ class Engine:
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
         self.metrics.batch_rows.observe(len(rows))
         with torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=batch.cache, use_cache=True, **kwargs)
-            batch.cache = out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **cache_kwargs(batch.cache), **kwargs)
+            batch.cache = output_cache(out)
             batch.length += 1
-            logits = out.logits[:, -1]
+            logits = out.logits[:, -1].float()
             del out
-            done = [(r, reason) for i, r in enumerate(rows) if (reason := self._next(r, logits[i])) is not None]
+            tokens = self._choose(rows, logits)  # the whole batch's logits processing at once
+            done = [(r, reason) for i, r in enumerate(rows)
+                    if (reason := self._next(r, logits[i], tokens[i])) is not None]
         for r, reason in done:
             self._finish(r, reason)
 
@@ -531,8 +540,10 @@ class Engine:
             if seq.spec.params.max_new_tokens == 0:
                 self._finish(seq, "length")
                 return
-        for seq, logits in zip(seqs, first):
-            reason = self._next(seq, logits)
+        batch = torch.stack(first)
+        tokens = self._choose(seqs, batch)
+        for i, seq in enumerate(seqs):
+            reason = self._next(seq, batch[i], tokens[i])
             if reason is not None:
                 self._finish(seq, reason)
 
@@ -544,7 +555,9 @@ class Engine:
             logits = self.stepper.forward(ids, 0, [r.pos for r in rows])
         for r in rows:
             r.pos += 1
-        done = [(r, reason) for i, r in enumerate(rows) if (reason := self._next(r, logits[i])) is not None]
+        tokens = self._choose(rows, logits)  # the whole batch's logits processing at once
+        done = [(r, reason) for i, r in enumerate(rows)
+                if (reason := self._next(r, logits[i], tokens[i])) is not None]
         for r, reason in done:
             self._finish(r, reason)
 
@@ -560,11 +573,21 @@ class Engine:
             tail.slot = i
             self._rows[i] = tail
 
-    def _next(self, seq: _Seq, logits: torch.Tensor) -> str | None:
-        """Choose, record and emit the next token from a [vocab] logits row; the finish reason or None."""
+    @staticmethod
+    def _choose(rows: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
+        """The next token of every row from fp32 logits [rows, vocab] (runtime.sampling)."""
+        params = [r.spec.params for r in rows]
+        generated = [r.history[len(r.spec.prompt_ids):] for r in rows]
+        x = process_logits(logits, params, generated, [r.history for r in rows])
+        return sample(x, params, [r.generator for r in rows])
+
+    def _next(self, seq: _Seq, logits: torch.Tensor, token: int | None = None) -> str | None:
+        """Record and emit the next token (chosen from the [vocab] logits row unless given); the
+        finish reason or None."""
         spec, p = seq.spec, seq.spec.params
         logits = logits.float()
-        token = next_token(logits, p, seq.generator, seq.history)
+        if token is None:
+            token = self._choose([seq], logits[None])[0]
         logp = torch.log_softmax(logits, dim=-1)
         lp = float(logp[token])
         top: tuple = ()

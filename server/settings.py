@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="when set, every route but /health needs `Authorization: Bearer KEY`")
     served_model_name: str | None = Field(None, description="model id reported by /v1/models; default: the checkpoint folder name")
     strict_model_name: bool = Field(False, description="reject requests whose `model` is not the served name")
+    sse_keepalive: float = Field(15.0, ge=0, description="seconds of silence after which a stream sends an SSE "
+                                 "comment (`: keep-alive`); 0 = never")
+    timeout_header: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers")
+    timeout_body: float = Field(30.0, gt=0, description="seconds a client may pause while sending a request body")
+    timeout_keep_alive: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    limit_concurrency: int | None = Field(256, ge=1, description="open connections + tasks before uvicorn "
+                                          "answers 503 (None: no limit)")
     preload: bool = Field(False, description="decode every layer before answering /health 200")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn / thawed log level")

@@ -1,7 +1,8 @@
 """Text Generation Inference (TGI) routes, for ``huggingface_hub.InferenceClient.text_generation``.
 
 ``POST /generate`` -> ``{"generated_text", "details"?}``; ``POST /generate_stream`` -> SSE token
-events, the last one with ``generated_text`` (and ``details``); ``POST /`` dispatches on
+events, the last one with ``generated_text`` (and ``details``), and no ``data: [DONE]`` (TGI sends
+none there; its own client fails on one); ``POST /`` dispatches on
 ``stream`` (the route ``InferenceClient(base_url).text_generation`` posts to); ``GET /info``.
 TGI keeps the stop sequence in the generated text and names finish reasons ``length``,
 ``eos_token``, ``stop_sequence``.
@@ -18,33 +19,60 @@ from fastapi.responses import Response, StreamingResponse
 
 from .app import ServerState, ready_state, thawed_version
 from .engine import ClientGone, Failed, Finished, Job, PromptScores, SeqSpec, TokenEvent, job_events
-from .errors import bad_request, envelope
-from .openai_routes import (SSE_DONE, SSE_HEADERS, _collect, check_length, num, sampling, sse, submit,
-                            token_text)
+from .errors import bad_request
+from .offloop import OffLoopRoute
+from .openai_routes import (KEEPALIVE, SSE_HEADERS, SSE_KEEPALIVE, _collect, check_length, check_text_length,
+                            default_max_tokens, encode, encode_prompt, num, off_loop, sampling, sse, submit,
+                            token_text, with_keepalive)
 from .schemas import TGIParameters, TGIRequest
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)  # bodies parsed and validated off the event loop
 
 _REASONS = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 
 
-def _job(st: ServerState, body: TGIRequest) -> tuple[Job, TGIParameters, list[int]]:
+def _check(st: ServerState, body: TGIRequest) -> TGIParameters:
+    """Everything about the request that needs no tokenizer (cheap, on the event loop)."""
     p = body.parameters or TGIParameters()
-    ids = list(st.tokenizer(body.inputs, add_special_tokens=True)["input_ids"])
-    if p.truncate is not None and len(ids) > p.truncate:
-        ids = ids[-p.truncate:]
+    if p.watermark:
+        raise bad_request("parameters.watermark: watermarking is not supported; leave it out or false",
+                          "parameters.watermark")
+    if p.grammar is not None:
+        raise bad_request("parameters.grammar: grammar-constrained generation is not supported; leave it out",
+                          "parameters.grammar")
+    if p.adapter_id:
+        raise bad_request("parameters.adapter_id: LoRA adapters are not supported; leave it out",
+                          "parameters.adapter_id")
+    if p.truncate is None:
+        check_text_length(st, len(body.inputs), "inputs")
+    stop = tuple(s for s in (p.stop or []) if s)
+    if len(stop) > 16:
+        raise bad_request(f"parameters.stop: at most 16 stop sequences, got {len(stop)}", "parameters.stop")
+    return p
+
+
+def _input_ids(st: ServerState, inputs: str, truncate: int | None) -> list[int]:
+    if truncate is not None:  # only the last tokens count: tokenise only the text they can come from
+        keep = 2 * (truncate + 1) * max(1, st.max_prompt_chars // max(1, 2 * st.max_model_len))
+        inputs = inputs[-keep:]
+        return encode(st, inputs)[-truncate:]
+    return encode_prompt(st, inputs, "inputs")
+
+
+async def _job(st: ServerState, body: TGIRequest) -> tuple[Job, TGIParameters, list[int]]:
+    p = _check(st, body)
+    do_sample = bool(p.do_sample) or any(v is not None for v in (p.temperature, p.top_p, p.top_k, p.typical_p))
+    temperature = (1.0 if p.temperature is None else p.temperature) if do_sample else 0.0
+    sampling(st, 1, p, prefix="parameters.", defaults=False, temperature=temperature)  # fail before tokenising
+    ids = await off_loop(st, _input_ids, st, body.inputs, p.truncate)
     if not ids:
         raise bad_request("inputs: the prompt is empty; give at least one token", "inputs")
     max_new = p.max_new_tokens
     if max_new is None:
-        max_new = max(1, min(st.settings.default_max_tokens, st.max_model_len - len(ids)))
+        max_new = default_max_tokens(st, len(ids))
     check_length(st, len(ids), max_new, field_tokens="parameters.max_new_tokens", field_prompt="inputs")
     stop = tuple(s for s in (p.stop or []) if s)
-    if len(stop) > 16:
-        raise bad_request(f"parameters.stop: at most 16 stop sequences, got {len(stop)}", "parameters.stop")
-    do_sample = bool(p.do_sample) or any(v is not None for v in (p.temperature, p.top_p, p.top_k))
-    temperature = (1.0 if p.temperature is None else p.temperature) if do_sample else 0.0
-    params = sampling(max_new, temperature, p.top_p, p.top_k, p.seed, p.repetition_penalty, False)
+    params = sampling(st, max_new, p, prefix="parameters.", defaults=False, temperature=temperature)
     spec = SeqSpec(index=0, prompt_ids=tuple(ids), params=params, stop=stop, include_stop=True,
                    prompt_logprobs=0 if (p.details and p.decoder_input_details) else None,
                    logprobs=p.top_n_tokens or 0, max_model_len=st.max_model_len)
@@ -60,7 +88,7 @@ def _top(tok, ev: TokenEvent, special_ids) -> list[dict]:
 
 
 async def _generate(st: ServerState, body: TGIRequest, request: Request):
-    job, p, ids = _job(st, body)
+    job, p, ids = await _job(st, body)
     result = await _collect(st, job, request)
     if result is None:
         return None
@@ -84,17 +112,21 @@ async def _generate(st: ServerState, body: TGIRequest, request: Request):
 
 
 async def _stream(st: ServerState, body: TGIRequest, request: Request) -> StreamingResponse:
-    job, p, ids = _job(st, body)
+    job, p, ids = await _job(st, body)
 
     async def events() -> AsyncIterator[str]:
         tok = st.tokenizer
         pending: TokenEvent | None = None
         n = 0
         try:
-            async with aclosing(job_events(st.engine, job, request.receive)) as evs:
+            async with aclosing(job_events(st.engine, job, request.receive)) as inner, \
+                    aclosing(with_keepalive(inner, st.settings.sse_keepalive)) as evs:
                 async for ev in evs:
-                    if isinstance(ev, Failed):
-                        yield sse({"error": envelope(500, ev.message)["error"], "error_type": "generation"})
+                    if ev is KEEPALIVE:
+                        yield SSE_KEEPALIVE
+                        continue
+                    if isinstance(ev, Failed):  # TGI's stream error: a string and its type
+                        yield sse({"error": ev.message, "error_type": "generation"})
                         break
                     if isinstance(ev, TokenEvent):
                         if pending is not None:  # the last token event carries the final text: hold one back
@@ -115,7 +147,7 @@ async def _stream(st: ServerState, body: TGIRequest, request: Request) -> Stream
                         yield sse({"index": n, "token": token, "generated_text": text, "details": details,
                                    "top_tokens": _top(tok, pending, st.engine.special_ids)
                                    if (p.top_n_tokens and pending is not None) else None})
-            yield SSE_DONE
+            # TGI ends /generate_stream with the event that carries generated_text: no [DONE]
         except ClientGone:
             return
 

@@ -19,13 +19,17 @@ def client(tiny_loaded):
         yield c
 
 
-def events(text: str) -> list:
-    """Parse an SSE body: every event is `data: <json>` and the last is `data: [DONE]`."""
-    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+def events(text: str, done: bool = True) -> list:
+    """Parse an SSE body: every event is `data: <json>` and the last is `data: [DONE]` (OpenAI
+    routes; ``done=False``: TGI's /generate_stream, which has none)."""
+    if done:
+        assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    else:
+        assert "[DONE]" not in text, text[-200:]
     blocks = text.split("\n\n")
     assert blocks[-1] == ""
     out = []
-    for block in blocks[:-2]:
+    for block in blocks[:-2] if done else blocks[:-1]:
         assert block.startswith("data: "), block
         out.append(json.loads(block[len("data: "):]))
     return out
@@ -213,7 +217,7 @@ def test_tgi_generate_stream_and_info(client):
     assert set(d["tokens"][0]) == {"id", "text", "logprob", "special"} and len(d["top_tokens"][0]) == 2
     assert "".join(t["text"] for t in d["tokens"]) == body["generated_text"]
     s = client.post("/generate_stream", json={"inputs": "the of", "parameters": {"max_new_tokens": 4, "details": True}})
-    evs = events(s.text)
+    evs = events(s.text, done=False)  # TGI frames no [DONE] on /generate_stream
     assert all(e["generated_text"] is None for e in evs[:-1])
     assert evs[-1]["generated_text"] == body["generated_text"] and evs[-1]["details"]["generated_tokens"] == len(evs)
     compat = client.post("/", json={"inputs": "the of", "parameters": {"max_new_tokens": 4}}).json()
@@ -244,9 +248,17 @@ def test_metrics_and_cache(client):
                  "thawed_generation_tokens_total", "thawed_request_success_total",
                  "thawed_time_to_first_token_seconds_bucket", "thawed_inter_token_latency_seconds_bucket",
                  "thawed_e2e_request_latency_seconds_bucket", "thawed_cache_hits_total", "thawed_cache_misses_total",
-                 "thawed_cache_evictions_total", "thawed_cache_bytes", 'thawed_layer_decode_seconds_total{codec="rtn",device="cpu"}',
-                 "thawed_model_load_seconds"):
+                 "thawed_cache_evictions_total", "thawed_cache_bytes",
+                 'thawed_layer_decode_seconds_total{codec="rtn",device="cpu",model_name="tiny"}',
+                 "thawed_model_load_seconds", "thawed_request_prompt_tokens_bucket",
+                 "thawed_request_generation_tokens_bucket", "thawed_request_prefill_time_seconds_bucket",
+                 "thawed_request_decode_time_seconds_bucket", "process_resident_memory_bytes",
+                 "python_gc_collections_total"):
         assert name in text, name
+    # every thawed_ series carries the model name (as vLLM's do); the process ones do not
+    thawed = [line for line in text.splitlines() if line.startswith("thawed_")]
+    assert thawed and all('model_name="tiny"' in line for line in thawed), [x for x in thawed if "model_name" not in x]
+    assert 'thawed_request_generation_tokens_count{model_name="tiny"} ' in text
     assert ":" not in "".join(line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#"))
     cache = client.get("/v1/cache").json()
     assert cache["lazy"] is True and cache["decoded_layers"] >= 1 and cache["misses"] >= 1

@@ -169,7 +169,7 @@ def test_model_failure_mid_generation(tiny_loaded):
         failing.fail_after = None  # the server keeps serving
         r = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 3})
         assert r.status_code == 200 and c.get("/health").status_code == 200
-        assert "thawed_request_errors_total 2.0" in c.get("/metrics").text
+        assert 'thawed_request_errors_total{model_name="tiny"} 2.0' in c.get("/metrics").text
 
 
 def test_request_body_too_large(tiny_loaded):

@@ -17,9 +17,14 @@ DELAY = 0.05  # seconds per forward of the slowed model
 
 
 def metric(url: str, name: str) -> float:
+    """The value of ``name`` (``thawed_x`` or ``thawed_x{label="v"}``: those labels among others,
+    such as the model_name every series carries)."""
+    base, _, labels = name.partition("{")
+    want = [f"{kv}" for kv in labels.rstrip("}").split(",") if kv]
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] == base and all(kv in head for kv in want):
+            return float(value)
     return 0.0
 
 
