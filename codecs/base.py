@@ -286,6 +286,17 @@ def get_codec(name: str) -> type[Codec]:
         ) from None
 
 
+def row_ids(codec: str, spec: TensorSpec, ids: Tensor, device: torch.device) -> Tensor:
+    """``decode_rows``' ids checked against a 2-D tensor's rows, flattened to int64 on ``device``."""
+    if len(spec.shape) != 2:
+        raise CodecError(f"tensor {spec.name!r}: {codec} decode_rows needs a 2-D tensor, got {list(spec.shape)}")
+    flat = ids.reshape(-1).to(device=device, dtype=torch.int64)
+    rows = spec.shape[0]
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+        raise CodecError(f"tensor {spec.name!r}: row ids must be in 0..{rows - 1}, got {int(flat.min())}..{int(flat.max())}")
+    return flat
+
+
 def check_param(codec: str, tensor: str, params: Mapping[str, Any], key: str, typ: type,
                 lo: float | None = None, hi: float | None = None) -> Any:
     """Read a required param and check its type and range; errors name tensor and param."""

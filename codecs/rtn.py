@@ -45,7 +45,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param, row_ids
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
 
@@ -164,12 +164,8 @@ class Rtn(Codec, name="rtn", version=1):
         """Rows ``ids`` (int, any shape ``S``) of the decoded 2-D tensor, shape ``S + [n]``, reading
         only their codes (an embedding lookup that never decodes the table). Equal to
         ``decode(...)[ids]`` (tested)."""
-        if len(spec.shape) != 2:
-            raise CodecError(f"tensor {spec.name!r}: rtn decode_rows needs a 2-D tensor, got {list(spec.shape)}")
+        flat = row_ids(cls.name, spec, ids, device)
         m, n = spec.shape
-        flat = ids.reshape(-1).to(device=device, dtype=torch.int64)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= m):
-            raise CodecError(f"tensor {spec.name!r}: row ids must be in 0..{m - 1}, got {int(flat.min())}..{int(flat.max())}")
         f = cls.checked_fields(enc, spec, device)
         bits, g = enc.params["bits"], enc.params["group_size"]
         codes = f["codes"]

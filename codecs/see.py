@@ -61,7 +61,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param, row_ids
 from .bitpack import pack_bits
 from .errors import CodecError, CorruptPayloadError
 from .rtn import F16_MAX, _f16_up, _matrix_shape, quantize, unpack_codes
@@ -445,12 +445,8 @@ class See(Codec, name="see", version=1):
                     device: torch.device, dtype: torch.dtype) -> Tensor:
         """Rows ``ids`` (int, any shape ``S``) of the decoded tensor, shape ``S + [d]``, without decoding
         the rest. Equal to ``decode(...)[ids]`` (tested)."""
-        if len(spec.shape) != 2:
-            raise CodecError(f"tensor {spec.name!r}: see decode_rows needs a 2-D tensor, got {list(spec.shape)}")
+        flat = row_ids(cls.name, spec, ids, device)
         v, d = spec.shape
-        flat = ids.reshape(-1).to(device=device, dtype=torch.int64)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= v):
-            raise CodecError(f"tensor {spec.name!r}: row ids must be in 0..{v - 1}, got {int(flat.min())}..{int(flat.max())}")
         f = cls.checked_fields(enc, spec, device)
         if enc.params["mode"] == "rows":
             out = cls._rows(f, enc.params, spec, flat)
