@@ -27,6 +27,7 @@ from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
 from .rowwise import attach_rowwise_embedding
 from .skeleton import build_skeleton, load_config, tied_sources
+from .validate import check_config, check_entries_used, check_finite
 
 __all__ = ["RuntimeConfig", "LazyModel", "resolve_device", "resolve_dtype", "parse_budget"]
 
@@ -174,6 +175,7 @@ class LazyModel:
     def _build(cls, ckpt: Checkpoint, config: RuntimeConfig, device: torch.device,
                dtype: torch.dtype, t0: float) -> "LazyModel":
         hf_config = load_config(ckpt.config_dir)
+        check_config(hf_config, ckpt.index, ckpt.config_dir)
         model = build_skeleton(hf_config, dtype)
         tied = tied_sources(model)
         index = ckpt.index
@@ -190,6 +192,8 @@ class LazyModel:
                     f"the checkpoint {ckpt.path} has no tensor for parameter {name!r} of "
                     f"{type(model).__name__}; it was compressed from a different model or is incomplete"
                 )
+
+        check_entries_used(ckpt.payload_path, index, param_key.values())
 
         payload_cache: dict[str, Encoded] = {}
         payload_lock = threading.Lock()
@@ -213,6 +217,7 @@ class LazyModel:
             entry = index[key]
             enc = payload(key)
             weight = get_codec(entry.codec).decode(enc, entry.spec, shared_cache[entry.codec], device, dtype)
+            check_finite(ckpt.payload_path, entry, weight)
             ready = None
             if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
                 ready = torch.cuda.Event()
