@@ -22,6 +22,7 @@ from thawed.codecs.errors import ThawedError
 from .plan import CodecChoice, Plan
 from .skeleton import build_skeleton, load_config, tensor_roles
 from .source import SourceModel
+from .validate import mark_nonfinite
 from .writer import CheckpointWriter, check_output_path
 
 __all__ = ["compress", "CompressReport"]
@@ -112,6 +113,7 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                         importance=None if gram is None else torch.diagonal(gram).clone()))
                 except ThawedError as exc:
                     raise ThawedError(f"tensor {name!r} ({choice}): {exc}") from exc
+                enc = mark_nonfinite(codec.name, weight, enc)  # a lossless copy of NaN/Inf says so
                 writer.add(spec, codec.name, codec.version, enc)
                 counts[codec.name] = counts.get(codec.name, 0) + 1
                 del weight, enc

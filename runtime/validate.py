@@ -20,10 +20,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from thawed.codecs.base import Encoded
+
 from .errors import ConfigError, IndexMismatchError, NonFiniteError
 from .format import IndexEntry
 
-__all__ = ["check_config", "check_entries_used", "check_finite", "NONFINITE_CODECS", "block_count"]
+__all__ = ["check_config", "check_entries_used", "check_finite", "mark_nonfinite", "NONFINITE_CODECS", "block_count"]
 
 # Codecs that reproduce their input bit for bit; only these may hand back NaN/Inf, and only when
 # the encoder recorded ``"nonfinite": true`` (the source tensor had them).
@@ -123,3 +125,11 @@ def check_finite(payload: Path, entry: IndexEntry, value: torch.Tensor) -> None:
         f"{payload}: tensor {entry.name!r} (codec {entry.codec!r}) decodes to NaN or Inf, which its source did not "
         "have: the payload was damaged or forged after the checksum was computed; re-run `thawed compress`"
     )
+
+
+def mark_nonfinite(codec: str, weight: torch.Tensor, enc: Encoded) -> Encoded:
+    """At compress time: record ``"nonfinite": true`` in the params of a lossless payload whose
+    source holds NaN/Inf, so ``check_finite`` lets exactly those through at decode time."""
+    if codec in NONFINITE_CODECS and weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        return Encoded(enc.fields, dict(enc.params) | {"nonfinite": True})
+    return enc
