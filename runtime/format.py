@@ -532,6 +532,8 @@ def parse_header(raw: bytes, file_nbytes: int, path: Path) -> Header:
             raise HeaderError(f"{path}: __metadata__ has no {key!r}; {_NOT_OURS}. {_RECOMPRESS}")
     if version >= 2:
         _check_seal(raw, meta.get(HEADER_CHECKSUM_KEY), path)
+    if not meta["source"].isprintable():
+        raise HeaderError(f"{path}: __metadata__['source'] holds control characters; {_NOT_OURS}. {_RECOMPRESS}")
     settings = _loads(meta["settings"], "__metadata__['settings']", path)
     if not isinstance(settings, dict):
         raise HeaderError(f"{path}: __metadata__['settings'] is not a JSON object; {_NOT_OURS}. {_RECOMPRESS}")

@@ -16,6 +16,7 @@ from torch import nn
 from .errors import ConfigError
 from .errors_text import one_line
 from .files import read_json_file
+from .validate import check_config_json
 
 __all__ = ["load_config", "build_skeleton", "tensor_roles", "tied_sources"]
 
@@ -31,6 +32,7 @@ def load_config(path: str | Path):
             raise ValueError("config.json is not a JSON object")
     except ValueError as exc:
         raise ConfigError(f"{cfg_file}: {exc}. The folder needs the config.json of a transformers model") from None
+    check_config_json(raw, cfg_file)
     try:
         return AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001 - config.json is input: any failure is the file's, not a bug

@@ -25,7 +25,7 @@ from thawed.codecs.base import Encoded
 from .errors import ConfigError, IndexMismatchError, NonFiniteError
 from .format import IndexEntry
 
-__all__ = ["check_config", "check_entries_used", "check_finite", "mark_nonfinite", "NONFINITE_CODECS", "block_count"]
+__all__ = ["check_config", "check_config_json", "check_entries_used", "check_finite", "mark_nonfinite", "NONFINITE_CODECS", "block_count"]
 
 # Codecs that reproduce their input bit for bit; only these may hand back NaN/Inf, and only when
 # the encoder recorded ``"nonfinite": true`` (the source tensor had them).
@@ -58,19 +58,31 @@ def block_count(index: Iterable[str]) -> int:
     return max(best.values(), default=0)
 
 
-def check_config(config: Any, index: Mapping[str, IndexEntry], folder: Path) -> None:
-    """Refuse a config whose sizes are impossible or disagree with the payload index."""
-    where = f"{Path(folder) / 'config.json'}"
-    cfg = _text_config(config)
+def _sizes(raw: Mapping[str, Any], where: str) -> dict[str, int]:
     values: dict[str, int] = {}
     for key in _INT_KEYS:
-        v = getattr(cfg, key, None)
+        v = raw.get(key)
         if v is None:
             continue
         hi = _MAX_POSITIONS if key == "max_position_embeddings" else _MAX_SIZE
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
             raise ConfigError(f"{where}: {key}={v!r} must be an integer in [1, {hi}]; {_FIX}")
         values[key] = v
+    return values
+
+
+def check_config_json(raw: Mapping[str, Any], path: Path) -> None:
+    """The sizes in config.json's raw JSON (and its ``text_config``), before transformers divides by them."""
+    _sizes(raw, str(path))
+    if isinstance(raw.get("text_config"), Mapping):
+        _sizes(raw["text_config"], f"{path} (text_config)")
+
+
+def check_config(config: Any, index: Mapping[str, IndexEntry], folder: Path) -> None:
+    """Refuse a config whose sizes are impossible or disagree with the payload index."""
+    where = f"{Path(folder) / 'config.json'}"
+    cfg = _text_config(config)
+    values = _sizes({key: getattr(cfg, key, None) for key in _INT_KEYS}, where)
     hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
     head_dim = values.get("head_dim")
     if hidden and heads and hidden % heads and (head_dim is None or head_dim == hidden // heads):
