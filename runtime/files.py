@@ -82,14 +82,16 @@ def read_json_file(path: Path, what: str, max_depth: int = MAX_CONFIG_JSON_DEPTH
     problem = special_file_problem(path)
     if problem:
         raise ValueError(f"{what} {problem}")
-    size = os.stat(path).st_size
-    if size > MAX_JSON_FILE_BYTES:
-        raise ValueError(f"{what} is {size} bytes, above the limit of {MAX_JSON_FILE_BYTES}")
     try:
+        size = os.stat(path).st_size
+        if size > MAX_JSON_FILE_BYTES:
+            raise ValueError(f"{what} is {size} bytes, above the limit of {MAX_JSON_FILE_BYTES}")
         text = Path(path).read_bytes().decode("utf-8")
         value = json.loads(text)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{what} cannot be read ({exc.strerror or exc}); check its permissions") from None
     except RecursionError:
         raise ValueError(f"{what} nests too deeply") from None
     except json.JSONDecodeError as exc:

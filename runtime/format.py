@@ -34,6 +34,7 @@ from thawed.codecs.base import ROLES, FieldSpec, TensorSpec, get_codec
 from thawed.codecs.errors import CodecError, UnknownCodecError
 
 from .errors import (
+    CheckpointNotFoundError,
     ChecksumError,
     FieldMismatchError,
     HeaderError,
@@ -465,7 +466,14 @@ def _shape(value: Any, path: Path, what: str) -> tuple[int, ...]:
 def read_header(path: str | Path) -> Header:
     """Read and validate the header of payload file ``path``. Reads 8 + N bytes, nothing else."""
     path = Path(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointNotFoundError(
+            f"{path} cannot be read ({exc.strerror or exc}); check that it exists and that this user may read "
+            "it (thawed writes checkpoints 0644 less the umask)"
+        ) from None
+    with f:
         size = f.seek(0, 2)
         f.seek(0)
         if size < 8:
