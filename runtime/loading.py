@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,6 @@ from torch import nn
 from thawed.codecs.errors import ThawedError
 
 from .errors_text import one_line
-from .format import PAYLOAD_FILE
 from .marker import is_thawed_folder
 from .model import LazyModel, RuntimeConfig, resolve_device, resolve_dtype
 
@@ -27,7 +27,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
     Such a path is only ever opened by the thawed reader, never by the dense loader."""
     p = Path(path)
-    return is_thawed_folder(p) or (not p.is_dir() and p.name == PAYLOAD_FILE)
+    return is_thawed_folder(p) or (os.path.lexists(p) and not p.is_dir() and p.name.endswith(".safetensors"))
 
 
 def load_tokenizer(path: str | Path):
