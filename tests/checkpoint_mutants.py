@@ -185,11 +185,10 @@ def _lie_edits(rng: random.Random) -> list[tuple[str, Callable[[dict, dict, dict
         else:
             p[key] = r.choice([None, 1, "x", [v]])
 
-    def group_size_33(h, i, m, d):
-        for e in i.values():
-            if e["codec"] == "rtn" and e["params"].get("group_size") == 32:
-                e["params"]["group_size"] = 33
-                return
+    def group_size_plus_one(h, i, m, d):  # the issue's 32 -> 33: same group count, other meaning
+        name = _pick(r, i, lambda n, e: e["codec"] in ("rtn", "hyperc") and "group_size" in e["params"])
+        if name is not None:
+            i[name]["params"]["group_size"] += 1
 
     def unknown_param(h, i, m, d):
         name = _pick(r, i)
@@ -262,7 +261,7 @@ def _lie_edits(rng: random.Random) -> list[tuple[str, Callable[[dict, dict, dict
         key = r.choice(["format", "format_version", "shared", "source", "index"])
         m[key] = r.choice(["", "2", "3", "{}", "\x1b[2J", "[1]", "1" * 20])
 
-    return [("a param edited", param_edit), ("rtn group_size 32 -> 33", group_size_33),
+    return [("a param edited", param_edit), ("group_size g -> g+1 (rtn 32 -> 33)", group_size_plus_one),
             ("an unknown param added", unknown_param), ("two tensors' offsets and checksums swapped", swap_tensors),
             ("an index shape edited", shape_edit), ("an index dtype edited", dtype_edit),
             ("an entry's codec changed", codec_edit), ("codec_version edited", version_edit),
