@@ -25,7 +25,8 @@ from thawed.codecs.base import Encoded
 from .errors import ConfigError, IndexMismatchError, NonFiniteError
 from .format import IndexEntry
 
-__all__ = ["check_config", "check_config_json", "check_entries_used", "check_finite", "mark_nonfinite", "NONFINITE_CODECS", "block_count"]
+__all__ = ["check_config", "check_config_json", "check_entries_used", "check_finite", "mark_nonfinite",
+           "NONFINITE_CODECS", "block_counts"]
 
 # Codecs that reproduce their input bit for bit; only these may hand back NaN/Inf, and only when
 # the encoder recorded ``"nonfinite": true`` (the source tensor had them).
@@ -48,14 +49,14 @@ def _text_config(config: Any) -> Any:
         return config
 
 
-def block_count(index: Iterable[str]) -> int:
-    """The number of repeated blocks the index names (``model.layers.<i>.`` → max i + 1); 0 if none."""
+def block_counts(index: Iterable[str]) -> dict[str, int]:
+    """Repeated blocks per prefix the index names: ``model.layers.<i>.`` -> {"model.layers": max i + 1}."""
     best: dict[str, int] = {}
     for name in index:
         m = _BLOCK_RE.match(name)
         if m:
             best[m.group(1)] = max(best.get(m.group(1), 0), int(m.group(2)) + 1)
-    return max(best.values(), default=0)
+    return best
 
 
 def _sizes(raw: Mapping[str, Any], where: str) -> dict[str, int]:
@@ -101,15 +102,16 @@ def check_config(config: Any, index: Mapping[str, IndexEntry], folder: Path) -> 
             raise ConfigError(f"{where}: {key}={act!r} is not an activation transformers knows "
                               f"(e.g. silu, gelu, gelu_pytorch_tanh, relu); {_FIX}")
     layers = values.get("num_hidden_layers")
-    blocks = block_count(index)
-    if layers is not None and blocks and layers != blocks:
-        raise ConfigError(f"{where}: num_hidden_layers={layers} but the payload index holds {blocks} layers; {_FIX}")
+    blocks = block_counts(index)
+    if layers is not None and blocks and layers not in blocks.values():
+        held = ", ".join(f"{n} blocks under {p!r}" for p, n in blocks.items())
+        raise ConfigError(f"{where}: num_hidden_layers={layers} but the payload index holds {held}; {_FIX}")
     embeds = [e for e in index.values() if e.role == "embedding" and len(e.shape) == 2]
     vocab = values.get("vocab_size")
-    if embeds and vocab is not None and vocab != embeds[0].shape[0]:
+    if embeds and vocab is not None and all(vocab != e.shape[0] for e in embeds):
         raise ConfigError(f"{where}: vocab_size={vocab} but the embedding {embeds[0].name!r} has "
                           f"{embeds[0].shape[0]} rows; {_FIX}")
-    if embeds and hidden is not None and hidden != embeds[0].shape[1]:
+    if embeds and hidden is not None and all(hidden != e.shape[1] for e in embeds):
         raise ConfigError(f"{where}: hidden_size={hidden} but the embedding {embeds[0].name!r} is "
                           f"{embeds[0].shape[1]} wide; {_FIX}")
 

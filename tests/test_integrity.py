@@ -147,7 +147,7 @@ def test_lowering_num_hidden_layers_is_refused(ckpt):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError) as info:
         _load_forward(ckpt)
-    _one_line(info.value, "config.json", "num_hidden_layers=1", "2 layers")
+    _one_line(info.value, "config.json", "num_hidden_layers=1", "2 blocks under 'model.layers'")
 
 
 def test_every_index_entry_must_be_used(ckpt):
