@@ -251,6 +251,14 @@ def test_writer_refuses_a_folder_that_is_not_empty(tiny_ckpt):
     assert partial_folders(tiny_ckpt) == []
 
 
+def test_writer_names_hidden_leftovers_of_older_versions(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / ".model.thawed.safetensors.abc.4.part").write_bytes(b"x")  # what a killed v1 writer left
+    with pytest.raises(WriterError, match=r"not empty \(it holds \.model\.thawed\.safetensors\.abc\.4\.part\)"):
+        CheckpointWriter(out, source="s", settings={})
+
+
 def test_writer_refuses_a_file_as_output(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(WriterError, match="exists and is not a folder"):
