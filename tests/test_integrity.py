@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_mutants import _edit, reference_logits
+from checkpoint_mutants import _edit
 from models_fixtures import tiny_llama_dir  # noqa: F401
 
 from thawed.codecs import EncodeContext, Encoded, TensorSpec, ThawedError, get_codec
