@@ -315,3 +315,21 @@ def check_param(codec: str, tensor: str, params: Mapping[str, Any], key: str, ty
             f"tensor {tensor!r}: codec {codec!r} param {key!r}={val!r} is outside [{lo}, {hi}]"
         )
     return val
+
+
+def check_known_params(codec: str, tensor: str, params: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    """Refuse a param the codec never writes (a typo, an edit, another codec's payload): every
+    ``expected_fields`` calls it, so no key of ``params`` escapes validation."""
+    extra = sorted(k for k in params if k not in known)
+    if extra:
+        raise CodecError(
+            f"tensor {tensor!r}: codec {codec!r} has no param {extra[0]!r} (its params are "
+            f"{', '.join(known) or 'none'}); the index is damaged or was edited"
+        )
+
+
+def check_nonfinite_flag(codec: str, tensor: str, params: Mapping[str, Any]) -> None:
+    """``"nonfinite": true`` (the source tensor held NaN/Inf, kept bit for bit) is the only value allowed."""
+    if "nonfinite" in params and params["nonfinite"] is not True:
+        raise CodecError(f"tensor {tensor!r}: codec {codec!r} param 'nonfinite' must be true when present, "
+                         f"got {params['nonfinite']!r}")

@@ -62,7 +62,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError, CorruptPayloadError
 from .rtn import _matrix_shape, unpack_codes
@@ -247,6 +247,7 @@ class Cvxq(Codec, name="cvxq", version=1):
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        check_known_params(cls.name, spec.name, params, ("group_rows", "counts", "bias"))
         gr = check_param(cls.name, spec.name, params, "group_rows", int, 1, MAX_GROUP_ROWS)
         counts = check_param(cls.name, spec.name, params, "counts", list)
         m, n, g, r = group_layout(tuple(spec.shape), gr)

@@ -64,7 +64,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError, CorruptPayloadError
 from .rtn import F16_MAX, _f16_down, _f16_up, _matrix_shape, unpack_codes
@@ -378,6 +378,7 @@ class HyperC(Codec, name="hyperc", version=1):
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        check_known_params(cls.name, spec.name, params, ("dim", "index_bits", "points", "generator", "group_size"))
         dim = check_param(cls.name, spec.name, params, "dim", int, 1, MAX_DIM)
         B = check_param(cls.name, spec.name, params, "index_bits", int, 1, MAX_INDEX_BITS)
         K = check_param(cls.name, spec.name, params, "points", int, 2, 1 << B)

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from . import rans
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params,
+                   check_nonfinite_flag, check_param)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
 
@@ -125,6 +126,8 @@ class Lossless(Codec, name="lossless", version=1):
 
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        check_known_params(cls.name, spec.name, params, ("n", "lanes", "precision_bits", "n_words", "nonfinite"))
+        check_nonfinite_flag(cls.name, spec.name, params)
         _, ebits, _ = _layout(spec)
         n = check_param(cls.name, spec.name, params, "n", int, 0, _MAX_N)
         if n != spec.numel:

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from . import nwc_rans
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
+from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
 from .errors import CodecError, CorruptPayloadError
 from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, rate_index
 
@@ -269,6 +269,8 @@ class Nwc(Codec, name="nwc", version=1):
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        check_known_params(cls.name, spec.name, params, ("rows", "cols", "lanes", "n_words", "precision_bits", "grid",
+                                                          "dec_hidden", "rate"))
         if len(spec.shape) != 2:
             raise CodecError(f"tensor {spec.name!r}: codec 'nwc' stores 2-D tensors, the index says {list(spec.shape)}")
         rows = check_param(cls.name, spec.name, params, "rows", int, 1, _MAX_DIM)
@@ -282,6 +284,8 @@ class Nwc(Codec, name="nwc", version=1):
         check_param(cls.name, spec.name, params, "precision_bits", int, 8, 15)
         check_param(cls.name, spec.name, params, "grid", int, 1, 256)
         check_param(cls.name, spec.name, params, "dec_hidden", int, 1, 4096)
+        if "rate" in params:  # informational (the planned rate), but still checked
+            check_param(cls.name, spec.name, params, "rate", float, 0, 64)
         return {"row_scale": FieldSpec(torch.float16, (rows,)), "levels": FieldSpec(torch.uint8, (cols,)),
                 "states": FieldSpec(torch.int32, (lanes,)), "lane_words": FieldSpec(torch.int32, (lanes,)),
                 "words": FieldSpec(torch.int16, (n_words,))}

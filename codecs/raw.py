@@ -7,7 +7,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec
+from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params,
+                   check_nonfinite_flag)
 
 __all__ = ["Raw"]
 
@@ -30,4 +31,6 @@ class Raw(Codec, name="raw", version=1):
 
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        check_known_params(cls.name, spec.name, params, ("nonfinite",))
+        check_nonfinite_flag(cls.name, spec.name, params)
         return {"data": FieldSpec(spec.dtype, tuple(spec.shape))}

@@ -45,7 +45,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param, row_ids
+from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params,
+                   check_param, row_ids)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
 
@@ -126,6 +127,7 @@ class Rtn(Codec, name="rtn", version=1):
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        check_known_params(cls.name, spec.name, params, ("bits", "group_size"))
         bits = check_param(cls.name, spec.name, params, "bits", int, MIN_BITS, MAX_BITS)
         g = check_param(cls.name, spec.name, params, "group_size", int, 1, MAX_GROUP)
         m, n = _matrix_shape(tuple(spec.shape))

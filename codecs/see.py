@@ -61,7 +61,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param, row_ids
+from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params,
+                   check_param, row_ids)
 from .bitpack import pack_bits
 from .errors import CodecError, CorruptPayloadError
 from .rtn import F16_MAX, _f16_up, _matrix_shape, quantize, unpack_codes
@@ -333,6 +334,8 @@ class See(Codec, name="see", version=1):
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:
+        check_known_params(cls.name, spec.name, params, ("mode", "p", "q", "rank", "units", "core_bits", "m1", "n1", "m2",
+                                                          "n2", "factor_bits", "residual_bits", "residual_group"))
         p_ = lambda key, typ, lo=None, hi=None: check_param(cls.name, spec.name, params, key, typ, lo, hi)  # noqa: E731
         mode = p_("mode", str)
         fb = p_("factor_bits", int, 8, 16)

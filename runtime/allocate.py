@@ -132,13 +132,14 @@ def estimate_header_bytes(entries: list[tuple[str, TensorSpec, str, int, dict, d
     """The payload file's header as the writer will encode it, from planned entries
     ``(name, spec, codec, codec_version, fields {name: (dtype, shape)}, params)``. Offsets and
     checksums take their final widths; the result is within a few hundred bytes."""
-    from .format import (DTYPE_TO_CODE, FORMAT_NAME, FORMAT_VERSION, encode_header, encode_index, field_key,
-                         index_entry_dict)
+    from .format import (DTYPE_TO_CODE, FORMAT_NAME, FORMAT_VERSION, HEADER_CHECKSUM_KEY, encode_header,
+                         encode_index, field_key, index_entry_dict)
 
     json_dumps = __import__("json").dumps
     index = [(name, index_entry_dict(spec, codec, ver, list(fields), params, "crc32:00000000"))
              for name, spec, codec, ver, fields, params in entries]
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "index": encode_index(index),
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), HEADER_CHECKSUM_KEY: "crc32:00000000",
+            "index": encode_index(index),
             "shared": "{}", "shared_checksums": "{}", "source": src,
             "settings": json_dumps(settings, sort_keys=True, separators=(",", ":"))}
     off = file_bytes  # every offset gets the width of the largest one

@@ -10,6 +10,8 @@ read. Tensors handed out keep the mapping alive after ``close``.
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,28 @@ from torch import Tensor
 from thawed.codecs.base import Encoded, get_codec
 
 from .errors import ChecksumError, CheckpointNotFoundError, FormatError, TensorNotFoundError, TruncatedFileError
-from .format import PAYLOAD_FILE, Header, IndexEntry, TensorInfo, crc32_of, field_key, read_header, shared_key
+from .files import special_file_problem
+from .format import (
+    DTYPE_TO_CODE,
+    PAYLOAD_FILE,
+    Header,
+    IndexEntry,
+    TensorInfo,
+    crc32_of,
+    field_key,
+    read_header,
+    shared_digest_seed,
+    shared_key,
+)
+from .marker import check_folder
+from .validate import check_finite
 
 __all__ = ["Checkpoint"]
 
-_REFETCH = "the file is corrupted (a damaged copy or download, or a disk error); copy it again or re-run `thawed compress`"
+log = logging.getLogger(__name__)
+
+_REFETCH = ("the file is corrupted or was edited (a damaged copy or download, a disk error, or a changed name, codec "
+            "or params: version 2 checksums cover those too); copy it again or re-run `thawed compress`")
 
 
 class Checkpoint:
@@ -45,17 +64,27 @@ class Checkpoint:
         """Open a checkpoint directory (or its payload file). Validates the whole header first."""
         p = Path(path)
         if p.is_dir():
-            payload = p / PAYLOAD_FILE
-            if not payload.is_file():
-                raise CheckpointNotFoundError(
-                    f"{p} has no {PAYLOAD_FILE}, so it is not a thawed checkpoint; create one with `thawed compress`"
-                )
-            directory = p
-        elif p.is_file():
+            directory, payload = p, p / PAYLOAD_FILE
+            check_folder(directory)
+        elif os.path.lexists(p) and not p.name.endswith(".safetensors"):
+            raise CheckpointNotFoundError(
+                f"{p} is neither a folder nor a .safetensors file; give a thawed checkpoint directory or its {PAYLOAD_FILE}"
+            )
+        elif os.path.lexists(p):
             payload, directory = p, p.parent
         else:
             raise CheckpointNotFoundError(f"{p} does not exist; give a thawed checkpoint directory or its {PAYLOAD_FILE}")
+        problem = special_file_problem(payload)
+        if problem:
+            raise CheckpointNotFoundError(
+                f"{payload} {problem}; a thawed checkpoint's payload must be a regular file. Copy the "
+                "checkpoint again or re-run `thawed compress`"
+            )
         header = read_header(payload)
+        if header.format_version < 2:
+            log.warning("%s is format version %d: its checksums cover field bytes only, so the names and params "
+                        "in its index are not checked; re-run `thawed compress` to write version 2",
+                        payload, header.format_version)
         try:  # a private (copy-on-write) mapping: nothing is read until a field is used
             storage = torch.UntypedStorage.from_file(str(payload), shared=False, nbytes=header.file_nbytes)
         except RuntimeError as exc:
@@ -130,7 +159,8 @@ class Checkpoint:
         with self._lock:
             verified = name in self._verified
         if not verified:
-            got = crc32_of(fields[f] for f in entry.fields)
+            seed = entry.digest_seed() if self._header.format_version >= 2 else 0
+            got = crc32_of((fields[f] for f in entry.fields), seed)
             if got != entry.checksum:
                 raise ChecksumError(
                     f"{self.payload_path}: tensor {name!r} (fields {', '.join(entry.fields)}) has checksum "
@@ -147,7 +177,11 @@ class Checkpoint:
         with self._lock:
             verified = codec in self._verified_shared
         if keys and not verified:
-            got, want = crc32_of(out.values()), self._header.shared_checksums[codec]
+            seed = 0
+            if self._header.format_version >= 2:
+                infos = [self._header.tensors[shared_key(codec, k)] for k in keys]
+                seed = shared_digest_seed(codec, ((k, DTYPE_TO_CODE[i.dtype], i.shape) for k, i in zip(keys, infos)))
+            got, want = crc32_of(out.values(), seed), self._header.shared_checksums[codec]
             if got != want:
                 raise ChecksumError(
                     f"{self.payload_path}: the shared state of codec {codec!r} ({', '.join(keys)}) has checksum "
@@ -166,7 +200,9 @@ class Checkpoint:
         if dev.type != "cpu":
             enc = enc.to(dev)
             shared = {k: v.to(dev) for k, v in shared.items()}
-        return get_codec(entry.codec).decode(enc, entry.spec, shared, dev, dtype or entry.dtype)
+        value = get_codec(entry.codec).decode(enc, entry.spec, shared, dev, dtype or entry.dtype)
+        check_finite(self.payload_path, entry, value)
+        return value
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:

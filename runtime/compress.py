@@ -22,7 +22,8 @@ from thawed.codecs.errors import ThawedError
 from .plan import CodecChoice, Plan
 from .skeleton import build_skeleton, load_config, tensor_roles
 from .source import SourceModel
-from .writer import CheckpointWriter
+from .validate import mark_nonfinite
+from .writer import CheckpointWriter, check_output_path
 
 __all__ = ["compress", "CompressReport"]
 
@@ -80,8 +81,7 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
     weight name -> calibration E[x], for cvxq's bias correction) reuse a calibration."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ThawedError(f"output directory {out} exists and is not empty; choose a new path or delete it")
+    check_output_path(out)  # before any work: new or empty, no leftover of an interrupted run
     config = load_config(src)
     roles = tensor_roles(build_skeleton(config))
     encoders: dict[CodecChoice, Codec] = {}
@@ -147,6 +147,7 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                         importance=None if gram is None else torch.diagonal(gram).clone()))
                 except ThawedError as exc:
                     raise ThawedError(f"tensor {name!r} ({choice}): {exc}") from exc
+                enc = mark_nonfinite(codec.name, weight, enc)  # a lossless copy of NaN/Inf says so
                 writer.add(spec, codec.name, codec.version, enc)
                 counts[codec.name] = counts.get(codec.name, 0) + 1
                 del weight, enc

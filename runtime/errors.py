@@ -23,6 +23,8 @@ __all__ = [
     "ChecksumError",
     "TensorNotFoundError",
     "WriterError",
+    "ConfigError",
+    "NonFiniteError",
 ]
 
 
@@ -80,3 +82,11 @@ class TensorNotFoundError(FormatError, KeyError):
 
 class WriterError(FormatError):
     """The writer was given something it cannot store (duplicate name, bad dtype, bad params...)."""
+
+
+class ConfigError(FormatError):
+    """The checkpoint's config.json is unreadable, out of bounds, or disagrees with its payload index."""
+
+
+class NonFiniteError(FormatError):
+    """A decoded tensor holds NaN or Inf that its source did not have."""

@@ -1,4 +1,4 @@
-"""The thawed checkpoint format, version 1: constants, dtype tables, header encoding and validation.
+"""The thawed checkpoint format, version 2 (reads 1 too): constants, dtype tables, header encoding and validation.
 
 The byte-level specification is ``docs/FORMAT.md``; this module is its executable form. A payload
 file is a plain safetensors file::
@@ -34,6 +34,8 @@ from thawed.codecs.base import ROLES, FieldSpec, TensorSpec, get_codec
 from thawed.codecs.errors import CodecError, UnknownCodecError
 
 from .errors import (
+    CheckpointNotFoundError,
+    ChecksumError,
     FieldMismatchError,
     HeaderError,
     HeaderTooLargeError,
@@ -49,6 +51,12 @@ __all__ = [
     "FORMAT_VERSION",
     "SUPPORTED_FORMAT_VERSIONS",
     "PAYLOAD_FILE",
+    "MARKER_FILE",
+    "HEADER_CHECKSUM_KEY",
+    "MAX_JSON_DEPTH",
+    "seal_header",
+    "entry_digest_seed",
+    "shared_digest_seed",
     "MAX_HEADER_BYTES",
     "MAX_RANK",
     "MAX_DIM",
@@ -78,9 +86,12 @@ __all__ = [
 # ---- constants --------------------------------------------------------------------------------
 
 FORMAT_NAME = "thawed"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 PAYLOAD_FILE = "model.thawed.safetensors"
+MARKER_FILE = "thawed.json"     # present in every checkpoint directory written by format v2
+HEADER_CHECKSUM_KEY = "header_checksum"  # v2: CRC-32 of the whole header (section 4 of docs/FORMAT.md)
+MAX_JSON_DEPTH = 32             # nesting of any JSON document in the header (params, settings...)
 
 MAX_HEADER_BYTES = 100_000_000  # the same cap as the safetensors library; checked before reading
 MAX_RANK = 8                    # dimensions of any tensor or field
@@ -95,6 +106,8 @@ CHECKSUM_RE = re.compile(r"crc32:[0-9a-f]{8}")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]+")          # codec names, shared ids and params
 _FIELD_RE = re.compile(r"[A-Za-z0-9_\-.]+")         # field names (no ':' so no '::')
 _META_KEYS = ("format", "format_version", "index", "shared", "shared_checksums", "source", "settings")
+_SEAL_RE = re.compile(rb'"header_checksum":"(crc32:[0-9a-f]{8})"')
+_SEAL_ZERO = b"crc32:00000000"
 _INDEX_KEYS = ("codec", "codec_version", "shape", "dtype", "role", "fields", "params", "checksum")
 
 _RECOMPRESS = "Re-run `thawed compress` to rebuild the checkpoint"
@@ -160,6 +173,8 @@ def check_tensor_name(name: Any) -> str | None:
         return "names starting with '__' are reserved (__metadata__, __codec__)"
     if len(name) > 1024:
         return "a tensor name may have at most 1024 characters"
+    if not name.isprintable():  # control characters, lone surrogates (not UTF-8), ...
+        return "a tensor name must be printable UTF-8 text (no control characters or lone surrogates)"
     return None
 
 
@@ -189,6 +204,37 @@ def crc32_of(tensors: Iterable[Tensor], crc: int = 0) -> str:
     for t in tensors:
         crc = zlib.crc32(_as_bytes(t.contiguous()), crc)
     return f"crc32:{crc & 0xFFFFFFFF:08x}"
+
+
+def entry_digest_seed(name: str, entry: Mapping[str, Any]) -> int:
+    """Format v2: the CRC-32 state a tensor's checksum starts from before its field bytes.
+
+    It covers the tensor's name and its whole index entry (codec, codec_version, shape, dtype, role,
+    fields, params; not the checksum itself) as compact sorted JSON, so a checksum moved to another
+    name, or params edited without recomputing it, no longer match."""
+    meta = {k: v for k, v in entry.items() if k != "checksum"} | {"name": name}
+    return zlib.crc32(_dumps(meta).encode("ascii"))
+
+
+def shared_digest_seed(codec: str, tensors: Iterable[tuple[str, str, tuple[int, ...]]]) -> int:
+    """Format v2: the CRC-32 state a codec's shared-state checksum starts from: the codec name and
+    each shared tensor's ``("<id>.<param>", dtype code, shape)`` in stored order."""
+    return zlib.crc32(_dumps({"codec": codec, "tensors": [[k, c, list(s)] for k, c, s in tensors]}).encode("ascii"))
+
+
+def seal_header(text: bytes) -> bytes:
+    """Format v2: header JSON ``text`` with its ``header_checksum`` value filled in.
+
+    The value is the CRC-32 of the header JSON (trailing padding spaces excluded) with the value
+    itself written as ``crc32:00000000``. ``text`` must hold ``"header_checksum":"crc32:<8 hex>"``
+    exactly once (compact JSON, as the writer emits it)."""
+    found = list(_SEAL_RE.finditer(text))
+    if len(found) != 1:
+        raise ValueError(f"the header holds {len(found)} header_checksum entries, expected 1")
+    m = found[0]
+    zeroed = text[:m.start(1)] + _SEAL_ZERO + text[m.end(1):]
+    crc = f"crc32:{zlib.crc32(zeroed.rstrip(b' ')) & 0xFFFFFFFF:08x}".encode("ascii")
+    return text[:m.start(1)] + crc + text[m.end(1):]
 
 
 def bits_per_weight(nbytes: int, numel: int) -> float:
@@ -250,6 +296,11 @@ class IndexEntry:
 
     def field_keys(self) -> tuple[str, ...]:
         return tuple(field_key(self.name, f) for f in self.fields)
+
+    def digest_seed(self) -> int:
+        """Format v2: where this tensor's checksum starts (``entry_digest_seed``)."""
+        return entry_digest_seed(self.name, index_entry_dict(self.spec, self.codec, self.codec_version,
+                                                             self.fields, self.params, self.checksum))
 
 
 @dataclass(frozen=True)
@@ -335,9 +386,30 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _json_problem(obj: Any) -> str | None:
+    """Why a parsed JSON document is refused (too deep, a string that is not UTF-8), or ``None``."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"the string {v[:40]!r} is not UTF-8 (a lone surrogate)"
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f"it nests deeper than {MAX_JSON_DEPTH} levels"
+            items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v]
+            for k, x in items:
+                if k is not None:
+                    stack.append((k, depth + 1))
+                stack.append((x, depth + 1))
+    return None
+
+
 def _loads(text: str, what: str, path: Path) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_pairs_no_duplicates, parse_constant=_reject_constant)
+        value = json.loads(text, object_pairs_hook=_pairs_no_duplicates, parse_constant=_reject_constant)
     except _DuplicateKey as exc:
         raise HeaderError(
             f"{path}: {what} names {str(exc)!r} twice; {_NOT_OURS}. {_RECOMPRESS}"
@@ -347,6 +419,10 @@ def _loads(text: str, what: str, path: Path) -> Any:
             f"{path}: {what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); "
             f"{_NOT_OURS}. {_RECOMPRESS}"
         ) from None
+    problem = _json_problem(value)
+    if problem:
+        raise HeaderError(f"{path}: {what} is refused: {problem}; {_NOT_OURS}. {_RECOMPRESS}")
+    return value
 
 
 def _is_int(v: Any) -> bool:
@@ -390,7 +466,14 @@ def _shape(value: Any, path: Path, what: str) -> tuple[int, ...]:
 def read_header(path: str | Path) -> Header:
     """Read and validate the header of payload file ``path``. Reads 8 + N bytes, nothing else."""
     path = Path(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointNotFoundError(
+            f"{path} cannot be read ({exc.strerror or exc}); check that it exists and that this user may read "
+            "it (thawed writes checkpoints 0644 less the umask)"
+        ) from None
+    with f:
         size = f.seek(0, 2)
         f.seek(0)
         if size < 8:
@@ -455,6 +538,10 @@ def parse_header(raw: bytes, file_nbytes: int, path: Path) -> Header:
     for key in _META_KEYS:
         if key not in meta:
             raise HeaderError(f"{path}: __metadata__ has no {key!r}; {_NOT_OURS}. {_RECOMPRESS}")
+    if version >= 2:
+        _check_seal(raw, meta.get(HEADER_CHECKSUM_KEY), path)
+    if not meta["source"].isprintable():
+        raise HeaderError(f"{path}: __metadata__['source'] holds control characters; {_NOT_OURS}. {_RECOMPRESS}")
     settings = _loads(meta["settings"], "__metadata__['settings']", path)
     if not isinstance(settings, dict):
         raise HeaderError(f"{path}: __metadata__['settings'] is not a JSON object; {_NOT_OURS}. {_RECOMPRESS}")
@@ -608,6 +695,26 @@ def parse_header(raw: bytes, file_nbytes: int, path: Path) -> Header:
         tensors=by_key, index=index, shared=shared, shared_checksums=dict(sums_raw),
         format_version=version, source=meta["source"], settings=settings,
     )
+
+
+def _check_seal(raw: bytes, value: Any, path: Path) -> None:
+    """Format v2: the header's own CRC-32 (``seal_header``) matches; any edit of names, offsets,
+    params or checksums that did not recompute it is refused here, before anything else is read."""
+    if not (isinstance(value, str) and CHECKSUM_RE.fullmatch(value)):
+        raise HeaderError(
+            f"{path}: __metadata__[{HEADER_CHECKSUM_KEY!r}] is {value!r}, expected 'crc32:' and 8 hex digits; "
+            f"{_NOT_OURS}. {_RECOMPRESS}"
+        )
+    text = raw.rstrip(b" ")
+    try:
+        got = _SEAL_RE.search(seal_header(text)).group(1).decode("ascii")  # type: ignore[union-attr]
+    except ValueError as exc:
+        raise HeaderError(f"{path}: the header checksum cannot be located ({exc}); {_NOT_OURS}. {_RECOMPRESS}") from None
+    if got != value:
+        raise ChecksumError(
+            f"{path}: the header hashes to {got} but its {HEADER_CHECKSUM_KEY} says {value}: the header (names, "
+            f"offsets, params or checksums) was edited or damaged after it was written. {_RECOMPRESS}"
+        )
 
 
 def _index_entry(path: Path, name: str, e: Any) -> IndexEntry:

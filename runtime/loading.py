@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,19 @@ from torch import nn
 
 from thawed.codecs.errors import ThawedError
 
-from .format import PAYLOAD_FILE
+from .errors_text import one_line
+from .marker import is_thawed_folder
 from .model import LazyModel, RuntimeConfig, resolve_device, resolve_dtype
 
 __all__ = ["Loaded", "load_for_inference", "is_checkpoint", "load_tokenizer"]
 
 
 def is_checkpoint(path: str | Path) -> bool:
+    """A thawed checkpoint folder (marker or payload entry, in any state) or a payload file.
+
+    Such a path is only ever opened by the thawed reader, never by the dense loader."""
     p = Path(path)
-    return (p / PAYLOAD_FILE).is_file() or (p.is_file() and p.name.endswith(".safetensors"))
+    return is_thawed_folder(p) or (os.path.lexists(p) and not p.is_dir() and p.name.endswith(".safetensors"))
 
 
 def load_tokenizer(path: str | Path):
@@ -30,8 +35,9 @@ def load_tokenizer(path: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise ThawedError(f"cannot load the tokenizer from {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - tokenizer files are input: every failure is the folder's
+        raise ThawedError(f"cannot load the tokenizer from {path}: {one_line(exc)}; copy the source model's "
+                          "tokenizer files again") from None
 
 
 @dataclass
@@ -72,13 +78,17 @@ def load_for_inference(path: str | Path, config: RuntimeConfig = RuntimeConfig()
         _attach_generation_config(model, lazy.checkpoint.config_dir)
         return Loaded(model, tokenizer, lazy.device, _eos_ids(model, tokenizer), "thawed",
                       time.perf_counter() - t0, lazy)
-    if not (path / "config.json").is_file():
-        raise ThawedError(f"{path} is neither a thawed checkpoint nor a Hugging Face model directory")
+    if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+        raise ThawedError(f"{path} is neither a thawed checkpoint nor a Hugging Face model directory with "
+                          "config.json and .safetensors weights (pickled .bin weights are never loaded)")
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    try:  # safetensors only: a pickle in the folder is never unpickled
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device).eval()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ThawedError(f"cannot load the dense model in {path}: {one_line(exc)}") from None
     tokenizer = load_tokenizer(path)
     return Loaded(model, tokenizer, device, _eos_ids(model, tokenizer), "dense", time.perf_counter() - t0)
 

@@ -29,6 +29,7 @@ from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
 from .rowwise import attach_rowwise_embedding
 from .skeleton import build_skeleton, load_config, tied_sources
+from .validate import check_config, check_entries_used, check_finite
 
 __all__ = ["RuntimeConfig", "LazyModel", "resolve_device", "resolve_dtype", "parse_budget"]
 
@@ -233,6 +234,7 @@ class LazyModel:
     def _build(cls, ckpt: Checkpoint, config: RuntimeConfig, device: torch.device,
                dtype: torch.dtype, t0: float) -> "LazyModel":
         hf_config = load_config(ckpt.config_dir)
+        check_config(hf_config, ckpt.index, ckpt.config_dir)
         model = build_skeleton(hf_config, dtype)
         tied = tied_sources(model)
         index = ckpt.index
@@ -249,6 +251,8 @@ class LazyModel:
                     f"the checkpoint {ckpt.path} has no tensor for parameter {name!r} of "
                     f"{type(model).__name__}; it was compressed from a different model or is incomplete"
                 )
+
+        check_entries_used(ckpt.payload_path, index, param_key.values())
 
         payload_cache: dict[str, Encoded] = {}
         payload_lock = threading.Lock()
@@ -272,6 +276,7 @@ class LazyModel:
             entry = index[key]
             enc = payload(key)
             weight = get_codec(entry.codec).decode(enc, entry.spec, shared_cache[entry.codec], device, dtype)
+            check_finite(ckpt.payload_path, entry, weight)
             ready = None
             if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
                 ready = torch.cuda.Event()
@@ -316,8 +321,10 @@ class LazyModel:
         def repack(i: int) -> DirectLinear:
             mname, mod, pname, key = weights[i]
             enc, entry = ckpt.encoded(key), index[key]
-            return DirectLinear.from_rtn(enc.fields["codes"], enc.fields["scale"], enc.fields["offset"], enc.params,
-                                         tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device)
+            lin = DirectLinear.from_rtn(enc.fields["codes"], enc.fields["scale"], enc.fields["offset"], enc.params,
+                                        tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device)
+            check_finite(ckpt.payload_path, entry, lin.scale_zero)  # codes are integers: scales carry any NaN
+            return lin
 
         todo = [i for i, m in enumerate(plan) if m == "direct"]
         # torch ops release the GIL: repack on every intra-op thread (SmolLM2: 211 tensors, ~3 s alone)
@@ -343,8 +350,11 @@ class LazyModel:
 
                 def rows(ids: torch.Tensor, key: str = key, entry=entry) -> torch.Tensor:
                     enc = payload(key)
-                    return get_codec(entry.codec).decode_rows(enc, entry.spec, shared_cache[entry.codec], ids,
-                                                              device, dtype)
+                    out = get_codec(entry.codec).decode_rows(enc, entry.spec, shared_cache[entry.codec], ids,
+                                                             device, dtype)
+                    if device.type == "cpu":  # on a GPU this would be a host sync per forward
+                        check_finite(ckpt.payload_path, entry, out)
+                    return out
 
                 attach_rowwise_embedding(mod, rows, tuple(entry.shape), dtype)
         streamed_nbytes = sum(index[k].spec.numel for k in dict.fromkeys(streamed)) * elem

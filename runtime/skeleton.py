@@ -13,21 +13,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thawed.codecs.errors import ThawedError
+from .errors import ConfigError
+from .errors_text import one_line
+from .files import read_json_file
+from .validate import check_config_json
 
 __all__ = ["load_config", "build_skeleton", "tensor_roles", "tied_sources"]
 
 
 def load_config(path: str | Path):
+    """The folder's config.json as a transformers config; one-line ``ConfigError`` when it cannot be."""
     from transformers import AutoConfig
 
+    cfg_file = Path(path) / "config.json"
+    try:  # regular file, bounded size and nesting, valid JSON object: before transformers reads it
+        raw = read_json_file(cfg_file, "config.json")
+        if not isinstance(raw, dict):
+            raise ValueError("config.json is not a JSON object")
+    except ValueError as exc:
+        raise ConfigError(f"{cfg_file}: {exc}. The folder needs the config.json of a transformers model") from None
+    check_config_json(raw, cfg_file)
     try:
         return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise ThawedError(
-            f"cannot read the model config in {path}: {exc}. The folder needs the config.json "
+    except Exception as exc:  # noqa: BLE001 - config.json is input: any failure is the file's, not a bug
+        raise ConfigError(
+            f"cannot read the model config {cfg_file}: {one_line(exc)}. The folder needs the config.json "
             "of a transformers model"
-        ) from exc
+        ) from None
 
 
 def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -38,10 +50,12 @@ def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as exc:
-        raise ThawedError(
-            f"transformers cannot build a causal LM for model_type {getattr(config, 'model_type', '?')!r}: {exc}"
-        ) from exc
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, ArithmeticError, RuntimeError,
+            MemoryError) as exc:  # a config transformers cannot build is input, not a bug
+        raise ConfigError(
+            f"transformers cannot build a causal LM for model_type {getattr(config, 'model_type', '?')!r}: "
+            f"{one_line(exc)}"
+        ) from None
     model.eval()
     model.requires_grad_(False)
     return model

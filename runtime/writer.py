@@ -1,11 +1,16 @@
-"""Streaming writer of thawed checkpoints (format version 1, see ``docs/FORMAT.md``).
+"""Streaming writer of thawed checkpoints (format version 2, see ``docs/FORMAT.md``).
 
 ``add`` writes a tensor's field bytes to a temporary data file at once and keeps only its offsets
 and checksum, so peak memory is about one tensor. Fields go to one temporary file per element size
 (8, 4, 2, 1 bytes); ``finish`` writes the header and then those files in that order, so every field
 of the final file is aligned for its dtype and the reader maps it without copying (safetensors
-orders its own files the same way). ``finish`` writes under a temporary name and renames, so the
-final name never holds a half-written file.
+orders its own files the same way).
+
+One commit point: everything (data files, payload, config and tokenizer files, the marker) is
+written into a hidden sibling folder ``.<out>.thawed-partial-<pid>-<random>``, and ``finish``
+renames that folder onto ``out`` last. A kill at any moment leaves either no checkpoint at ``out``
+or a whole one; the next writer for the same ``out`` names the leftover folder and refuses to
+start until it is deleted. Files are ``0o666 & ~umask`` and the folder ``0o777 & ~umask``.
 
     with CheckpointWriter(out, source="HuggingFaceTB/SmolLM2-135M", settings=plan,
                           source_dir=src) as w:
@@ -32,10 +37,13 @@ from thawed.codecs.base import ROLES, Encoded, TensorSpec, get_codec
 from thawed.codecs.errors import CodecError, UnknownCodecError
 
 from .errors import WriterError
+from .files import public_mode, special_file_problem
 from .format import (
     DTYPE_TO_CODE,
     FORMAT_NAME,
     FORMAT_VERSION,
+    HEADER_CHECKSUM_KEY,
+    MARKER_FILE,
     MAX_DIM,
     MAX_HEADER_BYTES,
     MAX_RANK,
@@ -49,12 +57,16 @@ from .format import (
     crc32_of,
     encode_header,
     encode_index,
+    entry_digest_seed,
     field_key,
     index_entry_dict,
+    seal_header,
+    shared_digest_seed,
     shared_key,
 )
+from .marker import marker_text
 
-__all__ = ["CheckpointWriter", "is_weight_file", "WEIGHT_SUFFIXES"]
+__all__ = ["CheckpointWriter", "check_output_path", "is_weight_file", "partial_folders", "WEIGHT_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +83,47 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
 
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.thawed-partial-"
+
+
+def partial_folders(out: str | Path) -> list[Path]:
+    """Temporary sibling folders that writers for ``out`` left behind (interrupted or still running)."""
+    out = Path(out)
+    try:
+        return sorted(p for p in out.parent.iterdir() if p.name.startswith(_partial_prefix(out)))
+    except OSError:
+        return []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def check_output_path(out: Path) -> None:
+    """``out`` must be new or an empty folder, with no partial folder of an earlier writer beside it."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise WriterError(f"output {out} exists and is not a folder; choose a new path or delete it")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+            raise WriterError(f"output folder {out} is not empty (it holds {shown}); choose a new path or delete it")
+    for leftover in partial_folders(out):
+        pid_text = leftover.name[len(_partial_prefix(out)):].partition("-")[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+            raise WriterError(f"another thawed process (pid {pid_text}) is writing {out} into {leftover}; "
+                              "wait for it to finish or stop it")
+        raise WriterError(f"{leftover} is left over from an interrupted `thawed compress` of {out} (killed before "
+                          f"it finished; it is not a checkpoint); delete it (rm -r '{leftover}') and run again")
+
+
 @dataclass
 class _Record:
     key: str
@@ -85,7 +138,7 @@ class _Group:
     """A temporary data file holding every field of one element size, in the order added."""
 
     def __init__(self, out_dir: Path, itemsize: int) -> None:
-        fd, name = tempfile.mkstemp(dir=out_dir, prefix=f".{PAYLOAD_FILE}.", suffix=f".{itemsize}.part")
+        fd, name = tempfile.mkstemp(dir=out_dir, prefix=f".data.{itemsize}.", suffix=".part")
         self.path = Path(name)
         self.file: BinaryIO = os.fdopen(fd, "wb")
         self.size = 0
@@ -111,15 +164,19 @@ class CheckpointWriter:
             self._settings = _dumps(dict(settings))
         except (TypeError, ValueError) as exc:
             raise WriterError(f"compression settings must be JSON (no NaN/inf): {exc}") from None
-        self._created_dir = not self.out_dir.exists()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(self.out_dir)
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.temp_dir = Path(tempfile.mkdtemp(dir=self.out_dir.parent,
+                                                  prefix=f"{_partial_prefix(self.out_dir)}{os.getpid()}-"))
+        except OSError as exc:
+            raise WriterError(f"cannot create a folder beside {self.out_dir}: {exc.strerror or exc}") from None
         self._groups: dict[int, _Group] = {}
         self._records: list[_Record] = []
         self._index: list[tuple[str, dict[str, Any]]] = []
         self._names: set[str] = set()
         self._shared: dict[str, dict[str, list[str]]] = {}
         self._shared_sums: dict[str, str] = {}
-        self._tmp_final: Path | None = None
         self._state = "open"  # open | finished | aborted
         self._path: Path | None = None
 
@@ -137,6 +194,7 @@ class CheckpointWriter:
     # ---- adding tensors -------------------------------------------------------------------------
     @property
     def payload_path(self) -> Path:
+        """Where the payload file is once ``finish`` has renamed the folder into place."""
         return self.out_dir / PAYLOAD_FILE
 
     def _check_open(self) -> None:
@@ -199,13 +257,14 @@ class CheckpointWriter:
                 offset = group.write(t)
                 records.append(_Record(field_key(name, fname), DTYPE_TO_CODE[t.dtype], tuple(t.shape),
                                        t.element_size(), offset, t.numel() * t.element_size()))
-            checksum = crc32_of(tensors)
+            entry = index_entry_dict(spec, codec_name, codec_version, order, params, "")
+            entry["checksum"] = crc32_of(tensors, entry_digest_seed(name, entry))
         except BaseException:
             self.abort()  # a partial write leaves the temporary files inconsistent
             raise
         self._records.extend(records)
         self._names.add(name)
-        self._index.append((name, index_entry_dict(spec, codec_name, codec_version, order, params, checksum)))
+        self._index.append((name, entry))
 
     def _check_against_codec(self, spec: TensorSpec, codec_name: str, codec_version: int,
                              params: dict[str, Any], fields: Mapping[str, Tensor]) -> None:
@@ -273,7 +332,9 @@ class CheckpointWriter:
                 records.append(_Record(shared_key(codec, f"{sid}.{param}"), DTYPE_TO_CODE[t.dtype], tuple(t.shape),
                                        t.element_size(), offset, t.numel() * t.element_size()))
                 declared.setdefault(sid, []).append(param)
-            checksum = crc32_of(written)
+            seed = shared_digest_seed(codec, ((f"{r.key[len(shared_key(codec, '')):]}", r.code, r.shape)
+                                              for r in records))
+            checksum = crc32_of(written, seed)
         except BaseException:
             self.abort()
             raise
@@ -286,12 +347,13 @@ class CheckpointWriter:
         if group is None:
             if itemsize not in _GROUP_ORDER:
                 raise WriterError(f"element size {itemsize} is not one of {_GROUP_ORDER}")
-            group = self._groups[itemsize] = _Group(self.out_dir, itemsize)
+            group = self._groups[itemsize] = _Group(self.temp_dir, itemsize)
         return group
 
     # ---- finishing ------------------------------------------------------------------------------
     def finish(self) -> Path:
-        """Write the payload file (header, then data) atomically and copy the config files.
+        """Write the payload file (header, then data), the config files and the marker into the
+        temporary folder, then rename it onto ``out``: the one commit point.
 
         Returns the payload file's path. Calling it again returns the same path.
         """
@@ -310,6 +372,7 @@ class CheckpointWriter:
             metadata = {
                 "format": FORMAT_NAME,
                 "format_version": str(FORMAT_VERSION),
+                HEADER_CHECKSUM_KEY: "crc32:00000000",  # filled in by seal_header below
                 "index": encode_index(self._index),
                 "shared": _dumps(self._shared),
                 "shared_checksums": _dumps(self._shared_sums),
@@ -319,11 +382,11 @@ class CheckpointWriter:
             header = encode_header(metadata, (
                 (r.key, r.code, r.shape, base[r.group] + r.offset, base[r.group] + r.offset + r.nbytes)
                 for r in records))
+            header = header[:8] + seal_header(header[8:])
             if len(header) - 8 > MAX_HEADER_BYTES:
                 raise WriterError(f"the header of {self.payload_path} would be {len(header) - 8} bytes, above the "
                                   f"format's limit of {MAX_HEADER_BYTES}; shard the model")
-            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{PAYLOAD_FILE}.", suffix=".tmp")
-            self._tmp_final = Path(tmp)
+            fd = os.open(self.temp_dir / PAYLOAD_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 _pwrite_all(fd, header, 0)
                 at = len(header)
@@ -340,18 +403,37 @@ class CheckpointWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self._remove_temporaries()  # the data files are in the payload now
             self._copy_config_files()
-            os.replace(self._tmp_final, self.payload_path)  # the payload appears last, whole
-            self._tmp_final = None
-            _fsync_dir(self.out_dir)
+            self._write_marker()
+            self._publish()
         except BaseException:
             self.abort()
             raise
-        self._remove_temporaries()
         self._state = "finished"
         self._path = self.payload_path
         log.info("wrote %s: %d tensors, %d bytes", self._path, len(self._index), self._path.stat().st_size)
         return self._path
+
+    def _write_marker(self) -> None:
+        with open(self.temp_dir / MARKER_FILE, "x", encoding="ascii") as f:
+            f.write(marker_text())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _publish(self) -> None:
+        """Readable modes (the umask decides), then the rename that makes the checkpoint appear whole."""
+        file_mode, dir_mode = public_mode(), public_mode(directory=True)
+        for p in self.temp_dir.iterdir():
+            os.chmod(p, file_mode)
+        os.chmod(self.temp_dir, dir_mode)
+        _fsync_dir(self.temp_dir)
+        try:
+            os.rename(self.temp_dir, self.out_dir)  # replaces a missing or empty folder, atomically
+        except OSError as exc:
+            raise WriterError(f"cannot move the finished checkpoint {self.temp_dir} onto {self.out_dir} "
+                              f"({exc.strerror or exc}); is {self.out_dir} still empty?") from None
+        _fsync_dir(self.out_dir.parent)
 
     def _copy_config_files(self) -> None:
         src = self.source_dir
@@ -359,19 +441,13 @@ class CheckpointWriter:
             return
         if not src.is_dir():
             raise WriterError(f"source directory {src} does not exist; cannot copy its config and tokenizer files")
-        if src.resolve() == self.out_dir.resolve():
-            return
         for p in sorted(src.iterdir()):
-            if p.is_dir() or is_weight_file(p.name) or p.name.startswith(f".{PAYLOAD_FILE}."):
+            if p.is_dir() or is_weight_file(p.name) or p.name.startswith(".") or p.name == MARKER_FILE:
                 continue
-            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{p.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                shutil.copyfile(p, tmp)
-                os.replace(tmp, self.out_dir / p.name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            problem = special_file_problem(p)
+            if problem:
+                raise WriterError(f"source file {p} {problem}; only regular files are copied into a checkpoint")
+            shutil.copyfile(p, self.temp_dir / p.name)
 
     def _remove_temporaries(self) -> None:
         for group in self._groups.values():
@@ -381,21 +457,14 @@ class CheckpointWriter:
                 pass
             group.path.unlink(missing_ok=True)
         self._groups.clear()
-        if self._tmp_final is not None:
-            self._tmp_final.unlink(missing_ok=True)
-            self._tmp_final = None
 
     def abort(self) -> None:
-        """Delete every temporary file; the final payload name is left as it was. Idempotent."""
+        """Delete the temporary folder and everything in it; ``out`` is left as it was. Idempotent."""
         if self._state == "finished":
             return
         self._remove_temporaries()
         self._state = "aborted"
-        if self._created_dir:
-            try:
-                self.out_dir.rmdir()  # only if still empty
-            except OSError:
-                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

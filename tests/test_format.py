@@ -1,12 +1,17 @@
-"""Checkpoint format v1: golden bytes, round trip, safetensors compatibility, lazy open, writer
+"""Checkpoint format v2: golden bytes (and the v1 golden file still loading), round trip, safetensors compatibility, lazy open, writer
 atomicity and streaming, config-file copying. Malformed files: tests/test_format_malformed.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
+import stat
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,24 +20,29 @@ from safetensors import safe_open
 from thawed.codecs import EncodeContext, Encoded, TensorSpec, ThawedError, get_codec
 from thawed.runtime.checkpoint import Checkpoint
 from thawed.runtime.errors import ChecksumError, FormatError, TensorNotFoundError, WriterError
-from thawed.runtime.format import PAYLOAD_FILE, IndexEntry, bits_per_weight, read_header
-from thawed.runtime.writer import CheckpointWriter, is_weight_file
+from thawed.runtime.format import MARKER_FILE, PAYLOAD_FILE, IndexEntry, bits_per_weight, read_header
+from thawed.runtime.writer import CheckpointWriter, is_weight_file, partial_folders
 
-GOLDEN_SHA256 = "3917208a8fd452950bdcaa90c41d686bb55fbd4a47a0527be8a53f115952dcb7"
-GOLDEN_SIZE = 1387
-# The first 208 bytes: u64 header length 1272 (0x4f8), then the JSON header.
+from conftest import build_tiny_checkpoint
+
+GOLDEN_SHA256 = "6277e8b85bbe1b985b70e4eff7deb392c3c651153097b3664b20deb53dd3e851"
+GOLDEN_SIZE = 1427
+# The first bytes: u64 header length 1312 (0x520), then the JSON header with its v2 header checksum.
 GOLDEN_PREFIX = (
-    b'\xf8\x04\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"thawed","format_version":"1",'
-    b'"index":"{\\"model.norm.weight\\":{\\"checksum\\":\\"crc32:d1f975e0\\",\\"codec\\":\\"raw\\",'
+    b'\x20\x05\x00\x00\x00\x00\x00\x00{"__metadata__":{"format":"thawed","format_version":"2",'
+    b'"header_checksum":"crc32:47ac85e3",'
+    b'"index":"{\\"model.norm.weight\\":{\\"checksum\\":\\"crc32:efc3ec91\\",\\"codec\\":\\"raw\\",'
     b'\\"codec_version\\":1,\\"dtype\\":\\"float32\\",\\"fields\\":[\\"data\\'
 )
+# Format v1 (the same tensors, written by thawed before v2): kept byte for byte in tests/data.
+GOLDEN_V1_SHA256 = "3917208a8fd452950bdcaa90c41d686bb55fbd4a47a0527be8a53f115952dcb7"
 # The tensors part of the header: file order, largest element size first.
 GOLDEN_TENSORS = (
     b'"model.norm.weight::data":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
     b'"__codec__.toy-format-test.0.table":{"dtype":"F32","shape":[16],"data_offsets":[16,80]},'
     b'"model.embed.weight::data":{"dtype":"BF16","shape":[3,2],"data_offsets":[80,92]},'
     b'"model.layer.weight::scale":{"dtype":"F16","shape":[3],"data_offsets":[92,98]},'
-    b'"model.layer.weight::codes":{"dtype":"U8","shape":[3,3],"data_offsets":[98,107]}} '
+    b'"model.layer.weight::codes":{"dtype":"U8","shape":[3,3],"data_offsets":[98,107]}}      '
 )
 
 
@@ -94,7 +104,7 @@ def test_round_trip_fields_params_and_decode(tiny_ckpt, toy_codec):
         assert set(ckpt.shared(toy.name)) == {"0.table"}
         assert torch.equal(ckpt.shared(toy.name)["0.table"], toy_codec.TABLE)
         assert ckpt.shared("raw") == {}
-        assert ckpt.metadata == {"format": "thawed", "format_version": 1, "source": "tests/tiny",
+        assert ckpt.metadata == {"format": "thawed", "format_version": 2, "source": "tests/tiny",
                                  "settings": {"plan": "toy", "seed": 0}}
         assert ckpt.path == tiny_ckpt and ckpt.config_dir == tiny_ckpt
         assert ckpt.payload_path == tiny_ckpt / PAYLOAD_FILE
@@ -121,7 +131,7 @@ def test_bits_per_weight(tiny_ckpt):
 def test_safetensors_reads_it(tiny_ckpt, toy_codec):
     with Checkpoint.open(tiny_ckpt) as ckpt, safe_open(str(tiny_ckpt / PAYLOAD_FILE), framework="pt") as f:
         meta = f.metadata()
-        assert meta["format"] == "thawed" and meta["format_version"] == "1"
+        assert meta["format"] == "thawed" and meta["format_version"] == "2"
         assert json.loads(meta["index"])["model.layer.weight"]["codec"] == "toy-format-test"
         assert set(f.keys()) == set(ckpt.tensors)
         for name, entry in ckpt.index.items():
@@ -210,7 +220,8 @@ def test_unaligned_field_is_copied(tmp_path, payload_io):
 
 def test_config_files_copied_weights_skipped(tiny_ckpt):
     names = sorted(p.name for p in tiny_ckpt.iterdir())
-    assert names == ["config.json", PAYLOAD_FILE, "tokenizer.json"]
+    assert names == ["config.json", PAYLOAD_FILE, MARKER_FILE, "tokenizer.json"]
+    assert json.loads((tiny_ckpt / MARKER_FILE).read_text())["format"] == "thawed"
     assert (tiny_ckpt / "config.json").read_text() == '{"model_type": "toy"}'
     assert is_weight_file("model-00001-of-00002.safetensors") and is_weight_file("x.gguf")
     assert is_weight_file("pytorch_model.bin.index.json") and not is_weight_file("tokenizer_config.json")
@@ -228,23 +239,35 @@ def test_writer_failure_leaves_nothing(tmp_path):
         with CheckpointWriter(out, source="s", settings={}) as w:
             w.add(_spec("a", t), "raw", 1, raw.encode(t, _spec("a", t), EncodeContext(name="a")))
             raise RuntimeError("boom")
-    assert not out.exists()  # created by the writer, removed again with its temporary files
+    assert not out.exists() and partial_folders(out) == []  # nothing left, temporary folder included
 
 
-def test_writer_failure_keeps_previous_payload(tiny_ckpt):
+def test_writer_refuses_a_folder_that_is_not_empty(tiny_ckpt):
     before = (tiny_ckpt / PAYLOAD_FILE).read_bytes()
-    raw = get_codec("raw")()
-    t = torch.ones(4)
-    with pytest.raises(RuntimeError):
-        with CheckpointWriter(tiny_ckpt, source="s", settings={}) as w:
-            w.add(_spec("a", t), "raw", 1, raw.encode(t, _spec("a", t), EncodeContext(name="a")))
-            raise RuntimeError("boom")
+    with pytest.raises(WriterError, match=r"is not empty \(it holds config.json, model.thawed.safetensors"):
+        CheckpointWriter(tiny_ckpt, source="s", settings={})
     assert (tiny_ckpt / PAYLOAD_FILE).read_bytes() == before
-    assert sorted(p.name for p in tiny_ckpt.iterdir()) == ["config.json", PAYLOAD_FILE, "tokenizer.json"]
+    assert sorted(p.name for p in tiny_ckpt.iterdir()) == ["config.json", PAYLOAD_FILE, MARKER_FILE, "tokenizer.json"]
+    assert partial_folders(tiny_ckpt) == []
+
+
+def test_writer_names_hidden_leftovers_of_older_versions(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / ".model.thawed.safetensors.abc.4.part").write_bytes(b"x")  # what a killed v1 writer left
+    with pytest.raises(WriterError, match=r"not empty \(it holds \.model\.thawed\.safetensors\.abc\.4\.part\)"):
+        CheckpointWriter(out, source="s", settings={})
+
+
+def test_writer_refuses_a_file_as_output(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(WriterError, match="exists and is not a folder"):
+        CheckpointWriter(tmp_path / "f", source="s", settings={})
 
 
 def test_writer_streams_to_disk(tmp_path):
-    """Field bytes are on disk after ``add``, before ``finish``; the final name appears only at the end."""
+    """Field bytes are on disk after ``add``, before ``finish``, in a hidden sibling folder; the
+    checkpoint folder appears only at the end, whole (one rename)."""
     out = tmp_path / "s"
     raw = get_codec("raw")()
     t = torch.arange(1000, dtype=torch.float32)
@@ -252,11 +275,41 @@ def test_writer_streams_to_disk(tmp_path):
         w.add(_spec("a", t), "raw", 1, raw.encode(t, _spec("a", t), EncodeContext(name="a")))
         for g in w._groups.values():
             g.file.flush()
-        assert sum(p.stat().st_size for p in out.iterdir()) == 4000
-        assert not (out / PAYLOAD_FILE).exists()
+        assert w.temp_dir.parent == tmp_path and w.temp_dir.name.startswith(".s.thawed-partial-")
+        assert sum(p.stat().st_size for p in w.temp_dir.iterdir()) == 4000
+        assert not out.exists()
         path = w.finish()
         assert w.finish() == path
-    assert sorted(p.name for p in out.iterdir()) == [PAYLOAD_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [PAYLOAD_FILE, MARKER_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary left
+
+
+def test_files_are_readable_by_others_and_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        build_tiny_checkpoint(tmp_path / "a")
+        os.umask(0o027)
+        build_tiny_checkpoint(tmp_path / "b")
+    finally:
+        os.umask(old)
+    for folder, fmode, dmode in ((tmp_path / "a", 0o644, 0o755), (tmp_path / "b", 0o640, 0o750)):
+        assert stat.S_IMODE(folder.stat().st_mode) == dmode
+        for p in folder.iterdir():
+            assert stat.S_IMODE(p.stat().st_mode) == fmode, p
+
+
+def test_format_v1_still_loads_with_a_warning(tmp_path, caplog):
+    v1 = Path(__file__).parent / "data" / "format_v1_tiny.safetensors"
+    assert hashlib.sha256(v1.read_bytes()).hexdigest() == GOLDEN_V1_SHA256
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    shutil.copyfile(v1, folder / PAYLOAD_FILE)
+    with caplog.at_level(logging.WARNING), Checkpoint.open(folder) as old, \
+            Checkpoint.open(build_tiny_checkpoint(tmp_path / "v2")) as new:
+        assert old.metadata["format_version"] == 1 and new.metadata["format_version"] == 2
+        for name in new.index:
+            assert torch.equal(old.decode(name), new.decode(name))
+    assert "format version 1" in caplog.text and "params" in caplog.text and "not checked" in caplog.text
 
 
 def test_writer_rejects_bad_input(tmp_path, toy_codec):

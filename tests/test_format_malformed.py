@@ -124,8 +124,8 @@ def test_wrong_format(tiny_ckpt, payload_io):
 
 
 def test_unsupported_format_version(tiny_ckpt, payload_io):
-    payload_io.edit(_payload(tiny_ckpt), lambda h, i, m: m.update(format_version="2"))
-    _fails(tiny_ckpt, UnsupportedFormatError, "format version 2", "newer thawed", "upgrade thawed")
+    payload_io.edit(_payload(tiny_ckpt), lambda h, i, m: m.update(format_version="3"))
+    _fails(tiny_ckpt, UnsupportedFormatError, "format version 3", "newer thawed", "upgrade thawed")
 
 
 def test_format_version_not_a_number(tiny_ckpt, payload_io):
