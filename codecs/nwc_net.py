@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CHUNK", "GRID", "ALPHABET", "OFFSET", "PRECISION", "LOG2_LAM0", "LOG2_LAM_STEP", "NwcNet",
-           "decode_chunks", "rate_index", "DECODER_KEYS"]
+           "decode_chunks", "decode_columns", "rate_index", "DECODER_KEYS"]
 
 CHUNK = 16
 GRID = 20
@@ -57,6 +57,39 @@ def decode_chunks(state: Mapping[str, Tensor], symbols: Tensor, k: Tensor) -> Te
     h = torch.addmm(state["b1"], z, state["w1"]).add_(state["emb"][kk]).relu_()
     h = torch.addmm(state["b2"], h, state["w2"]).relu_()
     return torch.addmm(state["b3"], h, state["w3"]).add_(z)
+
+
+def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor, block: int = 4096) -> Tensor:
+    """``decode_chunks`` for a whole tensor: symbols [cols, C, 16] uint8 and a rate index per column
+    [cols] -> chunks [cols, C * 16] float32, the same values as ``decode_chunks`` (the same ops in
+    the same order; tests compare them).
+
+    Faster on a CPU (2.4x measured, docs/NWC.md): columns are grouped by rate index, so the
+    per-chunk gathers of gain and embedding rows become one broadcast vector per group, and the
+    MLP runs over ``block`` chunks at a time, whose [block, H] activations stay in cache.
+    """
+    cols, c, _ = symbols.shape
+    lv = levels.to(device=symbols.device, dtype=torch.int64)
+    order = torch.argsort(lv, stable=True)
+    counts = torch.bincount(lv, minlength=int(state["log_gain"].shape[0])).tolist()
+    grouped = symbols.index_select(0, order)  # [cols, C, 16], columns sorted by rate index
+    out = torch.empty(cols, c * CHUNK, dtype=torch.float32, device=symbols.device)
+    gain = torch.exp(-state["log_gain"])
+    start = 0
+    for k, n_cols in enumerate(counts):
+        if n_cols == 0:
+            continue
+        sym_k = grouped[start:start + n_cols].view(-1, CHUNK)
+        out_k = out[start:start + n_cols].view(-1, CHUNK)
+        for s in range(0, sym_k.shape[0], block):
+            z = (sym_k[s:s + block].to(torch.float32) - OFFSET).mul_(gain[k])
+            h = torch.addmm(state["b1"], z, state["w1"]).add_(state["emb"][k]).relu_()
+            h = torch.addmm(state["b2"], h, state["w2"]).relu_()
+            torch.addmm(state["b3"], h, state["w3"], out=out_k[s:s + block]).add_(z)
+        start += n_cols
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(cols, device=order.device)
+    return out.index_select(0, inverse)
 
 
 class _Mlp(nn.Module):
