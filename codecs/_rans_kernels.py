@@ -59,8 +59,7 @@ def slot_tables(tables: np.ndarray, used: np.ndarray, precision_bits: int) -> tu
         for s in range(a):
             f = tables[row, s]
             freq_cum[j * a + s] = np.uint32((f << 16) | c)
-            for q in range(c, c + f):
-                slot_sym[j * m + q] = s
+            slot_sym[j * m + c:j * m + c + f] = s
             c += f
     return slot_sym, freq_cum
 
@@ -126,3 +125,14 @@ def decode_range(states: np.ndarray, words: np.ndarray, start: np.ndarray, end: 
             bad[0] += xs[q] != _L
             bad[1] += ps[q] != end[j0 + q]
     return bad
+
+
+@njit("void(uint8[::1], uint8[:, ::1], uint32[::1], int64, int64)", cache=True, nogil=True)
+def assemble_f32(exp: np.ndarray, rest: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """``lossless`` float32 bits ``lo..hi-1``: decoded exponents [n] and the stored byte planes
+    ``rest`` [3, n] (low byte first of ``sign << 23 | mantissa``) -> ``out`` [n] uint32 patterns,
+    ``sign << 31 | exponent << 23 | mantissa`` (the reference is ``Lossless.decode``'s torch code)."""
+    for i in range(lo, hi):
+        r2 = np.int64(rest[2, i])
+        mant = np.int64(rest[0, i]) | (np.int64(rest[1, i]) << 8) | ((r2 & 0x7F) << 16)
+        out[i] = ((r2 >> 7) << 31) | (np.int64(exp[i]) << 23) | mant

@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from . import rans
+from . import rans, rans_numba
 from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
@@ -159,7 +159,9 @@ class Lossless(Codec, name="lossless", version=1):
         the host, then assemble the bits on the device. rANS is a loop of small sequential steps
         that a GPU runs slower than a CPU (H200: 0.40 s vs 0.19 s on 16 host threads for 3.5 M
         weights, with the torch reference on both); the exponents are identical either way.
-        ``rans_backend``: ``rans.decode``'s (``auto``: compiled on the CPU when numba imports)."""
+        ``rans_backend``: ``rans.decode``'s (``auto``: compiled on the CPU when numba imports, and
+        then float32 bits are reassembled by a compiled kernel too; ``torch``: the pure-PyTorch
+        reference for both)."""
         dev = torch.device(device)
         f = cls.checked_fields(enc, spec, dev)
         idt, ebits, mbits = _layout(spec)
@@ -169,6 +171,10 @@ class Lossless(Codec, name="lossless", version=1):
         ent = torch.device("cpu") if entropy_on_cpu else dev
         exp = rans.decode(*(f[k].to(ent) for k in ("exp_states", "exp_words", "exp_lane_words", "exp_freq")),
                           p["precision_bits"], p["n"], what=f"tensor {spec.name!r} exponents", backend=rans_backend)
+        if (spec.dtype == torch.float32 and dev.type == "cpu" and exp.device.type == "cpu"
+                and rans_backend != "torch" and rans_numba.available()):
+            # compiled, in the rANS decoder's threads; the torch code below is its reference
+            return rans_numba.assemble_f32(exp, f["rest"]).reshape(spec.shape).to(dtype)
         e = exp.to(dev, torch.int32)
         if spec.dtype == torch.float32:
             r = f["rest"].to(torch.int32)

@@ -25,6 +25,7 @@ import logging
 import threading
 from functools import lru_cache
 from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "used_tables", "decode_lanes"]
+__all__ = ["available", "used_tables", "decode_lanes", "assemble_f32"]
 
 MIN_SYMBOLS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
 MAX_TABLES = (1 << 15) - 1  # table ids travel as int16
@@ -91,26 +92,55 @@ def decode_lanes(states: Tensor, words: Tensor, lane_words: Tensor, tables: Tens
     tid = _ids(table_of)
     lanes = st.shape[0]
     out = np.empty(n, dtype=np.uint8)
-    threads = torch.get_num_threads() if threads is None else threads
-    parts = max(1, min(threads, lanes, n // MIN_SYMBOLS_PER_THREAD))
-    bounds = [lanes * i // parts for i in range(parts + 1)]
-    bad = np.zeros((parts, 2), dtype=np.int64)
-    errors: list[BaseException] = []
+    bounds = _bounds(lanes, n, threads)
+    bad = np.zeros((len(bounds) - 1, 2), dtype=np.int64)
 
     def run(i: int) -> None:
+        bad[i] = k.decode_range(st, wd, start, end, slot_sym, freq_cum, tid, local_of, precision_bits,
+                                n, bounds[i], bounds[i + 1], out)
+
+    _in_threads(run, len(bounds) - 1)
+    tot = bad.sum(0)
+    return torch.from_numpy(out), int(tot[0]), int(tot[1])
+
+
+def assemble_f32(exp: Tensor, rest: Tensor, threads: int | None = None) -> Tensor:
+    """``lossless`` float32 values from decoded exponents [n] uint8 and byte planes ``rest`` [3, n]
+    uint8 (CPU) -> [n] float32, bit for bit what ``Lossless.decode``'s torch code builds."""
+    k = _kernels()
+    e = exp.detach().contiguous().numpy()
+    r = rest.detach().contiguous().numpy()
+    n = e.shape[0]
+    out = np.empty(n, dtype=np.uint32)
+    bounds = _bounds(n, n, threads)
+    _in_threads(lambda i: k.assemble_f32(e, r, out, bounds[i], bounds[i + 1]), len(bounds) - 1)
+    return torch.from_numpy(out.view(np.float32))
+
+
+def _bounds(items: int, work: int, threads: int | None) -> list[int]:
+    """Cut ``items`` (lanes, values) into one contiguous range per thread; small work stays on one."""
+    threads = torch.get_num_threads() if threads is None else threads
+    parts = max(1, min(threads, items, work // MIN_SYMBOLS_PER_THREAD))
+    return [items * i // parts for i in range(parts + 1)]
+
+
+def _in_threads(run: Callable[[int], None], parts: int) -> None:
+    """``run(0..parts-1)``: part 0 on the calling thread, the others on short-lived threads (the
+    kernels release the GIL); an exception in any part is raised here."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
         try:
-            bad[i] = k.decode_range(st, wd, start, end, slot_sym, freq_cum, tid, local_of, precision_bits,
-                                    n, bounds[i], bounds[i + 1], out)
+            run(i)
         except BaseException as exc:  # surfaced on the calling thread below
             errors.append(exc)
 
-    workers = [threading.Thread(target=run, args=(i,), name=f"rans-decode-{i}", daemon=True) for i in range(1, parts)]
+    workers = [threading.Thread(target=guarded, args=(i,), name=f"thawed-decode-{i}", daemon=True)
+               for i in range(1, parts)]
     for w in workers:
         w.start()
-    run(0)
+    guarded(0)
     for w in workers:
         w.join()
     if errors:
         raise errors[0]
-    tot = bad.sum(0)
-    return torch.from_numpy(out), int(tot[0]), int(tot[1])
