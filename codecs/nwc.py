@@ -30,7 +30,8 @@ file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**pre
 Decode: rANS over all lanes at once (``rans.decode``: compiled on the CPU when numba imports, else
 the torch reference on the payload's device; on a GPU the lanes run on the host by default), then
 the decoder MLP over columns grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks on the
-decode device (``nwc_net.decode_columns``), then the row scales. Decoding is integer-exact up to
+decode device (``nwc_net.decode_columns``; on a CPU on ``torch.get_num_threads()`` threads), then
+the row scales. Decoding is integer-exact up to
 the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
 input Gram matrix from calibration in ``ctx.extras["input_gram"]``; off by default because on SmolLM2
 it measured worse, docs/NWC.md): GPTQ/LDLQ-style error feedback,
@@ -59,9 +60,9 @@ __all__ = ["Nwc", "load_network", "NetworkFile", "column_levels"]
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "nwc_weights"
-# chunks per decoder MLP call: on a CPU the [block, H] activations stay near the core (8192: 2.4x faster
-# than 2**17 on SmolLM2); a GPU wants big launches
-DECODE_BLOCK_CPU, DECODE_BLOCK_GPU = 1 << 13, 1 << 17
+# chunks per decoder MLP call: on a CPU small blocks on the decoder's own threads (nwc_net.decode_columns:
+# the activations stay in cache and no op starts an OpenMP team); a GPU wants big launches
+DECODE_BLOCK_CPU, DECODE_BLOCK_GPU = 500, 1 << 17
 LEVEL_BONUS = ((0.001, 6), (0.01, 4), (0.1, 2))  # (top fraction of columns by importance, extra grid steps)
 DEFAULT_LAM = 256.0
 _MAX_DIM = 1 << 24
@@ -347,7 +348,10 @@ class Nwc(Codec, name="nwc", version=1):
         sym = rans.decode(f["states"].to(ent), f["words"].to(ent), f["lane_words"].to(ent), tables,
                           prm["precision_bits"], cols * p, table_of=tid, what=f"tensor {spec.name!r} nwc latents",
                           backend=rans_backend).view(-1, CHUNK).to(dev)
-        block = DECODE_BLOCK_CPU if dev.type == "cpu" else DECODE_BLOCK_GPU
-        out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, block)
+        if dev.type == "cpu":
+            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU,
+                                 torch.get_num_threads())
+        else:
+            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_GPU)
         w = out[:, :rows].t()
         return (w * f["row_scale"].to(torch.float32)[:, None]).to(dtype).contiguous()

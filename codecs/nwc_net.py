@@ -22,6 +22,7 @@ frequency tables ``[GRID, 16, 256]`` (``precision_bits`` = ``PRECISION``) which 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
 import torch
@@ -59,14 +60,19 @@ def decode_chunks(state: Mapping[str, Tensor], symbols: Tensor, k: Tensor) -> Te
     return torch.addmm(state["b3"], h, state["w3"]).add_(z)
 
 
-def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor, block: int = 4096) -> Tensor:
+def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor, block: int = 500,
+                   threads: int = 1) -> Tensor:
     """``decode_chunks`` for a whole tensor: symbols [cols, C, 16] uint8 and a rate index per column
     [cols] -> chunks [cols, C * 16] float32, the same values as ``decode_chunks`` (the same ops in
     the same order; tests compare them).
 
-    Faster on a CPU (2.4x measured, docs/NWC.md): columns are grouped by rate index, so the
-    per-chunk gathers of gain and embedding rows become one broadcast vector per group, and the
-    MLP runs over ``block`` chunks at a time, whose [block, H] activations stay in cache.
+    Faster on a CPU (docs/NWC.md): columns are grouped by rate index, so the per-chunk gathers of
+    gain and embedding rows become one broadcast vector per group, and the MLP runs over ``block``
+    chunks at a time, whose [block, H] activations stay in cache. ``threads`` > 1 runs the blocks
+    on that many Python threads (torch ops release the GIL). With ``block * H`` under torch's
+    parallel grain (32768 elements: the default 500 at H = 64) every op runs on its calling thread,
+    so no OpenMP team is started per op -- on a loaded 2-core machine those per-op thread
+    hand-offs made 2 OpenMP threads 2-5x slower than 1 (measured, docs/NWC.md).
     """
     cols, c, _ = symbols.shape
     lv = levels.to(device=symbols.device, dtype=torch.int64)
@@ -75,18 +81,30 @@ def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor,
     grouped = symbols.index_select(0, order)  # [cols, C, 16], columns sorted by rate index
     out = torch.empty(cols, c * CHUNK, dtype=torch.float32, device=symbols.device)
     gain = torch.exp(-state["log_gain"])
+    jobs: list[tuple[int, Tensor, Tensor]] = []  # (rate index, symbols [b, 16], output [b, 16])
     start = 0
     for k, n_cols in enumerate(counts):
         if n_cols == 0:
             continue
         sym_k = grouped[start:start + n_cols].view(-1, CHUNK)
         out_k = out[start:start + n_cols].view(-1, CHUNK)
-        for s in range(0, sym_k.shape[0], block):
-            z = (sym_k[s:s + block].to(torch.float32) - OFFSET).mul_(gain[k])
+        jobs += [(k, sym_k[s:s + block], out_k[s:s + block]) for s in range(0, sym_k.shape[0], block)]
+        start += n_cols
+
+    def run(part: int) -> None:
+        for k, sym_b, out_b in jobs[part::threads]:
+            z = (sym_b.to(torch.float32) - OFFSET).mul_(gain[k])
             h = torch.addmm(state["b1"], z, state["w1"]).add_(state["emb"][k]).relu_()
             h = torch.addmm(state["b2"], h, state["w2"]).relu_()
-            torch.addmm(state["b3"], h, state["w3"], out=out_k[s:s + block]).add_(z)
-        start += n_cols
+            torch.addmm(state["b3"], h, state["w3"], out=out_b).add_(z)
+
+    threads = max(1, min(threads, len(jobs)))
+    if threads == 1:
+        run(0)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="thawed-nwc-mlp") as pool:
+            for f in [pool.submit(run, i) for i in range(threads)]:
+                f.result()
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(cols, device=order.device)
     return out.index_select(0, inverse)

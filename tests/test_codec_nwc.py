@@ -21,8 +21,8 @@ SHIPPED = WEIGHTS_DIR / "default.safetensors"
 
 
 # ---- the decoder MLP over whole tensors ------------------------------------------------------------
-@pytest.mark.parametrize("cols,c,block", [(1, 1, 4096), (7, 3, 2), (33, 36, 5), (300, 4, 64)])
-def test_decode_columns_equals_decode_chunks(cols: int, c: int, block: int) -> None:
+@pytest.mark.parametrize("cols,c,block,threads", [(1, 1, 4096, 2), (7, 3, 2, 1), (33, 36, 5, 3), (300, 4, 64, 2)])
+def test_decode_columns_equals_decode_chunks(cols: int, c: int, block: int, threads: int) -> None:
     """The grouped, blocked decoder gives decode_chunks' values (same ops, same order) on odd shapes."""
     if not SHIPPED.is_file():
         pytest.skip("needs the shipped network")
@@ -32,7 +32,7 @@ def test_decode_columns_equals_decode_chunks(cols: int, c: int, block: int) -> N
     g = torch.Generator().manual_seed(cols * c)
     sym = torch.randint(0, ALPHABET, (cols, c, CHUNK), dtype=torch.uint8, generator=g)
     levels = torch.randint(0, state["log_gain"].shape[0], (cols,), generator=g).to(torch.uint8)
-    got = decode_columns(state, sym, levels, block)
+    got = decode_columns(state, sym, levels, block, threads)
     ref = decode_chunks(state, sym.view(-1, CHUNK), levels.long().repeat_interleave(c)).view(cols, c * CHUNK)
     assert torch.isfinite(got).all() and got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
