@@ -91,12 +91,17 @@ def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor,
         jobs += [(k, sym_k[s:s + block], out_k[s:s + block]) for s in range(0, sym_k.shape[0], block)]
         start += n_cols
 
+    # grad / inference mode are per thread: the workers take the caller's (the runtime decodes under
+    # inference_mode, and writing into an inference tensor outside it is an error)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
     def run(part: int) -> None:
-        for k, sym_b, out_b in jobs[part::threads]:
-            z = (sym_b.to(torch.float32) - OFFSET).mul_(gain[k])
-            h = torch.addmm(state["b1"], z, state["w1"]).add_(state["emb"][k]).relu_()
-            h = torch.addmm(state["b2"], h, state["w2"]).relu_()
-            torch.addmm(state["b3"], h, state["w3"], out=out_b).add_(z)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for k, sym_b, out_b in jobs[part::threads]:
+                z = (sym_b.to(torch.float32) - OFFSET).mul_(gain[k])
+                h = torch.addmm(state["b1"], z, state["w1"]).add_(state["emb"][k]).relu_()
+                h = torch.addmm(state["b2"], h, state["w2"]).relu_()
+                torch.addmm(state["b3"], h, state["w3"], out=out_b).add_(z)
 
     threads = max(1, min(threads, len(jobs)))
     if threads == 1:

@@ -36,6 +36,8 @@ def test_decode_columns_equals_decode_chunks(cols: int, c: int, block: int, thre
     ref = decode_chunks(state, sym.view(-1, CHUNK), levels.long().repeat_interleave(c)).view(cols, c * CHUNK)
     assert torch.isfinite(got).all() and got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():  # as the runtime decodes: the worker threads must write inference tensors
+        assert torch.equal(decode_columns(state, sym, levels, block, threads), got)
 
 
 # ---- a tiny network trained in seconds ------------------------------------------------------------
