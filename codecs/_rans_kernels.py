@@ -136,3 +136,16 @@ def assemble_f32(exp: np.ndarray, rest: np.ndarray, out: np.ndarray, lo: int, hi
         r2 = np.int64(rest[2, i])
         mant = np.int64(rest[0, i]) | (np.int64(rest[1, i]) << 8) | ((r2 & 0x7F) << 16)
         out[i] = ((r2 >> 7) << 31) | (np.int64(exp[i]) << 23) | mant
+
+
+@njit("void(float32[:, ::1], float32[::1], float32[:, ::1], int64, int64)", cache=True, nogil=True)
+def transpose_scale(src: np.ndarray, scale: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """``nwc``'s last step for output rows ``lo..hi-1``: ``out[r, c] = src[c, r] * scale[r]``
+    (``src`` [cols, P >= rows] decoded columns, ``out`` [rows, cols]); tiles of 16 rows keep both
+    sides in cache lines. The reference is ``Nwc.decode``'s torch code (same float32 product)."""
+    cols = src.shape[0]
+    for r0 in range(lo, hi, 16):
+        r1 = min(r0 + 16, hi)
+        for c in range(cols):
+            for r in range(r0, r1):
+                out[r, c] = src[c, r] * scale[r]

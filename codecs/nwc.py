@@ -50,7 +50,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from . import rans
+from . import rans, rans_numba
 from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_param
 from .errors import CodecError, CorruptPayloadError
 from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, rate_index
@@ -351,6 +351,8 @@ class Nwc(Codec, name="nwc", version=1):
         if dev.type == "cpu":
             out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU,
                                  torch.get_num_threads())
+            if rans_backend != "torch" and rans_numba.available():  # compiled, in the decoder's threads
+                return rans_numba.transpose_scale(out, f["row_scale"].to(torch.float32), rows).to(dtype)
         else:
             out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_GPU)
         w = out[:, :rows].t()

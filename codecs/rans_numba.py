@@ -33,7 +33,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "used_tables", "decode_lanes", "assemble_f32"]
+__all__ = ["available", "used_tables", "decode_lanes", "assemble_f32", "transpose_scale"]
 
 MIN_SYMBOLS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
 MAX_TABLES = (1 << 15) - 1  # table ids travel as int16
@@ -115,6 +115,18 @@ def assemble_f32(exp: Tensor, rest: Tensor, threads: int | None = None) -> Tenso
     bounds = _bounds(n, n, threads)
     _in_threads(lambda i: k.assemble_f32(e, r, out, bounds[i], bounds[i + 1]), len(bounds) - 1)
     return torch.from_numpy(out.view(np.float32))
+
+
+def transpose_scale(src: Tensor, scale: Tensor, rows: int, threads: int | None = None) -> Tensor:
+    """``nwc``: decoded columns ``src`` [cols, P] float32 and row scales [rows] float32 (CPU) ->
+    ``src[:, :rows].t() * scale[:, None]`` as a contiguous [rows, cols] float32, bit for bit."""
+    k = _kernels()
+    s = src.detach().contiguous().numpy()
+    sc = scale.detach().to(torch.float32).contiguous().numpy()
+    out = np.empty((rows, s.shape[0]), dtype=np.float32)
+    bounds = _bounds(rows, rows * s.shape[0], threads)
+    _in_threads(lambda i: k.transpose_scale(s, sc, out, bounds[i], bounds[i + 1]), len(bounds) - 1)
+    return torch.from_numpy(out)
 
 
 def _bounds(items: int, work: int, threads: int | None) -> list[int]:

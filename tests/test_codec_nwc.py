@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from thawed.codecs import CodecError, CorruptPayloadError, EncodeContext, Encoded, TensorSpec, get_codec
+from thawed.codecs import rans_numba
 from thawed.codecs.nwc import WEIGHTS_DIR, Nwc, column_levels
 from thawed.codecs.nwc_net import ALPHABET, CHUNK, decode_chunks, decode_columns
 
@@ -200,3 +201,15 @@ def test_shipped_network_sqnr_floor_on_minilm() -> None:
 
 # Measured with the shipped network: 4.576 bpw (payload bytes), 25.55 dB; rtn b4 g64 at 4.5 bpw: ~20.5 dB.
 FLOOR_BPW, FLOOR_DB = 4.65, 25.0
+
+
+@pytest.mark.skipif(not rans_numba.available(), reason="numba is not installed")
+@pytest.mark.parametrize("cols,p,rows,threads", [(1, 16, 1, 2), (7, 32, 17, 1), (333, 48, 40, 3), (600, 1040, 1030, 2)])
+def test_compiled_transpose_scale_equals_torch(cols: int, p: int, rows: int, threads: int) -> None:
+    """nwc's last step (decoded columns -> rows times their scale) compiled, split over threads: the
+    torch expression's bits."""
+    g = torch.Generator().manual_seed(cols + rows)
+    src = torch.randn(cols, p, generator=g)
+    scale = torch.rand(rows, generator=g).half().float()
+    ref = (src[:, :rows].t() * scale[:, None]).contiguous()
+    assert torch.equal(rans_numba.transpose_scale(src, scale, rows, threads=threads), ref)
