@@ -47,6 +47,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -342,9 +343,14 @@ class Nwc(Codec, name="nwc", version=1):
                                       f"grid has {prm['grid']}; the payload is damaged")
         dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
         # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
-        lv_e = f["levels"].to(ent, torch.int16)
-        tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent, dtype=torch.int16))
-        tid = tid.expand(cols, p // CHUNK, CHUNK).reshape(-1)
+        if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy
+            lv_np = f["levels"].cpu().numpy().astype(np.int16)
+            ids = lv_np[:, None, None] * CHUNK + np.arange(CHUNK, dtype=np.int16)
+            tid = torch.from_numpy(np.broadcast_to(ids, (cols, p // CHUNK, CHUNK)).copy().reshape(-1))
+        else:
+            lv_e = f["levels"].to(ent, torch.int16)
+            tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent, dtype=torch.int16))
+            tid = tid.expand(cols, p // CHUNK, CHUNK).reshape(-1)
         sym = rans.decode(f["states"].to(ent), f["words"].to(ent), f["lane_words"].to(ent), tables,
                           prm["precision_bits"], cols * p, table_of=tid, what=f"tensor {spec.name!r} nwc latents",
                           backend=rans_backend).view(-1, CHUNK).to(dev)

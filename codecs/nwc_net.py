@@ -78,7 +78,7 @@ def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor,
     lv = levels.to(device=symbols.device, dtype=torch.int64)
     order = torch.argsort(lv, stable=True)
     counts = torch.bincount(lv, minlength=int(state["log_gain"].shape[0])).tolist()
-    grouped = symbols.index_select(0, order)  # [cols, C, 16], columns sorted by rate index
+    grouped = _rows(symbols, order)  # [cols, C, 16], columns sorted by rate index
     out = torch.empty(cols, c * CHUNK, dtype=torch.float32, device=symbols.device)
     gain = torch.exp(-state["log_gain"])
     jobs: list[tuple[int, Tensor, Tensor]] = []  # (rate index, symbols [b, 16], output [b, 16])
@@ -112,7 +112,15 @@ def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor,
                 f.result()
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(cols, device=order.device)
-    return out.index_select(0, inverse)
+    return _rows(out, inverse)
+
+
+def _rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t.index_select(0, index)``; on a CPU through numpy (one thread): a torch copy this size
+    starts an OpenMP team, whose idle workers then spin on the cores the decoder's threads need."""
+    if t.device.type != "cpu":
+        return t.index_select(0, index)
+    return torch.from_numpy(t.numpy()[index.numpy()])
 
 
 class _Mlp(nn.Module):
