@@ -63,7 +63,7 @@ def check_correctness(path: Path, device: str = "cpu") -> str:
         e = ckpt.index[key]
         enc = ckpt.encoded(key)
         sh = {k: v.double() for k, v in ckpt.shared("nwc").items() if k.startswith("dec.")}
-        from thawed.codecs import nwc_rans
+        from thawed.codecs import rans
 
         rows, cols = e.shape
         p = -(-rows // CHUNK) * CHUNK
@@ -72,8 +72,8 @@ def check_correctness(path: Path, device: str = "cpu") -> str:
         for k in torch.unique(lv).tolist():
             tabs[k] = ckpt.shared("nwc")[f"k{k:02d}.freq"].int()
         tid = (lv[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(cols, p // CHUNK, CHUNK).reshape(-1)
-        sym = nwc_rans.decode_multi(enc.fields["states"], enc.fields["words"], enc.fields["lane_words"], tid,
-                                    tabs.view(-1, 256), enc.params["precision_bits"]).view(cols, p // CHUNK, CHUNK)
+        sym = rans.decode(enc.fields["states"], enc.fields["words"], enc.fields["lane_words"], tabs.view(-1, 256),
+                          enc.params["precision_bits"], tid.numel(), table_of=tid).view(cols, p // CHUNK, CHUNK)
         kk = lv[:, None].expand(cols, p // CHUNK)
         z = (sym.double() - OFFSET) * torch.exp(-sh["dec.log_gain"])[kk]
         h = torch.relu(z @ sh["dec.w1"] + sh["dec.b1"] + sh["dec.emb"][kk])

@@ -4,7 +4,7 @@ with entropy-coded latents.
 A weight ``W`` [rows, cols] (``rows`` = output dim) is normalised by its per-row RMS ``s`` (stored
 F16), each input column is cut into chunks of 16 consecutive rows (rows zero-padded to a multiple
 of 16), and every chunk goes through the trained network (``nwc_net``): encoder MLP -> 16 latents
--> rounding -> symbols, coded with interleaved rANS (``nwc_rans``) under the learned factorised
+-> rounding -> symbols, coded with interleaved rANS (``rans``, one table per symbol) under the learned factorised
 prior's integer tables. Each input column ``j`` has a rate index ``levels[j]`` on the network's
 lambda grid (``lambda_k = 2**(3 + k/2)``): the base rate from ``lam`` / ``target_bpw``, raised for
 the most important columns by calibration importance (top 0.1 % / 1 % / 10 %: +6 / +4 / +2 grid
@@ -27,9 +27,12 @@ Shared state (once per file, ``__codec__.nwc.<id>.<param>``): the decoder networ
 ``dec.b2`` [H], ``dec.w3`` [H, 16], ``dec.b3`` [16] (float32) and, for every rate index ``k`` the
 file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**precision_bits``).
 
-Decode: rANS over all lanes at once (torch, on the payload's device), then the decoder MLP in
-batches of ``DECODE_BATCH`` chunks on that device, then the row scales. Decoding is integer-exact up
-to the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
+Decode: rANS over all lanes at once (``rans.decode``: compiled on the CPU when numba imports, else
+the torch reference on the payload's device; on a GPU the lanes run on the host by default), then
+the decoder MLP over columns grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks on the
+decode device (``nwc_net.decode_columns``; on a CPU on ``torch.get_num_threads()`` threads), then
+the row scales. Decoding is integer-exact up to
+the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
 input Gram matrix from calibration in ``ctx.extras["input_gram"]``; off by default because on SmolLM2
 it measured worse, docs/NWC.md): GPTQ/LDLQ-style error feedback,
 columns encoded in order, each column's error pushed onto the not-yet-encoded columns through the
@@ -44,20 +47,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from . import nwc_rans
+from . import rans, rans_numba
 from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
 from .errors import CodecError, CorruptPayloadError
-from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, rate_index
+from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, rate_index
 
 __all__ = ["Nwc", "load_network", "NetworkFile", "column_levels"]
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "nwc_weights"
-DECODE_BATCH = 1 << 17  # chunks per decoder MLP call
+# chunks per decoder MLP call: on a CPU small blocks on the decoder's own threads (nwc_net.decode_columns:
+# the activations stay in cache and no op starts an OpenMP team); a GPU wants big launches
+DECODE_BLOCK_CPU, DECODE_BLOCK_GPU = 500, 1 << 17
 LEVEL_BONUS = ((0.001, 6), (0.01, 4), (0.1, 2))  # (top fraction of columns by importance, extra grid steps)
 DEFAULT_LAM = 256.0
 _MAX_DIM = 1 << 24
@@ -91,7 +97,7 @@ class NetworkFile:
         self.net = net
         self.decoder = {k: t[f"dec.{k}"].float().contiguous() for k in DECODER_KEYS}
         self.tables = t["tables"].to(torch.int32)  # [grid, 16, 256]
-        nwc_rans.check_tables(self.tables.view(-1, ALPHABET), self.precision_bits, what=f"nwc network {path}")
+        rans.check_tables(self.tables.view(-1, ALPHABET), self.precision_bits, what=f"nwc network {path}")
 
 
 @lru_cache(maxsize=4)
@@ -166,7 +172,7 @@ class Nwc(Codec, name="nwc", version=1):
             kk = torch.full((len(idx),), k)
             sym, _ = self._quant(sample, kk)
             tid = (kk[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(len(idx), p // CHUNK, CHUNK)
-            per_k[k] = nwc_rans.code_lengths(sym.reshape(-1), tid.reshape(-1), flat, self._net.precision_bits).sum() / len(idx)
+            per_k[k] = rans.code_lengths(sym.reshape(-1), tid.reshape(-1), flat, self._net.precision_bits).sum() / len(idx)
         side = rows * 16 + cols * 8 + lanes_bits
 
         def bpw(r: float) -> float:
@@ -212,8 +218,8 @@ class Nwc(Codec, name="nwc", version=1):
         else:
             sym, _ = self._quant(wn_t, lv)
         tid = (lv[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(cols, p // CHUNK, CHUNK).reshape(-1)
-        stream = nwc_rans.encode_multi(sym.reshape(-1), tid, self._net.tables.view(-1, ALPHABET),
-                                       self._net.precision_bits, self.steps)
+        stream = rans.encode(sym.reshape(-1), self._net.tables.view(-1, ALPHABET), self._net.precision_bits,
+                             table_of=tid, steps=self.steps)
         self._used.update(int(k) for k in torch.unique(lv))
         fields = {"row_scale": scale16.contiguous(), "levels": lv.to(torch.uint8), "states": stream.states,
                   "lane_words": stream.lane_words, "words": stream.words}
@@ -312,17 +318,20 @@ class Nwc(Codec, name="nwc", version=1):
                 raise CorruptPayloadError(f"tensor {spec.name!r}: nwc uses rate index {k} but shared table "
                                           f"'k{k:02d}.freq' is missing or malformed; the file is damaged")
             tables[k] = t.to(device=table_device, dtype=torch.int32)
-        nwc_rans.check_tables(tables[used].view(-1, ALPHABET), k_bits,
+        rans.check_tables(tables[used].view(-1, ALPHABET), k_bits,
                               what=f"tensor {spec.name!r}: nwc shared tables")
         return dec, tables.view(-1, ALPHABET)
 
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
-               device: torch.device, dtype: torch.dtype, entropy_on_cpu: bool | None = None) -> Tensor:
+               device: torch.device, dtype: torch.dtype, entropy_on_cpu: bool | None = None,
+               rans_backend: str = "auto") -> Tensor:
         """``entropy_on_cpu`` (default: when decoding on a GPU): run the rANS lanes on the host and
         only the decoder MLP on the device. rANS is a loop of small sequential steps, which a GPU
-        runs slower than a CPU (H200 vs 16 host threads: 6.0 s vs 2.4 s for 10.6 M weights); the
-        symbols are identical either way (integer arithmetic), so only the speed changes."""
+        runs slower than a CPU (H200 vs 16 host threads, torch reference on both: 6.0 s vs 2.4 s for
+        10.6 M weights); the symbols are identical either way (integer arithmetic), so only the
+        speed changes. ``rans_backend``: ``rans.decode``'s (``auto``: compiled on the CPU when numba
+        imports; ``torch``: the pure-PyTorch reference)."""
         dev = torch.device(device)
         f = cls.checked_fields(enc, spec, dev)
         if entropy_on_cpu is None:
@@ -337,14 +346,24 @@ class Nwc(Codec, name="nwc", version=1):
             raise CorruptPayloadError(f"tensor {spec.name!r}: nwc field 'levels' holds rate index {used[-1]} but the "
                                       f"grid has {prm['grid']}; the payload is damaged")
         dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
-        lv_e = lv.to(ent)
-        tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent)).expand(cols, p // CHUNK, CHUNK)
-        sym = nwc_rans.decode_multi(f["states"].to(ent), f["words"].to(ent), f["lane_words"].to(ent), tid.reshape(-1),
-                                    tables, prm["precision_bits"],
-                                    what=f"tensor {spec.name!r} nwc latents").view(-1, CHUNK).to(dev)
-        kk = lv.repeat_interleave(p // CHUNK)
-        out = torch.empty(sym.shape[0], CHUNK, dtype=torch.float32, device=sym.device)
-        for s in range(0, sym.shape[0], DECODE_BATCH):
-            out[s:s + DECODE_BATCH] = decode_chunks(dec, sym[s:s + DECODE_BATCH], kk[s:s + DECODE_BATCH])
-        w = out.view(cols, p)[:, :rows].t()
+        # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
+        if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy
+            lv_np = f["levels"].cpu().numpy().astype(np.int16)
+            ids = lv_np[:, None, None] * CHUNK + np.arange(CHUNK, dtype=np.int16)
+            tid = torch.from_numpy(np.broadcast_to(ids, (cols, p // CHUNK, CHUNK)).copy().reshape(-1))
+        else:
+            lv_e = f["levels"].to(ent, torch.int16)
+            tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent, dtype=torch.int16))
+            tid = tid.expand(cols, p // CHUNK, CHUNK).reshape(-1)
+        sym = rans.decode(f["states"].to(ent), f["words"].to(ent), f["lane_words"].to(ent), tables,
+                          prm["precision_bits"], cols * p, table_of=tid, what=f"tensor {spec.name!r} nwc latents",
+                          backend=rans_backend).view(-1, CHUNK).to(dev)
+        if dev.type == "cpu":
+            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU,
+                                 torch.get_num_threads())
+            if rans_backend != "torch" and rans_numba.available():  # compiled, in the decoder's threads
+                return rans_numba.transpose_scale(out, f["row_scale"].to(torch.float32), rows).to(dtype)
+        else:
+            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_GPU)
+        w = out[:, :rows].t()
         return (w * f["row_scale"].to(torch.float32)[:, None]).to(dtype).contiguous()

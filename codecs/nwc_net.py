@@ -22,6 +22,7 @@ frequency tables ``[GRID, 16, 256]`` (``precision_bits`` = ``PRECISION``) which 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CHUNK", "GRID", "ALPHABET", "OFFSET", "PRECISION", "LOG2_LAM0", "LOG2_LAM_STEP", "NwcNet",
-           "decode_chunks", "rate_index", "DECODER_KEYS"]
+           "decode_chunks", "decode_columns", "rate_index", "DECODER_KEYS"]
 
 CHUNK = 16
 GRID = 20
@@ -57,6 +58,69 @@ def decode_chunks(state: Mapping[str, Tensor], symbols: Tensor, k: Tensor) -> Te
     h = torch.addmm(state["b1"], z, state["w1"]).add_(state["emb"][kk]).relu_()
     h = torch.addmm(state["b2"], h, state["w2"]).relu_()
     return torch.addmm(state["b3"], h, state["w3"]).add_(z)
+
+
+def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor, block: int = 500,
+                   threads: int = 1) -> Tensor:
+    """``decode_chunks`` for a whole tensor: symbols [cols, C, 16] uint8 and a rate index per column
+    [cols] -> chunks [cols, C * 16] float32, the same values as ``decode_chunks`` (the same ops in
+    the same order; tests compare them).
+
+    Faster on a CPU (docs/NWC.md): columns are grouped by rate index, so the per-chunk gathers of
+    gain and embedding rows become one broadcast vector per group, and the MLP runs over ``block``
+    chunks at a time, whose [block, H] activations stay in cache. ``threads`` > 1 runs the blocks
+    on that many Python threads (torch ops release the GIL). With ``block * H`` under torch's
+    parallel grain (32768 elements: the default 500 at H = 64) every op runs on its calling thread,
+    so no OpenMP team is started per op -- on a loaded 2-core machine those per-op thread
+    hand-offs made 2 OpenMP threads 2-5x slower than 1 (measured, docs/NWC.md).
+    """
+    cols, c, _ = symbols.shape
+    lv = levels.to(device=symbols.device, dtype=torch.int64)
+    order = torch.argsort(lv, stable=True)
+    counts = torch.bincount(lv, minlength=int(state["log_gain"].shape[0])).tolist()
+    grouped = _rows(symbols, order)  # [cols, C, 16], columns sorted by rate index
+    out = torch.empty(cols, c * CHUNK, dtype=torch.float32, device=symbols.device)
+    gain = torch.exp(-state["log_gain"])
+    jobs: list[tuple[int, Tensor, Tensor]] = []  # (rate index, symbols [b, 16], output [b, 16])
+    start = 0
+    for k, n_cols in enumerate(counts):
+        if n_cols == 0:
+            continue
+        sym_k = grouped[start:start + n_cols].view(-1, CHUNK)
+        out_k = out[start:start + n_cols].view(-1, CHUNK)
+        jobs += [(k, sym_k[s:s + block], out_k[s:s + block]) for s in range(0, sym_k.shape[0], block)]
+        start += n_cols
+
+    # grad / inference mode are per thread: the workers take the caller's (the runtime decodes under
+    # inference_mode, and writing into an inference tensor outside it is an error)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(part: int) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for k, sym_b, out_b in jobs[part::threads]:
+                z = (sym_b.to(torch.float32) - OFFSET).mul_(gain[k])
+                h = torch.addmm(state["b1"], z, state["w1"]).add_(state["emb"][k]).relu_()
+                h = torch.addmm(state["b2"], h, state["w2"]).relu_()
+                torch.addmm(state["b3"], h, state["w3"], out=out_b).add_(z)
+
+    threads = max(1, min(threads, len(jobs)))
+    if threads == 1:
+        run(0)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="thawed-nwc-mlp") as pool:
+            for f in [pool.submit(run, i) for i in range(threads)]:
+                f.result()
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(cols, device=order.device)
+    return _rows(out, inverse)
+
+
+def _rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t.index_select(0, index)``; on a CPU through numpy (one thread): a torch copy this size
+    starts an OpenMP team, whose idle workers then spin on the cores the decoder's threads need."""
+    if t.device.type != "cpu":
+        return t.index_select(0, index)
+    return torch.from_numpy(t.numpy()[index.numpy()])
 
 
 class _Mlp(nn.Module):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from thawed.codecs.errors import ThawedError
 from thawed.codecs.nwc_net import CHUNK, GRID, LOG2_LAM0, LOG2_LAM_STEP, OFFSET, PRECISION, NwcNet, decode_chunks
-from thawed.codecs.nwc_rans import code_lengths
+from thawed.codecs.rans import code_lengths
 
 __all__ = ["TrainConfig", "train_nwc", "minilm_linears", "column_chunks", "save_network"]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from thawed.codecs import CodecError, CorruptPayloadError, EncodeContext, Encoded, TensorSpec, get_codec
+from thawed.codecs import rans_numba
 from thawed.codecs.lossless import Lossless
 
 CPU = torch.device("cpu")
@@ -50,6 +51,8 @@ def test_bit_exact_round_trip(dtype: torch.dtype, shape: tuple[int, ...]) -> Non
     out = Lossless.decode(enc, spec, {}, CPU, dtype)
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(_bits(out), _bits(w))
+    # the pure-PyTorch rANS reference gives the same bits as the default (compiled when available) path
+    assert torch.equal(_bits(Lossless.decode(enc, spec, {}, CPU, dtype, rans_backend="torch")), _bits(w))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -58,6 +61,8 @@ def test_special_values_and_all_bit_patterns(dtype: torch.dtype) -> None:
     enc, spec = _encode(w)
     out = Lossless.decode(enc, spec, {}, CPU, dtype)
     assert torch.equal(_bits(out), _bits(w))  # NaN payloads, -0.0 and subnormals included
+    ref = Lossless.decode(enc, spec, {}, CPU, dtype, rans_backend="torch")  # the pure-PyTorch reference
+    assert torch.equal(_bits(ref), _bits(w))
     assert _bits(out)[1] == _bits(torch.tensor(-0.0, dtype=dtype))
     for other in FLOATS:  # asked for another dtype: the original values, cast
         cast = Lossless.decode(enc, spec, {}, CPU, other)
@@ -161,3 +166,18 @@ def test_minilm_fp32_rate_below_32_bits() -> None:
     bpw = nbytes * 8 / numel
     print(f"\nlossless on MiniLM fp32 ({len(names)} tensors, {numel} weights): {bpw:.3f} bits/weight")
     assert bpw < 27.5
+
+
+@pytest.mark.skipif(not rans_numba.available(), reason="numba is not installed")
+@pytest.mark.parametrize("n,threads", [(1, 2), (65_537, 1), (200_003, 3)])
+def test_compiled_fp32_assembly_equals_reference(n: int, threads: int) -> None:
+    """Random fp32 bit patterns (every exponent, sign, NaN payload), odd sizes, split over threads:
+    the compiled exponent/mantissa reassembly gives the reference's bits."""
+    pats = torch.randint(-(1 << 31), (1 << 31) - 1, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    w = pats.view(torch.float32)
+    enc, spec = _encode(w)
+    exp = ((pats >> 23) & 0xFF).to(torch.uint8)
+    fast = rans_numba.assemble_f32(exp, enc.fields["rest"], threads=threads)
+    assert torch.equal(_bits(fast), pats)
+    ref = Lossless.decode(enc, spec, {}, CPU, torch.float32, rans_backend="torch")
+    assert torch.equal(_bits(ref), pats) and torch.equal(_bits(Lossless.decode(enc, spec, {}, CPU, torch.float32)), pats)

@@ -1,0 +1,151 @@
+"""numba kernels behind ``thawed.codecs.rans_numba`` (importing this module needs numba).
+
+Conventions are ``thawed.codecs.rans``'s: 32-bit state in ``[L, 2**32)``, ``L = 2**16``, 16-bit
+renormalisation words, symbol ``i`` in lane ``i % lanes`` at step ``i // lanes``, words stored
+lane-major. Indices are checked by the caller; ``boundscheck`` stays off for speed, so every array
+read below is kept in range by construction (table ids are range-checked by ``used_tables``, word
+reads by ``p < W``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_L = 1 << 16
+
+
+# Explicit signatures: one compiled version each, built (or loaded from numba's cache) on import.
+@njit("Tuple((int32[::1], int64[::1], int64))(int16[::1], int64)", cache=True, nogil=True)
+def used_tables(table_of: np.ndarray, n_tables: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """-> (local_of [T] int32: table id -> 0..U-1 or -1, used [U] int64 ids, ids outside [0, T)).
+
+    An empty ``table_of`` means every symbol uses table 0."""
+    seen = np.zeros(n_tables, dtype=np.bool_)
+    bad = 0
+    if table_of.shape[0] == 0:
+        seen[0] = True
+    for i in range(table_of.shape[0]):
+        t = np.int64(table_of[i])
+        if t < 0 or t >= n_tables:
+            bad += 1
+        else:
+            seen[t] = True
+    local_of = np.full(n_tables, -1, dtype=np.int32)
+    u = 0
+    for t in range(n_tables):
+        if seen[t]:
+            local_of[t] = u
+            u += 1
+    used = np.empty(u, dtype=np.int64)
+    for t in range(n_tables):
+        if seen[t]:
+            used[local_of[t]] = t
+    return local_of, used, bad
+
+
+@njit("Tuple((uint8[::1], uint32[::1]))(int32[:, ::1], int64[::1], int64)", cache=True, nogil=True)
+def slot_tables(tables: np.ndarray, used: np.ndarray, precision_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``used`` of ``tables`` [T, A] (checked: >= 0, summing to M) ->
+    ``slot_sym`` [U * M] uint8 (symbol of each slot) and ``freq_cum`` [U * A] uint32 (freq << 16 | cum)."""
+    m = 1 << precision_bits
+    a = tables.shape[1]
+    u = used.shape[0]
+    slot_sym = np.empty(u * m, dtype=np.uint8)
+    freq_cum = np.zeros(u * a, dtype=np.uint32)
+    for j in range(u):
+        row = used[j]
+        c = 0
+        for s in range(a):
+            f = tables[row, s]
+            freq_cum[j * a + s] = np.uint32((f << 16) | c)
+            slot_sym[j * m + c:j * m + c + f] = s
+            c += f
+    return slot_sym, freq_cum
+
+
+BLOCK = 32  # lanes decoded together, step by step
+
+
+@njit("int64[::1](uint32[::1], uint16[::1], int64[::1], int64[::1], uint8[::1], uint32[::1], int16[::1], "
+      "int32[::1], int64, int64, int64, int64, uint8[::1])", cache=True, nogil=True)
+def decode_range(states: np.ndarray, words: np.ndarray, start: np.ndarray, end: np.ndarray,
+                 slot_sym: np.ndarray, freq_cum: np.ndarray, table_of: np.ndarray, local_of: np.ndarray,
+                 precision_bits: int, n: int, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """Decode lanes ``lo..hi-1`` into ``out`` [n] uint8 -> [lanes not back at L, lanes whose word
+    count is wrong] for this range.
+
+    ``states`` [lanes] uint32, ``words`` [W >= 1] uint16 (a stream without words passes one zero
+    word), ``start``/``end`` [lanes] int64 (each lane's word range), ``table_of`` [n] table ids
+    (empty: all table 0), ``local_of`` [T] from ``used_tables``.
+
+    Order: blocks of ``BLOCK`` adjacent lanes, step by step, lane by lane inside the block. The
+    lanes of a block are independent, so the CPU overlaps their table lookups (a lane alone is one
+    long dependency chain), their symbols are adjacent in ``out`` and ``table_of``, and at one
+    step they use the same few tables (nwc: one column's 16), which stay in cache.
+    Renormalisation is branch-free: the word at ``min(p, W - 1)`` is always read and used only when
+    the state fell below ``L`` (a data-dependent branch here mispredicts every few symbols); a
+    damaged lane reading past the last word reads 0, as the reference does.
+    """
+    lanes = states.shape[0]
+    wmax = np.int64(words.shape[0] - 1)
+    k = np.int64(precision_bits)
+    m = np.int64(1) << k
+    a = np.int64(freq_cum.shape[0] // max(1, slot_sym.shape[0] // m))
+    mask = m - 1
+    steps = (n + lanes - 1) // lanes
+    last_active = n - (steps - 1) * lanes
+    multi = table_of.shape[0] > 0
+    bad = np.zeros(2, dtype=np.int64)
+    xs = np.empty(BLOCK, dtype=np.int64)
+    ps = np.empty(BLOCK, dtype=np.int64)
+    for j0 in range(lo, hi, BLOCK):
+        g = min(BLOCK, hi - j0)
+        for q in range(g):
+            xs[q] = states[j0 + q]
+            ps[q] = start[j0 + q]
+        for t in range(steps):
+            active = g if t < steps - 1 else max(0, min(g, last_active - j0))
+            base = t * lanes + j0
+            for q in range(active):
+                i = base + q
+                x = xs[q]
+                u = np.int64(local_of[table_of[i]]) if multi else np.int64(0)
+                slot = x & mask
+                s = np.int64(slot_sym[u * m + slot])
+                out[i] = s
+                fc = np.int64(freq_cum[u * a + s])
+                x = (fc >> 16) * (x >> k) + slot - (fc & 0xFFFF)  # freq * (x >> k) + slot - cum
+                p = ps[q]
+                need = x < _L
+                w = np.int64(words[min(p, wmax)]) if p <= wmax else np.int64(0)  # past the end: 0, as the reference
+                xs[q] = ((x << 16) | w) if need else x
+                ps[q] = p + need
+        for q in range(g):
+            bad[0] += xs[q] != _L
+            bad[1] += ps[q] != end[j0 + q]
+    return bad
+
+
+@njit("void(uint8[::1], uint8[:, ::1], uint32[::1], int64, int64)", cache=True, nogil=True)
+def assemble_f32(exp: np.ndarray, rest: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """``lossless`` float32 bits ``lo..hi-1``: decoded exponents [n] and the stored byte planes
+    ``rest`` [3, n] (low byte first of ``sign << 23 | mantissa``) -> ``out`` [n] uint32 patterns,
+    ``sign << 31 | exponent << 23 | mantissa`` (the reference is ``Lossless.decode``'s torch code)."""
+    for i in range(lo, hi):
+        r2 = np.int64(rest[2, i])
+        mant = np.int64(rest[0, i]) | (np.int64(rest[1, i]) << 8) | ((r2 & 0x7F) << 16)
+        out[i] = ((r2 >> 7) << 31) | (np.int64(exp[i]) << 23) | mant
+
+
+@njit("void(float32[:, ::1], float32[::1], float32[:, ::1], int64, int64)", cache=True, nogil=True)
+def transpose_scale(src: np.ndarray, scale: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """``nwc``'s last step for output rows ``lo..hi-1``: ``out[r, c] = src[c, r] * scale[r]``
+    (``src`` [cols, P >= rows] decoded columns, ``out`` [rows, cols]); tiles of 16 rows keep both
+    sides in cache lines. The reference is ``Nwc.decode``'s torch code (same float32 product)."""
+    cols = src.shape[0]
+    for r0 in range(lo, hi, 16):
+        r1 = min(r0 + 16, hi)
+        for c in range(cols):
+            for r in range(r0, r1):
+                out[r, c] = src[c, r] * scale[r]
