@@ -106,7 +106,17 @@ def peak_rss_runner(cmd: list[str], env: dict) -> tuple[float, dict, float]:
             break
     if stats is None:
         raise SystemExit(f"FAIL: no statistics line from {' '.join(cmd)}:\n{text[-2000:]}")
-    return stats["first_token_unix"] - t0, stats, usage.ru_maxrss / 1024
+    # the child's own VmHWM: getrusage's maxrss would include what this (forking) process held
+    rss = stats.get("peak_rss_mib") or usage.ru_maxrss / 1024
+    return stats["first_token_unix"] - t0, stats, rss
+
+
+def has_direct(path: str) -> bool:
+    from thawed.runtime.checkpoint import Checkpoint
+    from thawed.runtime.inspection import execution_mode
+
+    with Checkpoint.open(path) as ckpt:
+        return any(execution_mode(e) == "direct" for e in ckpt.index.values())
 
 
 def thawed_cmd(path: str, extra: list[str], tokens: int) -> list[str]:
@@ -181,7 +191,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--budget", default="25%", help="the budgeted run's --cache-budget; none = skip it")
     ap.add_argument("--compile", action="store_true", help="also check and time the compiled step")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--no-server", action="store_true")
@@ -210,8 +220,11 @@ def main() -> int:
     configs.append(("dense fp32, fast path", thawed_cmd(dense, [], args.tokens)))
     for name, path in ckpts:
         configs.append((f"{name}", thawed_cmd(path, [], args.tokens)))
-        configs.append((f"{name}, --direct off", thawed_cmd(path, ["--direct", "off"], args.tokens)))
-        configs.append((f"{name}, budget {args.budget}", thawed_cmd(path, ["--cache-budget", args.budget], args.tokens)))
+        if has_direct(path):  # otherwise "--direct off" is the same run
+            configs.append((f"{name}, --direct off", thawed_cmd(path, ["--direct", "off"], args.tokens)))
+        if args.budget != "none":
+            configs.append((f"{name}, budget {args.budget}",
+                            thawed_cmd(path, ["--cache-budget", args.budget], args.tokens)))
     # drop duplicates of configs that cannot differ (a codec without direct mode)
     results: dict[str, list] = {name: [] for name, _ in configs}
     for r in range(args.rounds):

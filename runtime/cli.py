@@ -243,6 +243,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     "second_token_gap": round(second - first, 3) if second else None,
                     "tokens_per_second_after_second": round((n - 2) / (t1 - second), 2) if second and n > 2 else None,
                     "new_tokens": n,
+                    "peak_rss_mib": _peak_rss_mib(),
                     "tokens_per_second_after_first": round((n - 1) / (t1 - first), 2) if first and n > 1 else None}
             if loaded.lazy is not None:
                 info["execution"] = loaded.lazy.mode_summary()
@@ -252,6 +253,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     finally:
         loaded.close()
     return 0
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory (VmHWM: reset by exec, unlike getrusage's maxrss, which
+    a child inherits from the process that forked it)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -3,7 +3,14 @@
 // Prints one JSON line: load seconds, time to first token, decode tokens/s (first token excluded),
 // and the generated token count. Run by benchmarks/speed.py; install with `npm ci` here
 // (package.json pins node-llama-cpp 3.21.1, whose install brings a prebuilt binary: no compiler).
+import { readFileSync } from "node:fs";
 import { getLlama, LlamaCompletion } from "node-llama-cpp";
+
+// Peak RSS of this process (VmHWM resets at exec; getrusage's maxrss is inherited from the parent).
+function peakRssMib() {
+  const m = readFileSync("/proc/self/status", "utf8").match(/VmHWM:\s+(\d+) kB/);
+  return m ? Number(m[1]) / 1024 : null;
+}
 
 const [modelPath, prompt, maxTokensArg, threadsArg] = process.argv.slice(2);
 const maxTokens = Number(maxTokensArg ?? 128);
@@ -35,6 +42,7 @@ console.log(JSON.stringify({
   first_token_unix: (performance.timeOrigin + first) / 1000,
   tokens: count,
   tok_s: decodeTokens > 0 ? decodeTokens / ((last - first) / 1000) : null,
+  peak_rss_mib: peakRssMib(),
   text,
 }));
 await context.dispose();
