@@ -21,8 +21,9 @@ are masked out (keys beyond a row's own position never count) and overwritten as
 
 Supported: decoder-only models whose layers are Llama's (``model_type`` llama, mistral without a
 sliding window inside the context, qwen2); anything else generates through transformers
-(``generate.generate_tokens`` falls back and says so once). ``reference_logits`` in the tests
-compares every path with transformers' own forward.
+(``generate.generate_tokens`` falls back and says so once). ``tests/test_stepper.py`` compares
+every path (prefill, chunked prefill, ragged batches, moved slots, the compiled step) with
+transformers' own forward.
 """
 
 from __future__ import annotations
