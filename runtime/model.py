@@ -54,8 +54,9 @@ class RuntimeConfig:
     # (measured faster there, benchmarks/speed.py); on CUDA only when asked ("on"), since the
     # tinygemm path has not been measured yet. "off": decode every weight.
     direct: str = "auto"
-    # torch.compile the one-token decode step (runtime/stepper.py). Off by default: on this
-    # project's 2-core CPU it compiled in ~90 s and ran no faster than the eager step (docs/SPEED.md).
+    # torch.compile the one-token decode step (runtime/stepper.py). Off by default: a cold compile
+    # pauses the second token ~45 s on 2 cores (7.6 s with inductor's cache); then 1.5-1.6x
+    # llama.cpp (docs/SPEED.md).
     compile: bool = False
 
 
