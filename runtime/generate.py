@@ -7,6 +7,7 @@ through its own ``torch.Generator`` (no global RNG state).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ __all__ = ["SamplingParams", "StepOutput", "generate_tokens", "next_token", "GRE
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=1)
 def _cache_name() -> str:
     """The name transformers gives the KV cache, in forward's arguments and in its outputs:
     ``cache`` from the release that deprecated ``past_key_values`` (removed in 5.40)."""
@@ -33,23 +35,14 @@ def _cache_name() -> str:
     return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
-_CACHE_NAME: str | None = None
-
-
 def cache_kwargs(cache) -> dict:
     """``model(..., **cache_kwargs(cache))``: the cache under the name this transformers uses."""
-    global _CACHE_NAME
-    if _CACHE_NAME is None:
-        _CACHE_NAME = _cache_name()
-    return {_CACHE_NAME: cache}
+    return {_cache_name(): cache}
 
 
 def output_cache(out):
     """The KV cache a forward returned (``out.cache``, or ``out.past_key_values`` before)."""
-    global _CACHE_NAME
-    if _CACHE_NAME is None:
-        _CACHE_NAME = _cache_name()
-    return getattr(out, _CACHE_NAME)
+    return getattr(out, _cache_name())
 
 
 def new_cache(model: nn.Module):

@@ -577,8 +577,13 @@ class Engine:
     def _choose(rows: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
         """The next token of every row from fp32 logits [rows, vocab] (runtime.sampling)."""
         params = [r.spec.params for r in rows]
-        generated = [r.history[len(r.spec.prompt_ids):] for r in rows]
-        x = process_logits(logits, params, generated, [r.history for r in rows])
+        # token lists only when a row has a penalty: slicing every history each step is per-token work
+        generated = previous = None
+        if any(p.frequency_penalty or p.presence_penalty for p in params):
+            generated = [r.history[len(r.spec.prompt_ids):] for r in rows]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            previous = [r.history for r in rows]
+        x = process_logits(logits, params, generated, previous)
         return sample(x, params, [r.generator for r in rows])
 
     def _next(self, seq: _Seq, logits: torch.Tensor, token: int | None = None) -> str | None:
