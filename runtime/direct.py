@@ -22,7 +22,6 @@ kernel is 3-8x *slower* than fp32, so a direct layer always feeds it bf16 (bench
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping
 
 import torch
@@ -31,8 +30,6 @@ from torch import Tensor, nn
 from thawed.codecs.rtn import unpack_codes
 
 __all__ = ["DirectLinear", "direct_unsupported_reason", "kernel_group_size"]
-
-log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu lays rows out in blocks of 64 (tested)
