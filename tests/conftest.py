@@ -3,6 +3,15 @@ checkpoint built from it, and a helper that rewrites a payload file's header."""
 
 from __future__ import annotations
 
+import os
+
+import torch as _torch
+
+# Without CUDA, the Triton kernels (thawed.codecs.kernels) run in Triton's CPU interpreter. The
+# variable must be set before any kernel module is imported: triton.jit reads it at decoration.
+if not _torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 import struct
 from pathlib import Path
