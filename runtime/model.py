@@ -24,6 +24,7 @@ from thawed.codecs.errors import ThawedError
 from .cache import WeightCache
 from .checkpoint import Checkpoint
 from .direct import DirectLinear, direct_unsupported_reason
+from .direct_gpu import KernelLinear, kernel_unsupported_reason
 from .lazy import ResidentWeightHandle, attach_lazy_weight, attach_resident_weight
 from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
@@ -49,10 +50,11 @@ class RuntimeConfig:
     # whole table (an untied embedding); a tied lm_head decodes it through the cache anyway, and
     # then per-token decode saves nothing (docs/SEE.md measures it). "on" | "off": always | never.
     rowwise_embedding: str = "auto"
-    # Linear weights whose codec has a fused decode-matmul (rtn with <= 4 bits) run from their
-    # packed codes ("direct" mode: runtime/direct.py) instead of being decoded. "auto": on the CPU
-    # (measured faster there, benchmarks/speed.py); on CUDA only when asked ("on"), since the
-    # tinygemm path has not been measured yet. "off": decode every weight.
+    # Linear weights whose codec has a fused decode-matmul run from their packed codes ("direct"
+    # mode) instead of being decoded: on the CPU rtn with <= 4 bits (torch's int4 kernel,
+    # runtime/direct.py), on CUDA rtn, cvxq and hyperc (Triton kernels, runtime/direct_gpu.py).
+    # "auto": on wherever those run (CPU: measured faster, benchmarks/speed.py; CUDA: when Triton
+    # imports, benchmarks/gpu_check.sh). "off": decode every weight.
     direct: str = "auto"
     # torch.compile the one-token decode step (runtime/stepper.py). Off by default: a cold compile
     # pauses the second token ~45 s on 2 cores (7.6 s with inductor's cache); then 1.5-1.6x
@@ -170,12 +172,12 @@ def plan_modes(weights: list[tuple[str, nn.Module, str, str]], index, config: Ru
         raise ThawedError(f"--direct {config.direct!r} is not one of auto, on, off")
     if config.rowwise_embedding not in ("auto", "on", "off"):
         raise ThawedError(f"--rowwise-embedding {config.rowwise_embedding!r} is not one of auto, on, off")
-    use_direct = config.direct == "on" or (config.direct == "auto" and device.type == "cpu")
+    use_direct = config.direct in ("on", "auto")
     plan: list[str] = []
     for mname, mod, pname, key in weights:
         entry = index[key]
         if (use_direct and isinstance(mod, nn.Linear) and pname == "weight"
-                and direct_unsupported_reason(entry.codec, entry.params, tuple(entry.shape), device) is None):
+                and direct_reason(entry.codec, entry.params, tuple(entry.shape), device) is None):
             plan.append("direct")
         else:
             plan.append("")
@@ -189,6 +191,13 @@ def plan_modes(weights: list[tuple[str, nn.Module, str, str]], index, config: Ru
     need = sum(index[k].spec.numel for k in dict.fromkeys(k for i, (_, _, _, k) in enumerate(weights) if not plan[i]))
     fits = budget is None or need * elem <= budget
     return [p or ("resident" if fits else "streamed") for p in plan]
+
+
+def direct_reason(codec: str, params, shape: tuple[int, ...], device: torch.device) -> str | None:
+    """None when a weight can run direct on ``device`` (CUDA: a Triton kernel; CPU: torch's int4 kernel)."""
+    if device.type == "cuda":
+        return kernel_unsupported_reason(codec, shape, device)
+    return direct_unsupported_reason(codec, params, shape, device)
 
 
 class LazyModel:
@@ -319,9 +328,17 @@ class LazyModel:
             # glibc's adaptive mmap threshold they would stay in the heap as fragmentation
             # (measured: +0.5 GiB peak RSS on SmolLM2). Large blocks from mmap go back when freed.
             return_large_frees_to_os()
-        def repack(i: int) -> DirectLinear:
+        def repack(i: int) -> nn.Module:
             mname, mod, pname, key = weights[i]
             enc, entry = ckpt.encoded(key), index[key]
+            if device.type == "cuda":
+                codec = get_codec(entry.codec)
+                bias = None if mod.bias is None else mod.bias.detach().to(device, dtype)
+                gpu_enc = enc.to(device)
+                extra = codec.decode_output_bias(gpu_enc, entry.spec, device, dtype)  # cvxq's bias correction
+                if extra is not None:
+                    bias = extra if bias is None else bias + extra
+                return KernelLinear.from_payload(entry.codec, gpu_enc, entry.spec, bias)
             lin = DirectLinear.from_rtn(enc.fields["codes"], enc.fields["scale"], enc.fields["offset"], enc.params,
                                         tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device)
             check_finite(ckpt.payload_path, entry, lin.scale_zero)  # codes are integers: scales carry any NaN
@@ -329,7 +346,9 @@ class LazyModel:
 
         todo = [i for i, m in enumerate(plan) if m == "direct"]
         # torch ops release the GIL: repack on every intra-op thread (SmolLM2: 211 tensors, ~3 s alone)
-        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        # (on CUDA one at a time: the kernels' repacks are GPU work already)
+        workers = 1 if device.type == "cuda" else max(1, torch.get_num_threads())
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for i, lin in zip(todo, pool.map(repack, todo)):
                 mname = weights[i][0]
                 parent, _, child = mname.rpartition(".")

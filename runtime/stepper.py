@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cuda_graphs import GraphedDecode, hooks_left
 from .direct import fuse_direct
 
 __all__ = ["Stepper", "stepper_unsupported_reason"]
@@ -64,7 +65,8 @@ class Stepper:
     """Prefill and decode steps for a Llama-family transformers model over a slot-based KV cache."""
 
     def __init__(self, model: nn.Module, *, slots: int = 1, max_len: int | None = None,
-                 capacity: int = 256, compile: bool = False, dynamic: bool = False) -> None:
+                 capacity: int = 256, compile: bool = False, dynamic: bool = False,
+                 graphs: bool | None = None) -> None:
         reason = stepper_unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
@@ -88,6 +90,7 @@ class Stepper:
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
         self._cos = self._sin = torch.empty(0)
+        self._version = 0  # bumped whenever the KV cache tensors or RoPE tables are replaced
         self._grow(min(max(int(capacity), 16), self.max_len))
         self.inter = int(self.layers[0].mlp.gate_proj.out_features)
         self._qkv = [fuse_linears(l.self_attn, ("q_proj", "k_proj", "v_proj")) for l in self.layers]
@@ -95,7 +98,14 @@ class Stepper:
         self._fast_norm = all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon")
                               for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm))
         self._compiled = None
-        if compile:
+        # CUDA graphs of the decode step (runtime/cuda_graphs.py): on by default on a GPU. On CUDA
+        # they take the place of torch.compile: capture costs well under a second, no compiler.
+        self.graphs: GraphedDecode | None = None
+        if graphs is None:
+            graphs = self.device.type == "cuda"
+        if graphs and self.device.type == "cuda":
+            self.graphs = GraphedDecode(self._graph_step, int(cfg.hidden_size), self.dtype, self.device)
+        elif compile:
             self._compiled = compile_step(self._decode_static, dynamic)
 
     def _compute_dtype(self) -> torch.dtype:
@@ -117,6 +127,7 @@ class Stepper:
                 a[:, :, : self.capacity].copy_(b)
         self.k, self.v = new_k, new_v
         self.capacity = capacity
+        self._version += 1
         pos = torch.arange(capacity, device=self.device)[None]
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
         with torch.inference_mode():
@@ -143,6 +154,7 @@ class Stepper:
         pad = lambda t: torch.cat([t, t.new_zeros((grow, *t.shape[1:]))])  # noqa: E731
         self.k, self.v = [pad(t) for t in self.k], [pad(t) for t in self.v]
         self.slots = slots
+        self._version += 1
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
@@ -165,6 +177,10 @@ class Stepper:
             raise ValueError(f"{len(pos0)} start positions for {B} rows")
         end = max(pos0) + T  # positions in use after this step (exclusive)
         self.reserve(end)
+        if self.graphs is not None and T == 1 and start == 0 and not all_positions and last is None:
+            out = self._graphed(ids, pos0)
+            if out is not None:
+                return out
         if self._compiled is not None and T == 1 and start == 0 and not all_positions and last is None:
             try:
                 # the embedding runs eager: a row-wise (per-token decoded) table is data-dependent
@@ -220,6 +236,19 @@ class Stepper:
         else:
             h = h[torch.arange(B, device=dev), torch.tensor(last, device=dev)]
         return self.head(self._norm(self.norm, h)).float()
+
+    def _graphed(self, ids: Tensor, pos0: Sequence[int]) -> Tensor | None:
+        """The decode step on a CUDA graph, or None (eager) while weights still run hooks."""
+        if hooks_left([*self.layers, self.norm, self.head]):
+            return None  # streamed weights decode in hooks; resident ones bind on first use
+        size = self.graphs.padded(ids.shape[0])
+        if size is None:
+            return None
+        self.ensure_slots(size)  # padding rows need slots (bumps the version: graphs recaptured)
+        return self.graphs(self.embed(ids), list(pos0), self.capacity, (self._version, self.capacity))
+
+    def _graph_step(self, h: Tensor, pos: Tensor) -> Tensor:
+        return self._decode_static(h, pos, self.k, self.v, self._cos, self._sin)
 
     def _decode_static(self, h: Tensor, pos: Tensor, ks: list[Tensor], vs: list[Tensor], cos_t: Tensor,
                        sin_t: Tensor) -> Tensor:
