@@ -114,6 +114,8 @@ def hooks_left(modules) -> bool:
     """Whether any of ``modules`` (or their children) still runs forward hooks."""
     for root in modules:
         for m in root.modules():
+            if getattr(m, "_thawed_ring_hook", False):  # the ring's layer hook: the stepper loads itself
+                continue
             if m._forward_pre_hooks or m._forward_hooks:
                 return True
     return False

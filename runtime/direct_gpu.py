@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from thawed.codecs import Encoded, TensorSpec
 from thawed.codecs.kernels import kernels_available, triton_missing_reason
 
-__all__ = ["KernelLinear", "KERNEL_CODECS", "kernel_unsupported_reason"]
+__all__ = ["KernelLinear", "KERNEL_CODECS", "kernel_decoder", "kernel_unsupported_reason"]
 
 KERNEL_CODECS = ("rtn", "cvxq", "hyperc")
 
@@ -39,6 +39,31 @@ def kernel_unsupported_reason(codec: str, shape: tuple[int, ...], device: torch.
     if not kernels_available(device):
         return triton_missing_reason() or "the Triton kernels are unavailable"
     return None
+
+
+def kernel_decoder(codec: str, device: torch.device):
+    """``fn(enc, spec, shared, dtype, out)`` decoding into ``out`` with the codec's Triton kernel,
+    without host syncs (capturable in a CUDA graph; the payload was validated by a checked decode
+    before), or None when the codec has no decode kernel or kernels cannot run on ``device``."""
+    if device.type != "cuda" or not kernels_available(device):
+        return None
+    try:
+        mod = _module(codec)
+    except ImportError:
+        return None
+    fn = getattr(mod, "decode", None)
+    if fn is None:
+        return None
+    import inspect
+
+    unchecked = "check" in inspect.signature(fn).parameters  # lossless: skip the lanes' end-state check
+
+    def decode(enc, spec, shared, dtype, out):
+        if unchecked:
+            return fn(enc, spec, dtype, out=out, shared=shared, check=False)
+        return fn(enc, spec, dtype, out=out, shared=shared)
+
+    return decode
 
 
 def _module(codec: str):

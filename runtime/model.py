@@ -9,6 +9,7 @@ its weights (on the GPU when the model runs there); the prefetcher decodes the n
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +21,13 @@ from torch import nn
 
 from thawed.codecs import Encoded, get_codec
 from thawed.codecs.errors import ThawedError
+from thawed.codecs.kernels import kernels_available
 
 from .cache import WeightCache
 from .checkpoint import Checkpoint
 from .direct import DirectLinear, direct_unsupported_reason
-from .direct_gpu import KernelLinear, kernel_unsupported_reason
+from .direct_gpu import KernelLinear, kernel_decoder, kernel_unsupported_reason
+from .ring import ALIGN, LayerRing
 from .lazy import ResidentWeightHandle, attach_lazy_weight, attach_resident_weight
 from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
@@ -60,6 +63,13 @@ class RuntimeConfig:
     # pauses the second token ~45 s on 2 cores (7.6 s with inductor's cache); then 1.5-1.6x
     # llama.cpp (docs/SPEED.md).
     compile: bool = False
+    # Under a budget, stream decoder layers through a ring of slots that their weights view
+    # (runtime/ring.py: hook-free, decoded by the Triton kernels, capturable in a CUDA graph) with
+    # the other weights resident, instead of the per-weight hooks. "auto": on CUDA when Triton
+    # imports; "on": anywhere (the CPU decodes with the PyTorch decoders); "off": hooks only.
+    ring: str = "auto"
+    # With two or more ring slots, decode layer i+1 on a side CUDA stream while layer i computes.
+    stream_overlap: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -190,7 +200,53 @@ def plan_modes(weights: list[tuple[str, nn.Module, str, str]], index, config: Ru
             plan[i] = "rowwise"
     need = sum(index[k].spec.numel for k in dict.fromkeys(k for i, (_, _, _, k) in enumerate(weights) if not plan[i]))
     fits = budget is None or need * elem <= budget
+    if not fits and use_ring(config, device):
+        ring = ring_plan([(i, weights[i][0], weights[i][3]) for i in range(len(weights)) if not plan[i]], index, elem)
+        if ring is not None and ring[1] + ring[2] <= budget:
+            for i in range(len(weights)):
+                if not plan[i]:
+                    plan[i] = "ring" if i in ring[0] else "resident"
     return [p or ("resident" if fits else "streamed") for p in plan]
+
+
+def use_ring(config: RuntimeConfig, device: torch.device) -> bool:
+    if config.ring not in ("auto", "on", "off"):
+        raise ThawedError(f"--ring {config.ring!r} is not one of auto, on, off")
+    return config.ring == "on" or (config.ring == "auto" and device.type == "cuda" and kernels_available(device))
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int | None:
+    """The decoder layer a module belongs to (``model.layers.3.mlp.up_proj`` -> 3), or None."""
+    m = _LAYER.search(module_name + ".")
+    return int(m.group(1)) if m else None
+
+
+def ring_plan(candidates: list[tuple[int, str, str]], index, elem: int) -> tuple[set[int], int, int] | None:
+    """Which of ``candidates`` (weight number, module name, key) a ring streams, the bytes of one
+    ring slot, and the bytes of the rest (resident); None when no ring applies (no layer weights,
+    or a key shared between weights)."""
+    layer_keys = [k for _, mname, k in candidates if layer_index(mname) is not None]
+    if not layer_keys or len(set(layer_keys)) != len(layer_keys):
+        return None  # a key shared by two layer weights would need two places
+    per_layer: dict[int, int] = {}
+    ring: set[int] = set()
+    rest: dict[str, int] = {}
+    for i, mname, key in candidates:
+        layer = layer_index(mname)
+        numel = index[key].spec.numel
+        if layer is None:
+            rest[key] = numel * elem  # tied weights (embedding and head) count once
+        elif key in rest:
+            return None
+        else:
+            ring.add(i)
+            per_layer[layer] = per_layer.get(layer, 0) + -(-numel // ALIGN) * ALIGN
+    if set(layer_keys) & set(rest):
+        return None
+    return ring, max(per_layer.values()) * elem, sum(rest.values())
 
 
 def direct_reason(codec: str, params, shape: tuple[int, ...], device: torch.device) -> str | None:
@@ -198,6 +254,43 @@ def direct_reason(codec: str, params, shape: tuple[int, ...], device: torch.devi
     if device.type == "cuda":
         return kernel_unsupported_reason(codec, shape, device)
     return direct_unsupported_reason(codec, params, shape, device)
+
+
+def _build_ring(weights, plan, index, config: RuntimeConfig, device: torch.device, dtype: torch.dtype,
+                elem: int, budget: int | None, payload, shared_cache, ckpt) -> LayerRing:
+    """The ring of ``plan``'s "ring" weights: as many slots as the budget leaves after the
+    resident weights (at least one)."""
+    layers: dict[int, list] = {}
+    for i, (mname, mod, pname, key) in enumerate(weights):
+        if plan[i] == "ring":
+            layers.setdefault(layer_index(mname), []).append((mod, pname, key, tuple(index[key].shape)))
+    resident = sum(index[k].spec.numel for k in dict.fromkeys(
+        k for i, (_, _, _, k) in enumerate(weights) if plan[i] == "resident")) * elem
+    slot = max(sum(-(-_numel(s) // ALIGN) * ALIGN for _, _, _, s in ws) for ws in layers.values()) * elem
+    slots = max(1, ((budget or 0) - resident) // slot)
+    validated: set[str] = set()
+
+    def decode_into(key: str, out: torch.Tensor) -> None:
+        entry = index[key]
+        enc = payload(key)
+        shared = shared_cache[entry.codec]
+        fast = kernel_decoder(entry.codec, device)
+        if key in validated and fast is not None:  # checked once below; from then on sync-free
+            fast(enc, entry.spec, shared, dtype, out)
+            return
+        w = get_codec(entry.codec).decode(enc, entry.spec, shared, device, dtype)
+        check_finite(ckpt.payload_path, entry, w)
+        out.copy_(w.view(out.shape))
+        validated.add(key)
+
+    return LayerRing(layers, decode_into, slots, device, dtype, overlap=config.stream_overlap)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 class LazyModel:
@@ -319,7 +412,7 @@ class LazyModel:
         plan = plan_modes(weights, index, config, device, elem, cache_budget)
         modes = {f"{mname}.{pname}" if mname else pname: plan[i] for i, (mname, _, pname, _) in enumerate(weights)}
         lazy_modules = [(mod, pname, key) for i, (_, mod, pname, key) in enumerate(weights)
-                        if plan[i] in ("resident", "streamed")]
+                        if plan[i] in ("resident", "streamed", "ring")]
         attach_output_biases(ckpt, lazy_modules, device, dtype)
 
         direct_nbytes = 0
@@ -377,6 +470,17 @@ class LazyModel:
                     return out
 
                 attach_rowwise_embedding(mod, rows, tuple(entry.shape), dtype)
+        ring = None
+        if "ring" in plan:
+            ring = _build_ring(weights, plan, index, config, device, dtype, elem, cache_budget, payload,
+                               shared_cache, ckpt)
+            model._thawed_ring = ring  # the stepper calls ring.load(i) itself; see the hooks below
+            for i_layer, layer in enumerate(model.model.layers):
+                if i_layer in ring:
+                    layer.register_forward_pre_hook(lambda mod, args, i=i_layer: ring.load(i))
+                    layer._thawed_ring_hook = True  # runtime/cuda_graphs.hooks_left ignores this one
+            log.info("streaming %d decoder layers through %d ring slots of %.1f MiB (overlap %s)",
+                     len(ring.order), ring.slots, ring.slot_numel * elem / 2**20, ring.overlap)
         streamed_nbytes = sum(index[k].spec.numel for k in dict.fromkeys(streamed)) * elem
         if streamed:
             return_large_frees_to_os()
@@ -389,6 +493,10 @@ class LazyModel:
         model.to(device)  # buffers (RoPE inv_freq) and raw parameters
         return cls(ckpt, model, cache, prefetcher, device, dtype, decoded_nbytes, lazy_keys,
                    time.perf_counter() - t0, modes=modes, residents=residents, direct_nbytes=direct_nbytes)
+
+    @property
+    def ring(self) -> "LayerRing | None":
+        return getattr(self.model, "_thawed_ring", None)
 
     def warm(self) -> None:
         """Decode every compressed weight now: resident weights are bound (hook-free from here on),

@@ -78,6 +78,7 @@ class Stepper:
         self.norm = inner.norm
         self.head = model.lm_head
         self.rotary = inner.rotary_emb
+        self.ring = getattr(model, "_thawed_ring", None)  # streamed layers (runtime/ring.py)
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
@@ -207,6 +208,8 @@ class Stepper:
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
+            if self.ring is not None:
+                self.ring.load(i)
             attn = layer.self_attn
             x = self._norm(layer.input_layernorm, h)
             qkv = self._qkv[i](x).view(B, T, H + 2 * KV, hd)
@@ -262,6 +265,8 @@ class Stepper:
         mask = (torch.arange(cap, device=h.device)[None, :] <= pos[:, None])[:, None, None]  # [B,1,1,cap]
         rows = torch.arange(B, device=h.device)
         for i, layer in enumerate(self.layers):
+            if self.ring is not None:
+                self.ring.load(i)
             attn = layer.self_attn
             x = self._norm(layer.input_layernorm, h)
             qkv = self._qkv[i](x).view(B, 1, H + 2 * KV, hd)
