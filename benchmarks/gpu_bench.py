@@ -308,11 +308,20 @@ class Bench:
             print(f"  {key}: {_short(out[key])}", flush=True)
 
         record("dense_eager_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=False))
-        for codec, path in ckpts.items():
+        modes = (("warm", dict(direct="off")), ("direct", dict(direct="on")),
+                 ("stream25", dict(direct="off", cache_budget=-250)),
+                 ("stream25_no_overlap", dict(direct="off", cache_budget=-250, stream_overlap=False)),
+                 ("stream25_hooks", dict(direct="off", cache_budget=-250, ring="off")))
+        runs = list(ckpts.items())
+        if self.args.real:
+            runs.append(("real", Path(self.args.real)))
+            record("real_text", lambda: self.real_text(Path(self.args.real)))
+        for codec, path in runs:
             record(f"{codec}_check", lambda p=path: self.graph_check(p, prompt))
-            for mode, conf in (("warm", dict(direct="off")), ("direct", dict(direct="on")),
-                               ("stream25", dict(direct="off", cache_budget=-250))):
-                if codec not in FUSED and mode == "direct":
+            for mode, conf in modes:
+                if codec not in FUSED + ("real",) and mode == "direct":
+                    continue
+                if codec == "real" and mode in ("stream25_no_overlap", "stream25_hooks"):
                     continue
                 record(f"{codec}_{mode}", lambda p=path, c=conf: self.lazy_steps(p, c, prompt, steps))
         record("dense_graphs", lambda: self.stepper_steps(dense, prompt, steps, graphs=True))
@@ -400,8 +409,11 @@ class Bench:
         load_s = time.perf_counter() - t
         try:
             res = self.stepper_steps(lm.model, prompt, steps, graphs=True)
-            res.update(load_s=load_s, modes=lm.mode_summary() if hasattr(lm, "mode_summary") else None,
-                       cache=lm.cache.stats() if hasattr(lm.cache, "stats") else None)
+            res.update(load_s=load_s, modes=lm.mode_summary() if hasattr(lm, "mode_summary") else None)
+            ring = lm.ring
+            if ring is not None:
+                res["ring"] = {"slots": ring.slots, "slot_MiB": ring.slot_numel * 2 / 2**20,
+                               "overlap": ring.overlap, "MiB": ring.nbytes / 2**20}
             if self.dev.type == "cuda":
                 res["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2**20
         finally:
@@ -409,6 +421,29 @@ class Bench:
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+        return res
+
+    def real_text(self, path: Path) -> dict:
+        """The real SmolLM2 checkpoint: greedy text on this device (graphs + direct) and on its CPU."""
+        from transformers import AutoTokenizer
+
+        from thawed.runtime.generate import SamplingParams, generate_tokens
+        from thawed.runtime.model import LazyModel, RuntimeConfig
+
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = tok("The capital of France is")["input_ids"]
+        params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+        res: dict[str, Any] = {}
+        for dev in ([self.dev.type, "cpu"] if self.dev.type == "cuda" else ["cpu"]):
+            lm = LazyModel.load(path, RuntimeConfig(device=dev))
+            try:
+                toks = [s.token for s in generate_tokens(lm.model, ids, params)]
+                res[dev] = {"text": tok.decode(toks), "tokens": toks, "modes": lm.mode_summary()}
+            finally:
+                lm.close()
+        if "cuda" in res:
+            a, b = res["cuda"]["tokens"], res["cpu"]["tokens"]
+            res["same_prefix"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         return res
 
     def graph_check(self, path: Path, prompt: list[int]) -> dict:
@@ -489,6 +524,7 @@ def main() -> int:
     ap.add_argument("--e2e-codecs", default="rtn", help="codecs compressed for the end-to-end section")
     ap.add_argument("--big-nwc", action="store_true", help="also time nwc on 4096x11008 (slow to encode)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd dense baseline")
+    ap.add_argument("--real", help="a thawed checkpoint of the real SmolLM2 (e.g. out/rtn3, carried to the GPU)")
     args = ap.parse_args()
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")

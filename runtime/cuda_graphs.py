@@ -6,10 +6,10 @@ Python the GPU idles between them (docs/SERVING.md measured 28 ms per token on a
 
 ``GraphedDecode`` wraps a step function ``fn(h [Bp, 1, D], pos [Bp]) -> logits [Bp, V]`` whose
 other inputs (weights, KV cache, RoPE tables) live at fixed addresses. A batch of ``B`` rows runs
-on the graph of the smallest captured size ``Bp >= B``; the padding rows get position ``cap - 1``
-(the cache's last position), where what they write is never read: a query only attends positions
-up to its own, and the row that later reaches ``cap - 1`` writes its own key there first. Warm-up
-before capture (which compiles Triton kernels and runs their autotuning) writes the same way.
+on the graph of the smallest captured size ``Bp >= B``; the padding rows get position ``scratch``,
+a cache position past the capacity that no real row ever has (the stepper allocates one more
+position than its capacity), so what they write is never read. Warm-up before capture (which
+compiles Triton kernels and runs their autotuning) writes there too.
 
 A graph is only valid while the tensors it read stay where they were: ``key`` (the caller's cache
 version: it changes when the KV cache grows or gains slots) is part of each graph's identity, and
@@ -56,7 +56,7 @@ class GraphedDecode:
                 return s
         return None
 
-    def __call__(self, h: Tensor, pos: list[int], cap: int, key: object) -> Tensor | None:
+    def __call__(self, h: Tensor, pos: list[int], scratch: int, key: object) -> Tensor | None:
         """Logits [B, V] of one decode step for the B rows of ``h`` [B, 1, D] at positions ``pos``,
         or None when no graph applies (too many rows, or capture failed: eager from then on)."""
         if self.disabled is not None:
@@ -70,22 +70,22 @@ class GraphedDecode:
             self._key = key
         entry = self._graphs.get(size)
         if entry is None:
-            entry = self._capture(size, cap)
+            entry = self._capture(size, scratch)
             if entry is None:
                 return None
         graph, h_in, pos_in, out = entry
         h_in[:rows].copy_(h)
-        pad = [cap - 1] * (size - rows)
+        pad = [scratch] * (size - rows)
         pos_in.copy_(torch.tensor(list(pos) + pad, dtype=torch.long), non_blocking=False)
         graph.replay()
         return out[:rows].clone()
 
-    def _capture(self, size: int, cap: int):
+    def _capture(self, size: int, scratch: int):
         import time
 
         t0 = time.perf_counter()
         h_in = torch.zeros((size, 1, self.hidden), dtype=self.dtype, device=self.device)
-        pos_in = torch.full((size,), cap - 1, dtype=torch.long, device=self.device)
+        pos_in = torch.full((size,), scratch, dtype=torch.long, device=self.device)
         try:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -120,23 +120,25 @@ class Stepper:
         capacity = min(capacity, self.max_len)
         if capacity <= self.capacity:
             return
-        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+        # one more position than the capacity: a scratch place that no real position uses, where the
+        # padding rows of a CUDA-graphed batch write (runtime/cuda_graphs.py)
+        shape = (self.slots, self.kv_heads, capacity + 1, self.head_dim)
         new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         if self.capacity:
             for a, b in zip(new_k + new_v, self.k + self.v):
-                a[:, :, : self.capacity].copy_(b)
+                a[:, :, : self.capacity].copy_(b[:, :, : self.capacity])
         self.k, self.v = new_k, new_v
         self.capacity = capacity
         self._version += 1
-        pos = torch.arange(capacity, device=self.device)[None]
+        pos = torch.arange(capacity + 1, device=self.device)[None]
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
         with torch.inference_mode():
             cos, sin = self.rotary(probe, pos)
         half = self.head_dim // 2
         sign = torch.ones(self.head_dim, device=self.device)
         sign[:half] = -1  # rotate_half(x) == x.roll(half) * sign, so the sign goes into the sin table
-        self._cos, self._sin = cos[0].to(self.dtype), (sin[0] * sign).to(self.dtype)  # [capacity, head_dim]
+        self._cos, self._sin = cos[0].to(self.dtype), (sin[0] * sign).to(self.dtype)  # [capacity + 1, head_dim]
 
     def reserve(self, length: int) -> None:
         """Make sure ``length`` positions fit (doubling, at most ``max_len``)."""
@@ -248,7 +250,7 @@ class Stepper:
         if size is None:
             return None
         self.ensure_slots(size)  # padding rows need slots (bumps the version: graphs recaptured)
-        return self.graphs(self.embed(ids), list(pos0), self.capacity, (self._version, self.capacity))
+        return self.graphs(self.embed(ids), list(pos0), self.capacity, (self._version, self.capacity))  # scratch
 
     def _graph_step(self, h: Tensor, pos: Tensor) -> Tensor:
         return self._decode_static(h, pos, self.k, self.v, self._cos, self._sin)

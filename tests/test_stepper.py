@@ -164,3 +164,30 @@ def test_unsupported_architecture_is_named():
         config = type("C", (), {"model_type": "gpt2"})()
 
     assert "gpt2" in stepper_unsupported_reason(Other())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_steps_equal_eager_steps_with_padding_rows(tiny_llama_dir):
+    """Three rows run on the 4-row graph; a fourth slot holds a prefilled row whose prompt fills the
+    whole capacity: the padding row's write must not touch it (it writes to the scratch position)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).cuda().eval()
+    outs = {}
+    for graphs in (False, True):
+        st = Stepper(model, slots=4, max_len=64, capacity=16, graphs=graphs)
+        full = torch.tensor([(PROMPTS[0] * 4)[:16]], device="cuda")
+        st.forward(full, 3, [0])  # slot 3: 16 positions == the capacity
+        n = max(len(p) for p in PROMPTS[:3])
+        rows = [(PROMPTS[i % len(PROMPTS)] * 2)[:n] for i in range(3)]
+        logits = st.forward(torch.tensor(rows, device="cuda"), 0, [0, 0, 0])
+        seq = []
+        for t in range(6):
+            tok = logits.argmax(-1)[:, None]
+            seq.append(tok.flatten().tolist())
+            logits = st.forward(tok, 0, [n + t] * 3)
+        row3 = st.forward(torch.tensor([[5]], device="cuda"), 3, [16])  # the full row continues
+        outs[graphs] = (seq, row3.cpu())
+        if graphs:
+            assert st.graphs is not None and st.graphs.captures >= 1 and st.graphs.disabled is None
+    assert outs[True][0] == outs[False][0]
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=0, atol=1e-4)
