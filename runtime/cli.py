@@ -35,8 +35,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="decode only the embedding rows each forward uses when the codec can (rtn, see): auto = "
                         "when no other layer needs the whole table (default), on = always, off = never")
     p.add_argument("--direct", default="auto", choices=["auto", "on", "off"],
-                   help="run rtn <=4-bit linears from their packed codes (fused decode-matmul, about 4.5 bits "
-                        "per weight in memory): auto = on the CPU (default), on, off = decode every weight")
+                   help="run linears from their packed codes (fused decode-matmul; CPU: rtn <=4 bits, CUDA: rtn, "
+                        "cvxq, hyperc through Triton): auto = wherever a kernel runs (default), off = decode every weight")
+    p.add_argument("--ring", default="auto", choices=["auto", "on", "off"],
+                   help="under a cache budget, stream decoder layers through a ring of slots (hook-free, CUDA-graph "
+                        "capturable) with the other weights resident: auto = on CUDA (default), on, off = per-weight hooks")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (costs a compile on first use; see docs/SPEED.md)")
 
@@ -198,7 +201,7 @@ def _runtime_config(args: argparse.Namespace):
 
     return RuntimeConfig(device=args.device, dtype=args.dtype, cache_budget=parse_budget(args.cache_budget),
                          prefetch_layers=args.prefetch, rowwise_embedding=args.rowwise_embedding,
-                         direct=args.direct, compile=args.compile)
+                         direct=args.direct, compile=args.compile, ring=args.ring)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -38,7 +38,10 @@ _SERVE_FLAGS = [
      "sequences decoded at once, token by token in turn (default 8) [THAWED_MAX_RUNNING]"),
     ("--max-model-len", "max_model_len", int, "context length (default: the model's) [THAWED_MAX_MODEL_LEN]"),
     ("--direct", "direct", str,
-     "auto | on | off: run rtn <=4-bit linears from packed codes (default auto = on the CPU) [THAWED_DIRECT]"),
+     "auto | on | off: run linears from packed codes where a fused kernel runs (CPU: rtn <=4 bits; CUDA: rtn, "
+     "cvxq, hyperc) [THAWED_DIRECT]"),
+    ("--ring", "ring", str,
+     "auto | on | off: under a budget, stream decoder layers through a ring of slots (auto = on CUDA) [THAWED_RING]"),
     ("--prefill-chunk", "prefill_chunk", int, "prompt tokens per prefill forward (default 512) [THAWED_PREFILL_CHUNK]"),
     ("--default-max-tokens", "default_max_tokens", int,
      "new tokens for chat/TGI requests that give no limit (default 512) [THAWED_DEFAULT_MAX_TOKENS]"),
