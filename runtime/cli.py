@@ -1,4 +1,4 @@
-"""The ``thawed`` command line: demo-model, compress, inspect, generate, eval.
+"""The ``thawed`` command line: demo-model, compress, inspect, report, generate, eval.
 
 Config flows one way: argv -> argparse namespace -> frozen config objects -> constructors.
 Errors thawed raises for bad input print one line (``error: ...``) and exit 2; anything else is a
@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--totals", action="store_true", help="only the totals")
+
+    p = sub.add_parser("report", help="a self-contained HTML report: bits per tensor, bytes by codec, SQNR vs the source")
+    p.add_argument("ckpt", help="thawed checkpoint directory")
+    p.add_argument("--against", metavar="SRC", default=None,
+                   help="Hugging Face directory the checkpoint was compressed from: adds the weight SQNR of every "
+                        "coded tensor (decoded on the CPU, one tensor at a time)")
+    p.add_argument("--out", required=True, metavar="FILE", help="HTML file to write (e.g. report.html)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON")
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (or an HF directory)")
     p.add_argument("ckpt")
@@ -193,6 +201,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         print(format_inspect(report, show_tensors=not args.totals))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    show = sys.stderr.isatty()
+
+    def progress(i: int, n: int, name: str) -> None:
+        if show:
+            print(f"\rSQNR {i}/{n} {name[:60]:<60}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+
+    data = write_report(args.ckpt, args.out, against=args.against, progress=progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data.as_dict(), indent=1, default=str))
+    sqnr = f", SQNR of {sum(t.sqnr_db is not None for t in data.tensors)} tensors" if data.against else ""
+    print(f"wrote {args.out}: {len(data.tensors)} tensors, {data.total['bpw']:.3f} bits/weight{sqnr}")
     return 0
 
 
@@ -304,6 +329,7 @@ _COMMANDS = {
     "compress": _cmd_compress,
     "train-codec": _cmd_train_codec,
     "inspect": _cmd_inspect,
+    "report": _cmd_report,
     "generate": _cmd_generate,
     "eval": _cmd_eval,
 }
