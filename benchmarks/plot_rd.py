@@ -1,0 +1,113 @@
+"""Rate–distortion chart from the quality benchmark's JSON: perplexity against bits per weight, one
+line per codec, dense as a horizontal line, one panel per evaluation domain.
+
+    python benchmarks/plot_rd.py out/quality.json --out docs/img/rd_smollm2.png [--bpw file|linear]
+
+Input: the JSON ``benchmarks/quality.py --json-out`` writes (rows of label, codec, bpw_linear,
+bpw_file, domain, perplexity; the dense rows have codec ``dense``). Several files may be given;
+their rows are pooled (same source model and protocol assumed; the domains' protocols are
+checked to agree). Needs matplotlib: ``pip install -e .[report]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MARKERS = {"rtn": "o", "nwc": "D", "cvxq": "s", "hyperc": "^", "see": "v", "lossless": "P"}
+COLOURS = {"rtn": "#c44e52", "nwc": "#4c72b0", "cvxq": "#55a868", "hyperc": "#8172b3", "see": "#937860",
+           "lossless": "#8c8c8c"}
+
+
+def load_rows(paths: list[Path]) -> tuple[list[dict], dict[str, str], list[str]]:
+    rows, protocols, commands = [], {}, []
+    for p in paths:
+        doc = json.loads(p.read_text())
+        if "rows" not in doc or "domains" not in doc:
+            raise SystemExit(f"{p}: not the JSON of benchmarks/quality.py (no 'rows'/'domains'); "
+                             "run `python benchmarks/quality.py ... --json-out FILE` first")
+        for d, proto in doc["domains"].items():
+            if protocols.setdefault(d, proto) != proto:
+                raise SystemExit(f"{p}: domain {d!r} was measured with another protocol ({proto!r} vs "
+                                 f"{protocols[d]!r}); plot files of one protocol together")
+        rows.extend(doc["rows"])
+        commands.append(doc.get("command", str(p)))
+    return rows, protocols, commands
+
+
+def check(rows: list[dict], domains: list[str]) -> None:
+    """Correctness first: one dense row per domain, finite positive perplexities, bpw in range."""
+    for d in domains:
+        dense = [r for r in rows if r["domain"] == d and r["codec"] == "dense"]
+        if len(dense) != 1:
+            raise SystemExit(f"domain {d!r}: expected one dense row, found {len(dense)}")
+    for r in rows:
+        if not (r["perplexity"] > 1 and r["perplexity"] < 1e7):
+            raise SystemExit(f"{r['label']} on {r['domain']}: perplexity {r['perplexity']} is not a number to plot")
+        if r["codec"] != "dense" and not 0 < r["bpw_file"] < 32:
+            raise SystemExit(f"{r['label']}: {r['bpw_file']} bits/weight is out of range")
+
+
+def plot(rows: list[dict], protocols: dict[str, str], out: Path, bpw_key: str, caption: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(protocols)
+    fig, axes = plt.subplots(1, len(domains), figsize=(6.2 * len(domains), 4.6), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        here = [r for r in rows if r["domain"] == d]
+        dense = next(r for r in here if r["codec"] == "dense")
+        ax.axhline(dense["perplexity"], color="black", ls="--", lw=1.2, label=f"dense fp32 ({dense['perplexity']:.2f})")
+        for codec in sorted({r["codec"] for r in here} - {"dense"}):
+            pts = sorted((r for r in here if r["codec"] == codec), key=lambda r: r[bpw_key])
+            xs, ys = [r[bpw_key] for r in pts], [r["perplexity"] for r in pts]
+            ax.plot(xs, ys, marker=MARKERS.get(codec, "o"), color=COLOURS.get(codec), lw=1.5, ms=7, label=codec)
+            for r in pts:
+                ax.annotate(f"{r['label']}\n{r['perplexity']:.1f}", (r[bpw_key], r["perplexity"]),
+                            textcoords="offset points", xytext=(6, 4), fontsize=7.5, color=COLOURS.get(codec, "#333"))
+        ax.set_yscale("log")
+        ax.set_xlabel(f"bits per weight ({'whole file' if bpw_key == 'bpw_file' else 'linear layers'})")
+        ax.set_ylabel("perplexity (log scale, lower is better)")
+        ax.set_title(protocols[d].split(":")[0] + f" — {_domain_words(d)}", fontsize=11)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle("SmolLM2-135M: perplexity vs bits per weight", fontsize=12)
+    fig.text(0.01, 0.01, caption, fontsize=7, color="#555", va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _domain_words(d: str) -> str:
+    return {"ptb-test": "English news (Penn Treebank test)",
+            "code-stdlib": "Python source (stdlib argparse, difflib, textwrap)"}.get(d, d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="+", type=Path, help="quality benchmark JSON file(s)")
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    ap.add_argument("--bpw", choices=["file", "linear"], default="file")
+    args = ap.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("benchmarks/plot_rd.py needs matplotlib: pip install -e '.[report]'") from None
+    rows, protocols, commands = load_rows(args.json)
+    check(rows, list(protocols))
+    protocol = "; ".join(p.split(": ", 1)[1] for p in list(protocols.values())[:1])
+    caption = (f"{commands[0]}  |  {protocol}  |  chart: python benchmarks/plot_rd.py "
+               f"{' '.join(map(str, args.json))} --out {args.out}")
+    plot(rows, protocols, args.out, "bpw_file" if args.bpw == "file" else "bpw_linear", caption)
+    n = sum(1 for r in rows if r["codec"] != "dense")
+    print(f"wrote {args.out}: {n} points over {len(protocols)} domains")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
