@@ -1,0 +1,90 @@
+"""benchmarks/quality.py (dense + checkpoints on two domains, JSON) and benchmarks/plot_rd.py (the
+rate-distortion PNG) end to end on the tiny Llama, and the checks that make them refuse bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from models_fixtures import tiny_llama_dir  # noqa: F401
+
+from thawed.runtime.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quality_json(tiny_llama_dir, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("quality")
+    ckpts = []
+    for label, codec in (("rtn3", "rtn:bits=3,group_size=32"), ("rtn4", "rtn:bits=4,group_size=32"),
+                         ("rtn8", "rtn:bits=8,group_size=32")):
+        assert main(["compress", str(tiny_llama_dir), str(work / label), "--codec", codec, "--no-progress"]) == 0
+        ckpts += ["--ckpt", f"{label}={work / label}"]
+    out = work / "quality.json"
+    r = run("quality.py", "--src", str(tiny_llama_dir), *ckpts, "--tokens", "96", "--ctx", "32", "--threads", "1",
+            "--json-out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_quality_json(quality_json, tiny_llama_dir):
+    doc = json.loads(quality_json.read_text())
+    assert set(doc["domains"]) == {"ptb-test", "code-stdlib"}
+    assert doc["command"].startswith("python benchmarks/quality.py") and doc["source"] == str(tiny_llama_dir)
+    rows = {(r["label"], r["domain"]): r for r in doc["rows"]}
+    assert len(rows) == 4 * 2
+    for d in doc["domains"]:
+        assert rows[("dense", d)]["codec"] == "dense"
+        assert rows[("rtn8", d)]["bpw_file"] > rows[("rtn4", d)]["bpw_file"] > rows[("rtn3", d)]["bpw_file"]
+        # 8 bits is all but exact: its perplexity is within 2 % of dense; 3 bits is further away
+        dense = rows[("dense", d)]["perplexity"]
+        assert abs(rows[("rtn8", d)]["perplexity"] / dense - 1) < 0.02
+        assert abs(rows[("rtn3", d)]["perplexity"] / dense - 1) > abs(rows[("rtn8", d)]["perplexity"] / dense - 1)
+    assert all(c["probe_sqnr_db"] > 5 for c in doc["checks"].values())
+
+
+def test_quality_refuses_a_checkpoint_of_another_model(tiny_llama_dir, tmp_path):
+    from models_fixtures import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", seed=7)  # same shapes, other weights
+    assert main(["compress", str(other), str(tmp_path / "c"), "--codec", "rtn:bits=4,group_size=32",
+                 "--no-progress"]) == 0
+    r = run("quality.py", "--src", str(tiny_llama_dir), "--ckpt", f"x={tmp_path / 'c'}", "--tokens", "64",
+            "--ctx", "32")
+    assert r.returncode != 0 and "not compressed from this source" in r.stderr
+
+
+def test_plot_rd_writes_the_png(quality_json, tmp_path):
+    pytest.importorskip("matplotlib", reason="benchmarks/plot_rd.py needs the report extra: pip install -e '.[report]'")
+    png = tmp_path / "rd.png"
+    r = run("plot_rd.py", str(quality_json), "--out", str(png))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "6 points over 2 domains" in r.stdout  # 3 checkpoints x 2 domains; dense drawn as a line
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    img = imread(str(png))
+    assert img.shape[1] > 1000 and img.shape[0] > 400
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plot_rd_refuses_bad_input(quality_json, tmp_path):
+    pytest.importorskip("matplotlib", reason="benchmarks/plot_rd.py needs the report extra: pip install -e '.[report]'")
+    doc = json.loads(quality_json.read_text())
+    no_dense = dict(doc, rows=[r for r in doc["rows"] if r["codec"] != "dense"])
+    (tmp_path / "a.json").write_text(json.dumps(no_dense))
+    r = run("plot_rd.py", str(tmp_path / "a.json"), "--out", str(tmp_path / "a.png"))
+    assert r.returncode != 0 and "expected one dense row" in r.stderr and not (tmp_path / "a.png").exists()
+    (tmp_path / "b.json").write_text(json.dumps({"rows": []}))
+    r = run("plot_rd.py", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.png"))
+    assert r.returncode != 0 and "not the JSON of benchmarks/quality.py" in r.stderr
