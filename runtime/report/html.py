@@ -52,18 +52,30 @@ def _table(head: list[str], rows: list[list[str]], num: set[int]) -> str:
 
 
 def _codec_settings(data: ReportData) -> list[list[str]]:
-    """One row per (codec, params) combination with its tensor count: what each codec was told."""
-    groups: dict[tuple[str, str], int] = {}
+    """One row per codec: its tensor count, the params every one of its tensors shares, and for
+    params that vary per tensor (a planned rate, a payload length) their range."""
+    by_codec: dict[str, list[dict[str, Any]]] = {}
     for t in data.tensors:
-        params = {k: v for k, v in t.params.items() if not isinstance(v, (list, dict))}
-        key = (t.codec, json.dumps(params, sort_keys=True))
-        groups[key] = groups.get(key, 0) + 1
-    rows = sorted(groups.items(), key=lambda kv: -kv[1])
-    shown = rows[:12]
-    out = [[codec, str(n), params] for (codec, params), n in shown]
-    if len(rows) > len(shown):
-        out.append(["…", str(sum(n for _, n in rows[len(shown):])), f"{len(rows) - len(shown)} more parameter sets"])
-    return out
+        by_codec.setdefault(t.codec, []).append(t.params)
+    rows = []
+    for codec, plist in sorted(by_codec.items(), key=lambda kv: -len(kv[1])):
+        keys = sorted({k for p in plist for k in p})
+        same, varying = [], []
+        for k in keys:
+            vals = [p.get(k) for p in plist]
+            if any(isinstance(v, (list, dict)) for v in vals):
+                varying.append(f"{k}: per tensor")
+                continue
+            distinct = set(map(json.dumps, vals))
+            if len(distinct) == 1:
+                same.append(f"{k}={vals[0]}")
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                fmt = (lambda v: f"{v:,}") if all(isinstance(v, int) for v in vals) else (lambda v: f"{v:.4g}")
+                varying.append(f"{k} {fmt(min(vals))}–{fmt(max(vals))}")
+            else:
+                varying.append(f"{k}: {len(distinct)} values")
+        rows.append([codec, str(len(plist)), ", ".join(same) or "—", "; ".join(varying) or "—"])
+    return rows
 
 
 def _settings_text(settings: Any) -> str:
@@ -123,7 +135,8 @@ def render_html(data: ReportData, title: str | None = None) -> str:
     bars = [(codec, sorted(roles.items(), key=lambda kv: -kv[1]))
             for codec, roles in sorted(data.bytes_by_codec_role.items(), key=lambda kv: -sum(kv[1].values()))]
     if data.shared_bytes:
-        bars.append(("shared state", sorted(data.shared_bytes.items(), key=lambda kv: -kv[1])))
+        bars.append(("shared state", [(f"{codec} shared state", float(n)) for codec, n in
+                                      sorted(data.shared_bytes.items(), key=lambda kv: -kv[1])]))
     bars.append(("header", [("header", float(data.header_bytes))]))
     parts.append('<div class="figure">' + stacked_bars(bars, name="bytes-by-codec", title="payload bytes",
                                                        fmt=_mib) + "</div>")
@@ -147,7 +160,8 @@ def render_html(data: ReportData, title: str | None = None) -> str:
             [[t.name, t.codec, f"{t.bpw:.3f}", _db(t.sqnr_db)] for t in worst], {2, 3}))
 
     parts.append("<h2>Codec settings and source</h2>")
-    parts.append(_table(["codec", "tensors", "params"], _codec_settings(data), {1}))
+    parts.append(_table(["codec", "tensors", "params shared by its tensors", "params planned per tensor (range)"],
+                        _codec_settings(data), {1}))
     parts.append(f"<p>Source recorded in the checkpoint: <code>{escape(str(data.source))}</code></p>")
     parts.append(f"<pre>{escape(_settings_text(data.settings))}</pre>")
     parts.append('<p class="note">Made by <code>thawed report</code>. Bits per weight count every payload byte of '
