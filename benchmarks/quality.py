@@ -2,7 +2,7 @@
 for ``benchmarks/plot_rd.py``.
 
     python benchmarks/quality.py --ckpt rtn4=out/rtn4 --ckpt nwc425=out/nwc425 [--ckpt LABEL=DIR ...]
-                                 [--src DIR] [--domains ptb-test,code-stdlib] [--tokens 4096]
+                                 [--src DIR] [--domains ptb-test,code-stdlib] [--tokens 4096] [--no-dense]
                                  [--json-out out/quality.json]
 
 Domains: ``ptb-test`` (Penn Treebank test, English news) and ``code-stdlib`` (Python source from
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--domains", default="ptb-test,code-stdlib")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the dense rows (a second run to pool with a first one that has them)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
@@ -110,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         domains[d] = tok(text, add_special_tokens=False)["input_ids"][: args.tokens]
     rows = []
     t0 = time.perf_counter()
-    for label, path, info in [("dense", src, {"codec": "dense", "bpw_linear": 32.0, "bpw_file": 32.0})] + \
-            [(lbl, p, checks[lbl]) for lbl, p in ckpts]:
+    dense = [] if args.no_dense else [("dense", src, {"codec": "dense", "bpw_linear": 32.0, "bpw_file": 32.0})]
+    for label, path, info in dense + [(lbl, p, checks[lbl]) for lbl, p in ckpts]:
         res = evaluate(path, domains, args.ctx)
         for d, r in res.items():
             rows.append({"label": label, "path": str(path), "domain": d, **{k: info[k] for k in
