@@ -9,7 +9,8 @@ import re
 
 import pytest
 import torch
-from models_fixtures import make_tiny_llama, tiny_llama_dir  # noqa: F401
+from models_fixtures import make_tiny_llama, real_model_dir, tiny_llama_dir  # noqa: F401
+from server_fixtures import real_ckpt_dir  # noqa: F401
 
 from thawed.codecs.errors import ThawedError
 from thawed.runtime.checkpoint import Checkpoint
@@ -144,3 +145,16 @@ def test_heatmap_scale_and_missing_cells():
     fills = re.findall(r'class="cell"[^>]*fill="(#[0-9a-f]{6})"', svg)
     assert len(fills) == 2 and colour(0.0) not in fills and colour(1.0) not in fills
     assert fills == [colour(0.5 - 0.015), colour(0.5 + 0.015)]
+
+
+@pytest.mark.real
+def test_real_smollm2_report(real_ckpt_dir, real_model_dir, tmp_path):  # noqa: F811
+    """The cached SmolLM2 rtn 8-bit g64 checkpoint against its source: 30 blocks x 7 linears, every
+    linear at 8.5 bits/weight, and 8-bit SQNR (~6 dB a bit: > 40 dB) on every coded tensor."""
+    data = write_report(real_ckpt_dir, tmp_path / "r.html", against=real_model_dir)
+    assert len(data.layers) == 30 and len(data.kinds) == 7
+    assert all(v == pytest.approx(8.5, abs=0.01) for row in data.grid(lambda t: t.bpw) for v in row)
+    coded = [t for t in data.tensors if t.codec != "raw"]
+    assert len(coded) == 211 and all(40 < t.sqnr_db < 60 for t in coded), min(t.sqnr_db for t in coded)
+    html = (tmp_path / "r.html").read_text()
+    assert html.count('<rect class="cell"') == 2 * 30 * 7 and len(html) < 400_000
