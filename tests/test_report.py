@@ -36,6 +36,10 @@ def test_sqnr_db_values():
     assert sqnr_db(w, w * 1.1) == pytest.approx(20.0, abs=1e-9)   # noise = 0.1 w: 10 log10(1 / 0.01)
     assert sqnr_db(w, torch.zeros_like(w)) == pytest.approx(0.0, abs=1e-9)
     assert sqnr_db(torch.zeros(4), torch.ones(4)) == -math.inf
+    noisy = w + 0.05 * torch.randn(1000, dtype=torch.float64)
+    assert sqnr_db(w, noisy, chunk=7) == pytest.approx(sqnr_db(w, noisy), rel=1e-12)  # chunked sums agree
+    with pytest.raises(ValueError, match="shapes differ"):
+        sqnr_db(w, w[:10])
 
 
 def test_split_layer():

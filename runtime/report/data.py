@@ -21,7 +21,7 @@ import torch
 from thawed.codecs.errors import ThawedError
 
 from ..checkpoint import Checkpoint
-from ..inspection import inspect_checkpoint, natural_key
+from ..inspection import inspect_checkpoint
 from ..source import SourceModel
 
 __all__ = ["TensorRow", "ReportData", "collect_report", "sqnr_db", "split_layer"]
@@ -44,13 +44,18 @@ def split_layer(name: str) -> tuple[int | None, str]:
     return int(m.group("idx")), kind[: -len(".weight")] if kind.endswith(".weight") else kind
 
 
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio, 10·log10(Σ w² / Σ (w − ŵ)²), in fp64; ``inf`` when the
-    two are identical (lossless), ``-inf`` for an all-zero reference that was not reproduced."""
-    ref = reference.detach().to(torch.float64).reshape(-1)
-    err = approx.detach().to(torch.float64).reshape(-1) - ref
-    noise = float(err.square().sum())
-    signal = float(ref.square().sum())
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Signal-to-quantisation-noise ratio, 10·log10(Σ w² / Σ (w − ŵ)²), summed in fp64 over chunks
+    of ``chunk`` elements (no fp64 copy of a whole tensor); ``inf`` when the two are identical
+    (lossless), ``-inf`` for an all-zero reference that was not reproduced."""
+    if reference.shape != approx.shape:
+        raise ValueError(f"sqnr_db: shapes differ, {tuple(reference.shape)} vs {tuple(approx.shape)}")
+    ref, app = reference.detach().reshape(-1), approx.detach().reshape(-1)
+    noise = signal = 0.0
+    for i in range(0, ref.numel(), chunk):
+        r = ref[i:i + chunk].to(torch.float64)
+        signal += float(r.square().sum())
+        noise += float((app[i:i + chunk].to(torch.float64) - r).square().sum())
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
@@ -160,7 +165,7 @@ def _with_sqnr(ckpt: Checkpoint, rows: list[TensorRow], src_dir: Path,
         out = []
         todo = [r for r in rows if r.codec != "raw"]
         done = 0
-        for r in sorted(rows, key=lambda r: natural_key(r.name)):
+        for r in rows:
             if r.codec == "raw":
                 out.append(r)
                 continue
@@ -177,5 +182,4 @@ def _with_sqnr(ckpt: Checkpoint, rows: list[TensorRow], src_dir: Path,
             if progress is not None:
                 progress(done, len(todo), r.name)
         log.info("SQNR of %d tensors against %s", done, src_dir)
-    order = {r.name: i for i, r in enumerate(rows)}
-    return sorted(out, key=lambda r: order[r.name])
+    return out
