@@ -3,16 +3,22 @@ line per codec, dense as a horizontal line, one panel per evaluation domain.
 
     python benchmarks/plot_rd.py out/quality.json --out docs/img/rd_smollm2.png [--bpw file|linear]
 
-Input: the JSON ``benchmarks/quality.py --json-out`` writes (rows of label, codec, bpw_linear,
-bpw_file, domain, perplexity; the dense rows have codec ``dense``). Several files may be given;
-their rows are pooled (same source model and protocol assumed; the domains' protocols are
-checked to agree). Needs matplotlib: ``pip install -e .[report]``.
+Input, either of:
+- the JSON ``benchmarks/quality.py --json-out`` writes here (``rows`` of label, codec, bpw_linear,
+  bpw_file, domain, perplexity; the dense rows have codec ``dense``);
+- JSON lines, one result per line, as the two-domain quality benchmark of the calibration work
+  writes them (``{"row": "cvxq4.25-self", "corpus": "pydoc", "file_bpw": .., "perplexity": ..,
+  "protocol": ..}``; ``"stage": "compress"`` lines add ``linear_bpw``); the codec is the row name's
+  leading letters (``rtn4-gptq`` -> rtn), ``dense`` is dense.
+Several files may be given; their rows are pooled (the domains' protocols are checked to agree).
+Needs matplotlib: ``pip install -e .[report]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,12 +27,42 @@ COLOURS = {"rtn": "#c44e52", "nwc": "#4c72b0", "cvxq": "#55a868", "hyperc": "#81
            "lossless": "#8c8c8c"}
 
 
+def _from_json_lines(p: Path, text: str) -> dict:
+    """The JSON-lines records of a per-result benchmark, as a ``quality.py`` document."""
+    recs = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"{p}:{i}: not JSON ({exc}); give the benchmark's JSON or JSON-lines file") from None
+    linear = {r["row"]: r.get("linear_bpw") for r in recs if r.get("stage") == "compress"}
+    rows, domains = [], {}
+    for r in recs:
+        if "row" not in r or "corpus" not in r or "perplexity" not in r:
+            continue
+        name = r["row"]
+        codec = "dense" if name == "dense" else re.match(r"[a-z]*", name).group(0) or name
+        bpw = 32.0 if codec == "dense" else r["file_bpw"]
+        rows.append({"label": name, "codec": codec, "domain": r["corpus"], "perplexity": r["perplexity"],
+                     "bpw_file": bpw, "bpw_linear": 32.0 if codec == "dense" else linear.get(name) or bpw})
+        domains.setdefault(r["corpus"], r.get("protocol", r["corpus"]))
+    cmd = next((r["command"] for r in recs if "command" in r), str(p))
+    return {"rows": rows, "domains": domains, "command": cmd}
+
+
 def load_rows(paths: list[Path]) -> tuple[list[dict], dict[str, str], list[str]]:
     rows, protocols, commands = [], {}, []
     for p in paths:
-        doc = json.loads(p.read_text())
-        if "rows" not in doc or "domains" not in doc:
-            raise SystemExit(f"{p}: not the JSON of benchmarks/quality.py (no 'rows'/'domains'); "
+        text = p.read_text()
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = _from_json_lines(p, text)
+        if isinstance(doc, dict) and "row" in doc:  # a JSON-lines file of one line
+            doc = _from_json_lines(p, text)
+        if not isinstance(doc, dict) or "rows" not in doc or "domains" not in doc:
+            raise SystemExit(f"{p}: not the JSON of benchmarks/quality.py (no 'rows'/'domains') nor its JSON lines; "
                              "run `python benchmarks/quality.py ... --json-out FILE` first")
         for d, proto in doc["domains"].items():
             if protocols.setdefault(d, proto) != proto:
@@ -85,7 +121,8 @@ def plot(rows: list[dict], protocols: dict[str, str], out: Path, bpw_key: str, c
 
 def _domain_words(d: str) -> str:
     return {"ptb-test": "English news (Penn Treebank test)",
-            "code-stdlib": "Python source (stdlib argparse, difflib, textwrap)"}.get(d, d)
+            "code-stdlib": "Python source (stdlib argparse, difflib, textwrap)",
+            "pydoc": "Python documentation (pydoc topics)"}.get(d, d)
 
 
 def main(argv: list[str] | None = None) -> int:

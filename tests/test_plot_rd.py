@@ -88,3 +88,21 @@ def test_plot_rd_refuses_bad_input(quality_json, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"rows": []}))
     r = run("plot_rd.py", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.png"))
     assert r.returncode != 0 and "not the JSON of benchmarks/quality.py" in r.stderr
+
+
+def test_plot_rd_reads_json_lines_too(tmp_path):
+    """The per-result JSON-lines records of the calibration work's two-domain quality benchmark."""
+    pytest.importorskip("matplotlib", reason="benchmarks/plot_rd.py needs the report extra: pip install -e '.[report]'")
+    proto = {"ptb-test": "ptb-test: first 64 tokens, no BOS, window 32, stride 16",
+             "pydoc": "pydoc: first 64 tokens, no BOS, window 32, stride 16"}
+    recs = [{"row": "rtn4", "stage": "compress", "command": "python benchmarks/quality.py --rows dense,rtn4",
+             "linear_bpw": 4.27, "file_bpw": 4.29}]
+    for corpus in proto:
+        recs += [{"row": "dense", "corpus": corpus, "file_bpw": 32.0, "perplexity": 40.0, "protocol": proto[corpus]},
+                 {"row": "rtn4", "corpus": corpus, "file_bpw": 4.29, "perplexity": 80.0, "protocol": proto[corpus]},
+                 {"row": "cvxq4.25-self", "corpus": corpus, "file_bpw": 4.25, "perplexity": 50.0,
+                  "protocol": proto[corpus]}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    r = run("plot_rd.py", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "q.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 points over 2 domains" in r.stdout and (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
