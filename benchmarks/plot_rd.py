@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpw", choices=["file", "linear"], default="file")
     args = ap.parse_args(argv)
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (an early, clear error without it)
     except ImportError:
         raise SystemExit("benchmarks/plot_rd.py needs matplotlib: pip install -e '.[report]'") from None
     rows, protocols, commands = load_rows(args.json)

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,7 +90,6 @@ class ReportData:
     settings: dict[str, Any] | None
     against: str | None = None                   # the source the SQNR was measured against
     sqnr_seconds: float | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def layers(self) -> list[int]:
