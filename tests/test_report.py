@@ -120,6 +120,8 @@ def test_bad_input_is_one_clear_line(mixed_ckpt, tiny_llama_dir, tmp_path, capsy
         (["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.html")], "does not exist"),
         (["report", str(mixed_ckpt), "--against", str(tmp_path), "--out", str(tmp_path / "r.html")],
          "not a Hugging Face model directory"),
+        (["report", str(mixed_ckpt), "--against", str(mixed_ckpt), "--out", str(tmp_path / "r.html")],
+         "is a thawed checkpoint; give the dense Hugging Face directory"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv

@@ -21,6 +21,7 @@ import torch
 from thawed.codecs.errors import ThawedError
 
 from ..checkpoint import Checkpoint
+from ..format import PAYLOAD_FILE
 from ..inspection import inspect_checkpoint
 from ..source import SourceModel
 
@@ -153,6 +154,9 @@ def collect_report(ckpt: Checkpoint, against: str | Path | None = None,
 
 def _with_sqnr(ckpt: Checkpoint, rows: list[TensorRow], src_dir: Path,
                progress: Callable[[int, int, str], None] | None) -> list[TensorRow]:
+    if (src_dir / PAYLOAD_FILE).exists():
+        raise ThawedError(f"--against {src_dir} is a thawed checkpoint; give the dense Hugging Face directory "
+                          f"{ckpt.path} was compressed from (it records {ckpt.metadata.get('source')!r})")
     with SourceModel(src_dir) as src:
         have = set(src.names())
         missing = [r.name for r in rows if r.codec != "raw" and r.name not in have]
