@@ -106,14 +106,20 @@ def plot(rows: list[dict], protocols: dict[str, str], out: Path, bpw_key: str, c
                 ax.annotate(f"{r['label']}\n{r['perplexity']:.1f}", (r[bpw_key], r["perplexity"]),
                             textcoords="offset points", xytext=(6, 4), fontsize=7.5, color=COLOURS.get(codec, "#333"))
         ax.set_yscale("log")
+        xs_all = [r[bpw_key] for r in here if r["codec"] != "dense"] or [4.0]
+        lo, hi = min(xs_all), max(xs_all)
+        pad = max(0.3, (hi - lo) * 0.15)
+        ax.set_xlim(lo - pad, hi + pad * 2.2)  # room on the right for the labels
+        ys_all = [r["perplexity"] for r in here]
+        ax.set_ylim(min(ys_all) * 0.8, max(ys_all) * 2.0)
         ax.set_xlabel(f"bits per weight ({'whole file' if bpw_key == 'bpw_file' else 'linear layers'})")
         ax.set_ylabel("perplexity (log scale, lower is better)")
         ax.set_title(protocols[d].split(":")[0] + f" — {_domain_words(d)}", fontsize=11)
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle("SmolLM2-135M: perplexity vs bits per weight", fontsize=12)
-    fig.text(0.01, 0.01, caption, fontsize=7, color="#555", va="bottom")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.text(0.01, 0.01, caption, fontsize=7, color="#555", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, protocols, commands = load_rows(args.json)
     check(rows, list(protocols))
     protocol = "; ".join(p.split(": ", 1)[1] for p in list(protocols.values())[:1])
-    caption = (f"{commands[0]}  |  {protocol}  |  chart: python benchmarks/plot_rd.py "
+    caption = (" + ".join(dict.fromkeys(commands)) + f"\n{protocol}  |  chart: python benchmarks/plot_rd.py "
                f"{' '.join(map(str, args.json))} --out {args.out}")
     plot(rows, protocols, args.out, "bpw_file" if args.bpw == "file" else "bpw_linear", caption)
     n = sum(1 for r in rows if r["codec"] != "dense")
