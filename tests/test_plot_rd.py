@@ -106,3 +106,17 @@ def test_plot_rd_reads_json_lines_too(tmp_path):
     r = run("plot_rd.py", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "q.png"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 points over 2 domains" in r.stdout and (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_docs_chart_is_made_from_the_committed_json(tmp_path):
+    """docs/img/rd_smollm2.png is reproducible from docs/data/*.json, which hold dense and the
+    nwc 4.25 / cvxq 3.25 / rtn points on both domains, and docs/REPORT.md shows it."""
+    pytest.importorskip("matplotlib", reason="benchmarks/plot_rd.py needs the report extra: pip install -e '.[report]'")
+    data = [ROOT / "docs/data/quality-smollm2.json", ROOT / "docs/data/quality-smollm2-cvxq.json"]
+    rows = [r for p in data for r in json.loads(p.read_text())["rows"]]
+    assert {(r["codec"], r["domain"]) for r in rows} == {(c, d) for c in ("dense", "rtn", "nwc", "cvxq")
+                                                         for d in ("ptb-test", "code-stdlib")}
+    r = run("plot_rd.py", *map(str, data), "--out", str(tmp_path / "rd.png"))
+    assert r.returncode == 0 and "8 points over 2 domains" in r.stdout, r.stderr[-2000:]
+    assert (ROOT / "docs/img/rd_smollm2.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![perplexity vs bits per weight" in (ROOT / "docs/REPORT.md").read_text()
