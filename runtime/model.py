@@ -431,7 +431,18 @@ class LazyModel:
                 extra = codec.decode_output_bias(gpu_enc, entry.spec, device, dtype)  # cvxq's bias correction
                 if extra is not None:
                     bias = extra if bias is None else bias + extra
-                return KernelLinear.from_payload(entry.codec, gpu_enc, entry.spec, bias)
+                try:
+                    return KernelLinear.from_payload(entry.codec, gpu_enc, entry.spec, bias)
+                except (NotImplementedError, ValueError) as exc:  # a layout the kernel does not take
+                    log.warning("%s runs decoded, not direct: %s", key, exc)
+                    w = codec.decode(gpu_enc, entry.spec, shared_cache.get(entry.codec) or
+                                     {k: v.to(device) for k, v in ckpt.shared(entry.codec).items()}, device, dtype)
+                    check_finite(ckpt.payload_path, entry, w)
+                    lin = nn.Linear(entry.shape[1], entry.shape[0], bias=bias is not None, device="meta")
+                    lin.weight = nn.Parameter(w, requires_grad=False)
+                    if bias is not None:
+                        lin.bias = nn.Parameter(bias, requires_grad=False)
+                    return lin
             lin = DirectLinear.from_rtn(enc.fields["codes"], enc.fields["scale"], enc.fields["offset"], enc.params,
                                         tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device)
             check_finite(ckpt.payload_path, entry, lin.scale_zero)  # codes are integers: scales carry any NaN
@@ -446,7 +457,10 @@ class LazyModel:
                 mname = weights[i][0]
                 parent, _, child = mname.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, lin)
-                direct_nbytes += lin.nbytes
+                if isinstance(lin, (DirectLinear, KernelLinear)):
+                    direct_nbytes += lin.nbytes
+                else:
+                    modes[f"{mname}.{weights[i][2]}"] = "resident"
 
         cache = WeightCache(decode, cache_budget, size_of=lambda key: index[key].spec.numel * elem)
         lazy_keys = [key for _, _, key in lazy_modules]
