@@ -265,6 +265,7 @@ class Bench:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         out: dict[str, Any] = {}
+        self.result["sections"]["e2e"] = {"partial": out}  # saved after every configuration
         cfg = LlamaConfig(**(TINY_CONFIG if self.dry else SMOL_CONFIG))
         torch.manual_seed(0)
         work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
@@ -306,6 +307,7 @@ class Bench:
                 traceback.print_exc()
                 out[key] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
             print(f"  {key}: {_short(out[key])}", flush=True)
+            self.save()
 
         record("dense_eager_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=False))
         modes = (("warm", dict(direct="off")), ("direct", dict(direct="on")),
