@@ -349,7 +349,6 @@ class Bench:
             print(f"  {key}: {_short(out[key])}", flush=True)
             self.save()
 
-        record("dense_eager_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=False))
         modes = (("warm", dict(direct="off")), ("direct", dict(direct="on")),
                  ("stream25", dict(direct="off", cache_budget=-250)),
                  ("stream25_no_overlap", dict(direct="off", cache_budget=-250, stream_overlap=False)),
@@ -358,6 +357,7 @@ class Bench:
         if self.args.real:
             runs.append(("real", Path(self.args.real)))
             record("real_text", lambda: self.real_text(Path(self.args.real)))
+        record("dense_eager_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=False))
         for codec, path in runs:
             record(f"{codec}_check", lambda p=path: self.graph_check(p, prompt))
             for mode, conf in modes:
@@ -367,8 +367,11 @@ class Bench:
                     continue
                 record(f"{codec}_{mode}", lambda p=path, c=conf: self.lazy_steps(p, c, prompt, steps))
         record("dense_graphs", lambda: self.stepper_steps(dense, prompt, steps, graphs=True))
+        record("dense_eager_stepper", lambda: self.stepper_steps(dense, prompt, steps, graphs=False))
         if not self.args.no_compile:
             record("dense_compiled_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=True))
+            record("dense_compiled_graphs", lambda: self.stepper_steps(dense, prompt, steps, graphs=True,
+                                                                       compile=True))
         return out
 
     def hf_generate(self, model, prompt: list[int], steps: int, compiled: bool) -> dict:
@@ -410,14 +413,14 @@ class Bench:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    def stepper_steps(self, model, prompt: list[int], steps: int, graphs: bool) -> dict:
+    def stepper_steps(self, model, prompt: list[int], steps: int, graphs: bool, compile: bool = False) -> dict:
         """ms per decode step through runtime/stepper.py at batch 1 and 8 (CUDA graphs on/off)."""
         from thawed.runtime.stepper import Stepper
 
         res: dict[str, Any] = {}
         for batch in (1, 8):
             st = Stepper(model, slots=batch, max_len=len(prompt) + steps + 8, capacity=len(prompt) + steps + 8,
-                         graphs=graphs and self.dev.type == "cuda")
+                         graphs=graphs and self.dev.type == "cuda", compile=compile)
             ids = torch.tensor([prompt] * batch, device=self.dev)
             logits = st.forward(ids, 0, [0] * batch)
             tok = logits.argmax(-1)[:, None]
@@ -560,7 +563,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter: checks the script")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"), "gpu_check.json"))
-    ap.add_argument("--deadline", type=float, default=400.0, help="seconds after which sections are skipped")
+    ap.add_argument("--deadline", type=float, default=320.0, help="seconds after which sections are skipped")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per configuration")
     ap.add_argument("--sections", default="copy,correct,decode,gemv,e2e")
