@@ -51,8 +51,12 @@ DECODE_CASES = [((1, 7), 4, 128), ((17, 100), 4, 32), ((17, 100), 3, 7), ((33, 2
 
 
 @pytest.mark.parametrize("shape,bits,g", DECODE_CASES, ids=str)
-def test_decode_matches_reference(device: torch.device, shape: tuple[int, ...], bits: int, g: int) -> None:
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+def test_decode_matches_reference(device: torch.device, shape: tuple[int, ...], bits: int, g: int, wide: bool,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     k = _kernels()
+    if wide:  # the int64 offsets of payloads past 2**31 bits, on a small one
+        monkeypatch.setattr(k, "_WIDE_AT", 0)
     enc, spec = _payload(shape, bits, g, hash((shape, bits, g)) % 2**31, device)
     ref = _reference(enc, spec, torch.float32)
     out = torch.full(spec.shape, float("nan"), dtype=torch.float32, device=device)
@@ -91,9 +95,15 @@ MATMUL_CASES = [((16, 256), 4, 128), ((17, 100), 4, 32), ((33, 257), 4, 128), ((
 
 @pytest.mark.parametrize("shape,bits,g", MATMUL_CASES, ids=str)
 @pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("tiles", ["split-k", "wide-rows"])
 def test_matmul_matches_reference(device: torch.device, shape: tuple[int, int], bits: int, g: int,
-                                  batch: int) -> None:
+                                  batch: int, tiles: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``split-k``: tiny shapes get 32-row blocks and split K (fp32 atomics); ``wide-rows``: the
+    128/64-row blocks of large weights, one program per row block (no split), int64 code offsets."""
     k = _kernels()
+    if tiles == "wide-rows":
+        monkeypatch.setattr(k, "_TARGET_PROGRAMS", 1)
+        monkeypatch.setattr(k, "_WIDE_AT", 0)
     enc, spec = _payload(shape, bits, g, hash((shape, bits, g, batch)) % 2**31, device)
     w = k.prepare(enc, spec)
     groups = -(-shape[1] // g)

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_FUSED_ROWS = 16  # rows of x the fused kernel takes; more decode the weight and call F.linear
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TARGET_PROGRAMS = 132 * 4  # H200: 132 SMs, a few programs each
+_WIDE_AT = 2**31 - 1  # offsets past int32: index in int64 (tests lower it)
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     block_c = 128
     gc = _pow2_divisor(g, block_c)
     block_r = min(32, _next_pow2(m))
-    wide = (m * n + 8) * max(bits, 1) >= 2**31 - 1
+    wide = (m * n + 8) * bits >= _WIDE_AT
     grid = (triton.cdiv(m, block_r), triton.cdiv(n, block_c))
     _decode_kernel[grid](codes, scale, offset, out, m, n, scale.shape[1],
                          BITS=bits, GROUP=g, BLOCK_R=block_r, NG=block_c // gc, GC=gc, WIDE=wide,
@@ -185,7 +186,7 @@ def _codes_at(codes_ptr, row, k, mask, row_bytes, BITS: tl.constexpr):
 def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_bytes, tiles_per_split,
                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr, ALIGNED: tl.constexpr,
-                   SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                   SPLIT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
     # x: [B, K]; codes: [N, row_bytes] uint8; scale, offset: [G, N] f16; y: [B, N] (fp32 when SPLIT)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -193,6 +194,7 @@ def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_
     KB: tl.constexpr = BLOCK_K // EPB  # columns per code position within a tile
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output features
     nmask = rows < N
+    crow = rows.to(tl.int64) if WIDE else rows  # for code offsets rows * row_bytes
     jj = tl.arange(0, KB)  # [KB]
     bb = tl.arange(0, BLOCK_B)  # [BB]
     bmask = bb < B
@@ -213,14 +215,14 @@ def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_
             # whole bytes of the tile: [BN, KB] uint8, contiguous along each row
             byte_k = (k0 // EPB) + jj
             bmask2 = nmask[:, None] & (byte_k[None, :] < row_bytes)
-            by = tl.load(codes_ptr + rows[:, None] * row_bytes + byte_k[None, :], mask=bmask2, other=0).to(tl.int32)
+            by = tl.load(codes_ptr + crow[:, None] * row_bytes + byte_k[None, :], mask=bmask2, other=0).to(tl.int32)
         for p in tl.static_range(EPB):
             k = k0 + jj * EPB + p  # [KB] columns of code position p
             kmask = k < K
             if EPB > 1:
                 q = ((by >> (p * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
             else:
-                q = _codes_at(codes_ptr, rows[:, None], k[None, :], nmask[:, None] & kmask[None, :],
+                q = _codes_at(codes_ptr, crow[:, None], k[None, :], nmask[:, None] & kmask[None, :],
                               row_bytes, BITS).to(tl.float32)
             if ALIGNED:
                 w = q * sc + of
@@ -249,8 +251,10 @@ def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_
         tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-def _matmul_config(w: RtnFusedWeight, batch: int) -> tuple[int, int, bool]:
-    """(BLOCK_N, BLOCK_K, aligned) for a weight: K tiles inside one group when the group allows."""
+def _matmul_config(w: RtnFusedWeight) -> tuple[int, int, bool, int]:
+    """(BLOCK_N, BLOCK_K, aligned, num_warps) for a weight: K tiles inside one group when the group
+    allows; the widest row block that still leaves ~4 programs per SM after split-K (more bytes in
+    flight per program), 128 rows only for widths dividing 8 up to 4 (register budget)."""
     g = w.group_size
     bk = _pow2_divisor(g, 256)
     aligned = bk >= 32
@@ -259,8 +263,13 @@ def _matmul_config(w: RtnFusedWeight, batch: int) -> tuple[int, int, bool]:
     epb = 8 // w.bits if 8 % w.bits == 0 else 1
     bk = max(bk, 16 * epb)  # tl.dot needs K >= 16 per code position
     aligned = aligned and g % bk == 0
-    block_n = 64
-    return block_n, bk, aligned
+    n_tiles = triton.cdiv(w.in_features, bk)
+    block_n = 32
+    for bn in ((128, 64) if epb >= 2 else (64,)):
+        if triton.cdiv(w.out_features, bn) * n_tiles >= _TARGET_PROGRAMS:
+            block_n = bn
+            break
+    return block_n, bk, aligned, 8 if block_n == 128 else 4
 
 
 def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
@@ -278,7 +287,7 @@ def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
         return x.new_empty(*lead, n_out)
     if batch > MAX_FUSED_ROWS:
         return torch.nn.functional.linear(x2, _decode_fused(w, x.dtype)).view(*lead, n_out)
-    block_n, block_k, aligned = _matmul_config(w, batch)
+    block_n, block_k, aligned, warps = _matmul_config(w)
     n_blocks = triton.cdiv(n_out, block_n)
     n_tiles = triton.cdiv(k, block_k)
     split = max(1, min(n_tiles, triton.cdiv(_TARGET_PROGRAMS, n_blocks)))
@@ -293,7 +302,8 @@ def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
         x2, w.codes, w.scale_t, w.offset_t, y, batch, n_out, k, w.codes.shape[1], per,
         BITS=w.bits, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_B=16 if use_dot else 1, USE_DOT=use_dot, ALIGNED=aligned, SPLIT=split > 1,
-        IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()), num_warps=4)
+        IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()),
+        WIDE=w.codes.numel() >= _WIDE_AT, num_warps=warps)
     return y.to(x.dtype).view(*lead, n_out)
 
 
