@@ -183,6 +183,22 @@ def _codes_at(codes_ptr, row, k, mask, row_bytes, BITS: tl.constexpr):
 
 
 @triton.jit
+def _tile_raw(codes_ptr, scale_ptr, offset_ptr, crow, rows, nmask, jj, t, t_end, N, row_bytes,
+              GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EPB: tl.constexpr):
+    """K tile ``t``'s whole code bytes [BN, BLOCK_K/EPB] (contiguous along each row) and the fp16
+    scale/offset [BN] of the group holding its start; all masked off (zeros) unless ``t < t_end``."""
+    k0 = t * BLOCK_K
+    byte_k = (k0 // EPB) + jj
+    ok = nmask & ((rows * 0 + t) < t_end)  # [BN]
+    m2 = ok[:, None] & (byte_k[None, :] < row_bytes)
+    by = tl.load(codes_ptr + crow[:, None] * row_bytes + byte_k[None, :], mask=m2, other=0)
+    g0 = k0 // GROUP
+    sc = tl.load(scale_ptr + g0 * N + rows, mask=ok, other=0.0)
+    of = tl.load(offset_ptr + g0 * N + rows, mask=ok, other=0.0)
+    return by, sc, of
+
+
+@triton.jit
 def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_bytes, tiles_per_split,
                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr, ALIGNED: tl.constexpr,
@@ -205,17 +221,28 @@ def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     else:
         acc2 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
+    # Register double-buffering for the fast path: the next tile's bytes and side info are in
+    # flight while this tile is computed (the loop has no tl.dot, so Triton does not pipeline it).
+    PREFETCH: tl.constexpr = EPB > 1 and ALIGNED
+    if PREFETCH:
+        by_n, sc_n, of_n = _tile_raw(codes_ptr, scale_ptr, offset_ptr, crow, rows, nmask, jj, t0, t1,
+                                     N, row_bytes, GROUP, BLOCK_K, EPB)
     for t in range(t0, t1):
         k0 = t * BLOCK_K
-        if ALIGNED:  # the whole tile lies in one group: one scale/offset per output feature
-            g0 = k0 // GROUP
-            sc = tl.load(scale_ptr + g0 * N + rows, mask=nmask, other=0.0).to(tl.float32)[:, None]
-            of = tl.load(offset_ptr + g0 * N + rows, mask=nmask, other=0.0).to(tl.float32)[:, None]
-        if EPB > 1:
-            # whole bytes of the tile: [BN, KB] uint8, contiguous along each row
-            byte_k = (k0 // EPB) + jj
-            bmask2 = nmask[:, None] & (byte_k[None, :] < row_bytes)
-            by = tl.load(codes_ptr + crow[:, None] * row_bytes + byte_k[None, :], mask=bmask2, other=0).to(tl.int32)
+        if PREFETCH:
+            by = by_n.to(tl.int32)
+            sc = sc_n.to(tl.float32)[:, None]
+            of = of_n.to(tl.float32)[:, None]
+            by_n, sc_n, of_n = _tile_raw(codes_ptr, scale_ptr, offset_ptr, crow, rows, nmask, jj, t + 1, t1,
+                                         N, row_bytes, GROUP, BLOCK_K, EPB)
+        else:
+            if ALIGNED:  # the whole tile lies in one group: one scale/offset per output feature
+                g0 = k0 // GROUP
+                sc = tl.load(scale_ptr + g0 * N + rows, mask=nmask, other=0.0).to(tl.float32)[:, None]
+                of = tl.load(offset_ptr + g0 * N + rows, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            if EPB > 1:
+                by = _tile_raw(codes_ptr, scale_ptr, offset_ptr, crow, rows, nmask, jj, t, t1,
+                               N, row_bytes, GROUP, BLOCK_K, EPB)[0].to(tl.int32)
         for p in tl.static_range(EPB):
             k = k0 + jj * EPB + p  # [KB] columns of code position p
             kmask = k < K
@@ -269,7 +296,7 @@ def _matmul_config(w: RtnFusedWeight) -> tuple[int, int, bool, int]:
         if triton.cdiv(w.out_features, bn) * n_tiles >= _TARGET_PROGRAMS:
             block_n = bn
             break
-    return block_n, bk, aligned, 8 if block_n == 128 else 4
+    return block_n, bk, aligned, 8 if block_n == 128 or epb == 1 else 4  # gathers: 8 warps, fewer regs each
 
 
 def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
@@ -294,6 +321,8 @@ def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
     per = triton.cdiv(n_tiles, split)
     split = triton.cdiv(n_tiles, per)  # no empty programs
     use_dot = batch > 1
+    if use_dot and x.dtype == torch.float32:
+        warps = 8  # the fp32 (ieee) dot needs twice the registers
     if split > 1:
         y = torch.zeros((batch, n_out), dtype=torch.float32, device=x.device)
     else:
