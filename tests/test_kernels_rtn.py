@@ -47,7 +47,9 @@ def _reference(enc: Encoded, spec: TensorSpec, dtype: torch.dtype) -> torch.Tens
 
 DECODE_CASES = [((1, 7), 4, 128), ((17, 100), 4, 32), ((17, 100), 3, 7), ((33, 257), 4, 128),
                 ((33, 257), 2, 64), ((5, 130), 5, 128), ((9, 96), 6, 48), ((3, 64), 7, 1),
-                ((8, 200), 8, 128), ((7,), 4, 128), ((), 3, 4), ((2, 3, 40), 4, 16), ((4, 300), 4, 256)]
+                ((8, 200), 8, 128), ((7,), 4, 128), ((), 3, 4), ((2, 3, 40), 4, 16), ((4, 300), 4, 256),
+                # byte-aligned rows, whole-tile groups: the packed kernel (4-bit g128, 2-bit)
+                ((33, 130), 4, 128), ((3, 64), 4, 128), ((40, 256), 4, 128), ((17, 200), 2, 128)]
 
 
 @pytest.mark.parametrize("shape,bits,g", DECODE_CASES, ids=str)

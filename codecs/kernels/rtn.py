@@ -80,6 +80,37 @@ def _decode_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, m, n, groups,
     tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _decode_packed_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, m, n, groups, row_bytes,
+                          BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    # Rows start on whole bytes (n * BITS % 8 == 0), BITS in {2, 4}, GROUP % BLOCK_C == 0.
+    # codes: [m, row_bytes] uint8 (row-major view of the bit stream); scale, offset: [m, groups] f16
+    EPB: tl.constexpr = 8 // BITS
+    BB: tl.constexpr = BLOCK_C // EPB  # bytes per row of the tile
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BR, 1]
+    rmask = r < m
+    if WIDE:
+        r = r.to(tl.int64)
+    jb = pid_c * BB + tl.arange(0, BB)[None, :]  # [1, BB] byte columns
+    by = tl.load(codes_ptr + r * row_bytes + jb, mask=rmask & (jb < row_bytes), other=0).to(tl.int32)
+    mk: tl.constexpr = (1 << BITS) - 1
+    # codes of a byte, LSB first, interleaved back into column order: [BR, BB, EPB] -> [BR, BLOCK_C]
+    if EPB == 2:
+        q = tl.join(by & mk, by >> 4)
+    else:
+        q = tl.join(tl.join(by & mk, (by >> 4) & mk), tl.join((by >> 2) & mk, by >> 6))
+    q = tl.reshape(q, (BLOCK_R, BLOCK_C))
+    grp = (pid_c * BLOCK_C) // GROUP  # one group for the whole tile
+    sc = tl.load(scale_ptr + r * groups + grp, mask=rmask, other=0.0).to(tl.float32)  # [BR, 1]
+    of = tl.load(offset_ptr + r * groups + grp, mask=rmask, other=0.0).to(tl.float32)
+    w = q.to(tl.float32) * sc + of
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    tl.store(out_ptr + r * n + c, w.to(out_ptr.dtype.element_ty), mask=rmask & (c < n))
+
+
 def _pow2_divisor(x: int, cap: int) -> int:
     """The largest power of two dividing ``x``, at most ``cap``."""
     p = 1
@@ -116,6 +147,11 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     block_r = min(32, _next_pow2(m))
     wide = (m * n + 8) * bits >= _WIDE_AT
     grid = (triton.cdiv(m, block_r), triton.cdiv(n, block_c))
+    if bits in (2, 4) and (n * bits) % 8 == 0 and g % block_c == 0:  # the common case: 4-bit, g128
+        _decode_packed_kernel[grid](codes, scale, offset, out, m, n, scale.shape[1], n * bits // 8,
+                                    BITS=bits, GROUP=g, BLOCK_R=block_r, BLOCK_C=block_c, WIDE=wide,
+                                    num_warps=4)
+        return out
     _decode_kernel[grid](codes, scale, offset, out, m, n, scale.shape[1],
                          BITS=bits, GROUP=g, BLOCK_R=block_r, NG=block_c // gc, GC=gc, WIDE=wide,
                          num_warps=4)
