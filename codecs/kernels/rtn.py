@@ -52,8 +52,10 @@ def _decode_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, m, n, groups,
                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
                    NG: tl.constexpr, GC: tl.constexpr, WIDE: tl.constexpr):
     # codes: [ceil(m*n/8)*BITS] uint8 (flat bit stream); scale, offset: [m, groups] f16; out: [m, n]
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # one grid axis (axis 1 stops at 65535 blocks): column blocks of a row block are neighbours
+    cblocks = tl.cdiv(n, NG * GC)
+    pid_r = tl.program_id(0) // cblocks
+    pid_c = tl.program_id(0) % cblocks
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]  # [BR, 1, 1]
     chunk = pid_c * (NG * GC) + tl.arange(0, NG)[None, :, None] * GC  # [1, NG, 1] chunk starts
     c = chunk + tl.arange(0, GC)[None, None, :]  # [1, NG, GC]
@@ -88,8 +90,9 @@ def _decode_packed_kernel(codes_ptr, scale_ptr, offset_ptr, out_ptr, m, n, group
     # codes: [m, row_bytes] uint8 (row-major view of the bit stream); scale, offset: [m, groups] f16
     EPB: tl.constexpr = 8 // BITS
     BB: tl.constexpr = BLOCK_C // EPB  # bytes per row of the tile
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    cblocks = tl.cdiv(n, BLOCK_C)
+    pid_r = tl.program_id(0) // cblocks
+    pid_c = tl.program_id(0) % cblocks
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BR, 1]
     rmask = r < m
     if WIDE:
@@ -144,9 +147,9 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
         return out
     block_c = 128
     gc = _pow2_divisor(g, block_c)
-    block_r = min(32, _next_pow2(m))
+    block_r = min(32 if gc >= 8 else 8, _next_pow2(m))  # odd groups: a scale per few weights, fewer rows
     wide = (m * n + 8) * bits >= _WIDE_AT
-    grid = (triton.cdiv(m, block_r), triton.cdiv(n, block_c))
+    grid = (triton.cdiv(m, block_r) * triton.cdiv(n, block_c),)
     if bits in (2, 4) and (n * bits) % 8 == 0 and g % block_c == 0:  # the common case: 4-bit, g128
         _decode_packed_kernel[grid](codes, scale, offset, out, m, n, scale.shape[1], n * bits // 8,
                                     BITS=bits, GROUP=g, BLOCK_R=block_r, BLOCK_C=block_c, WIDE=wide,
