@@ -136,3 +136,31 @@ def test_matmul_leading_dims_fp16_and_many_rows(device: torch.device) -> None:
         assert y.shape == (*lead, 24) and y.dtype == torch.float16
         ref = x.half().float() @ wref.half().float().T
         torch.testing.assert_close(y.cpu().float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture() -> None:
+    """decode into a ring-buffer slice and matmul at batch 1 and 4 replay inside a CUDA graph."""
+    k = _kernels()
+    dev = torch.device("cuda")
+    enc, spec = _payload((96, 384), 4, 128, 11, dev)
+    w = k.prepare(enc, spec)
+    ring = torch.full((2, 96, 384), float("nan"), dtype=torch.bfloat16, device=dev)
+    x1 = torch.randn(1, 384, device=dev, dtype=torch.bfloat16)
+    x4 = torch.randn(4, 384, device=dev, dtype=torch.bfloat16)
+    k.decode(enc, spec, torch.bfloat16, out=ring[1]), k.matmul(x1, w), k.matmul(x4, w)  # compile first
+    torch.cuda.synchronize()
+    ring.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        k.decode(enc, spec, torch.bfloat16, out=ring[1])
+        y1, y4 = k.matmul(x1, w), k.matmul(x4, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = _reference(enc, spec, torch.float32)
+    assert torch.isnan(ring[0]).all() and torch.isfinite(ring[1]).all()
+    torch.testing.assert_close(ring[1].cpu().float(), ref.to(torch.bfloat16).float(), rtol=2 ** -7, atol=0)
+    for x, y in ((x1, y1), (x4, y4)):
+        refy = x.float().cpu() @ ref.to(torch.bfloat16).float().T
+        torch.testing.assert_close(y.cpu().float(), refy, rtol=2e-2, atol=2e-2)

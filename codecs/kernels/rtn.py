@@ -2,11 +2,16 @@
 
 ``decode`` reads the payload as stored (one flat LSB-first bit stream of the row-major ``[m, n]``
 codes, fp16 ``scale``/``offset`` per row and group) and writes ``q * scale + offset`` in float32,
-cast on store, into a ``[m, n]`` tile grid. A program owns ``BLOCK_R`` rows x 128 columns. The 128
-columns are viewed as ``[NG, GC]`` with ``GC`` the largest power of two dividing both the group
-size and 128, so each ``GC``-chunk lies inside one group: the scale and offset are loaded once per
-(row, chunk), not per weight. Each weight reads the byte(s) its code spans (two for widths that do
-not divide 8); neighbouring lanes read neighbouring bytes, so the loads coalesce and hit L1.
+cast on store. A program owns ``BLOCK_R`` (32) rows x 128 columns (4096 weights, 4 warps), one
+grid axis. Two kernels:
+
+- packed (2/4-bit, rows starting on whole bytes, ``group_size % 128 == 0``: 4-bit g128 as
+  users run it): each thread loads 16 contiguous code bytes, splits them into codes, joins them
+  back into column order and stores 32 contiguous outputs; one scale/offset per row and tile;
+- gather (every other case): the 128 columns are viewed as ``[NG, GC]`` with ``GC`` the largest
+  power of two dividing both the group size and 128, so each ``GC``-chunk lies inside one group
+  and its scale/offset are loaded once per (row, chunk); each weight reads the byte(s) its code
+  spans (two for widths that do not divide 8), neighbouring lanes neighbouring bytes (L1 hits).
 
 ``prepare`` repacks a 2-D payload once at load into ``RtnFusedWeight``: every row of codes starts
 on a byte boundary (rows padded to whole 8-code chunks), scale and offset transposed to ``[G, m]``
@@ -17,7 +22,10 @@ and a contiguous range of K tiles (split-K, fp32 atomics when split), accumulati
 1 is an FMA reduction; batch 2..16 runs ``tl.dot`` on a 16-row tile of ``x`` against the
 dequantised weight tile. For widths dividing 8 (2, 4, 8) a K tile is loaded as whole bytes
 ``[BLOCK_N, BLOCK_K*bits/8]`` and split into its ``8/bits`` code positions, each multiplied by the
-matching strided slice of ``x``; other widths gather each code's bytes.
+matching strided slice of ``x``; other widths gather each code's bytes. On that fast path the next
+K tile's bytes and side info are loaded while the current one is computed (register double
+buffering: a loop without ``tl.dot`` is not pipelined by Triton). Configs are fixed by shape (no
+autotuning: nothing to warm up before CUDA-graph capture beyond the first compile).
 """
 
 from __future__ import annotations
