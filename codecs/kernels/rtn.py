@@ -249,7 +249,7 @@ def _tile_raw(codes_ptr, scale_ptr, offset_ptr, crow, rows, nmask, jj, t, t_end,
 def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_bytes, tiles_per_split,
                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr, ALIGNED: tl.constexpr,
-                   SPLIT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
+                   SPLIT: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, PREFETCH: tl.constexpr):
     # x: [B, K]; codes: [N, row_bytes] uint8; scale, offset: [G, N] f16; y: [B, N] (fp32 when SPLIT)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -268,9 +268,8 @@ def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     else:
         acc2 = tl.zeros((BLOCK_N, KB), dtype=tl.float32)
-    # Register double-buffering for the fast path: the next tile's bytes and side info are in
-    # flight while this tile is computed (the loop has no tl.dot, so Triton does not pipeline it).
-    PREFETCH: tl.constexpr = EPB > 1 and ALIGNED
+    # PREFETCH (EPB > 1 and ALIGNED): register double-buffering, the next tile's bytes and side info
+    # are in flight while this tile is computed (a loop without tl.dot is not pipelined by Triton).
     if PREFETCH:
         by_n, sc_n, of_n = _tile_raw(codes_ptr, scale_ptr, offset_ptr, crow, rows, nmask, jj, t0, t1,
                                      N, row_bytes, GROUP, BLOCK_K, EPB)
@@ -379,7 +378,8 @@ def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
         BITS=w.bits, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_B=16 if use_dot else 1, USE_DOT=use_dot, ALIGNED=aligned, SPLIT=split > 1,
         IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()),
-        WIDE=w.codes.numel() >= _WIDE_AT, num_warps=warps)
+        WIDE=w.codes.numel() >= _WIDE_AT, PREFETCH=aligned and 8 % w.bits == 0 and w.bits < 8,
+        num_warps=warps)
     return y.to(x.dtype).view(*lead, n_out)
 
 
