@@ -322,6 +322,7 @@ def _fused_kernel(x_ptr, p0, p1, p2, s_ptr, o_ptr, y_ptr,
     s_begin = pid_k * slots_per_split
     s_end = tl.minimum(s_begin + slots_per_split, nslots)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BN, BKW, 8), dtype=tl.float32)
     for s0 in range(s_begin, s_end, BKW):
         s = s0 + tl.arange(0, BKW)
         smask = s < s_end
@@ -347,6 +348,9 @@ def _fused_kernel(x_ptr, p0, p1, p2, s_ptr, o_ptr, y_ptr,
                 acc += tl.dot(xt.to(tl.float32), tl.trans(w2.to(tl.float32)))
             else:
                 acc += tl.dot(xt, tl.trans(w2))
+        elif BM == 1:  # one row: per-lane FMAs into a tile accumulator, reduced once at the end
+            xr = tl.load(x_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+            acc3 += (kf * sc[:, :, None] + of[:, :, None]) * xr[None, :, :]
         else:
             for r in tl.static_range(BM):
                 xr = tl.load(x_ptr + r * stride_xm + c, mask=cmask & (c * 0 + r < M), other=0.0).to(tl.float32)
@@ -354,6 +358,8 @@ def _fused_kernel(x_ptr, p0, p1, p2, s_ptr, o_ptr, y_ptr,
                 xs = tl.sum(xr, axis=1)  # [BKW]
                 contrib = tl.sum(part * sc + of * xs[None, :], axis=1)  # [BN]
                 acc += tl.where(mi[:, None] == r, contrib[None, :], 0.0)
+    if BM == 1 and not USE_DOT:
+        acc += tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
     ymask = (mi < M)[:, None] & omask[None, :]
     yp = y_ptr + pid_k * stride_split + mi[:, None] * N + o[None, :]
     tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
@@ -413,7 +419,7 @@ def matmul(x: Tensor, w: HypercFusedWeight) -> Tensor:
         return F.linear(x, _dense(w, x.dtype))
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    use_dot = M > 8 and x.dtype != torch.float32
+    use_dot = M > 1 and x.dtype != torch.float32
     bm = 16 if use_dot else _pow2(M)
     bn, bkw, splits, per = _mm_config(N, n, M, use_dot)
     if splits == 1:
