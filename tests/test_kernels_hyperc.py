@@ -166,3 +166,22 @@ def test_matmul_batched_shape_and_fallbacks(device: str) -> None:
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(CodecError, match="features"):
         kh.matmul(torch.randn(1, 47, device=device), fw)
+
+
+def test_bench_case_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU benchmark's payload: 4.5 bpw; a big matrix is an encoded slab repeated down the rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_case_hyperc.py"
+    mod_spec = importlib.util.spec_from_file_location("gpu_case_hyperc", path)
+    case = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(case)
+    assert case.NAME == "hyperc"
+    monkeypatch.setattr(case, "FULL_ENCODE_MAX", 0)
+    enc, spec, shared = case.payload((136, 40), torch.device("cpu"))
+    assert spec.shape == (136, 40) and enc.nbytes * 8 / spec.numel == pytest.approx(4.5 + 32 * (1 / 40 - 1 / 64))
+    w = _ref(enc, spec)
+    assert torch.equal(w[64:128], w[:64]) and not torch.equal(w[128:], w[:8])
+    if interpreting():
+        torch.testing.assert_close(kh.decode(enc, spec, torch.float32), w)
