@@ -86,6 +86,15 @@ def test_decode_wide_products(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_decode_int64_row_math(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path of tensors past 2**31 stream bits or output elements, forced on small ones."""
+    monkeypatch.setattr(kh, "FORCE_INT64", True)
+    for cfg in ((1, 4, 32, None), (3, 11, 24, None), (2, 11, 0, 1600)):
+        enc, spec = _encode((9, 77), 7, dim=cfg[0], index_bits=cfg[1], group_size=cfg[2], points=cfg[3])
+        _fp32_close(kh.decode(enc.to(device), spec, torch.float32), _ref(enc, spec))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_refuses_indices_beyond_points(device: str) -> None:
     enc, spec = _encode((4, 30), 3, dim=2, index_bits=11, group_size=0, points=1600)
     bad = Encoded({**enc.fields, "codes_hi": torch.full_like(enc.fields["codes_hi"], 0xFF)}, enc.params)

@@ -3,10 +3,10 @@ decode-matmul for the 1-D (scalar) codebook.
 
 Decode (``decode``): one program writes a tile of ``BR`` rows x ``BV`` vectors x ``DP`` coordinates
 (``DP`` = ``dim`` rounded up to a power of two, the extra lane masked) of the ``[m, n]`` view.
-Per vector it reads its index from the LSB-first bit streams (1-2 byte loads per stream, row
-bases in int64 so any tensor size works), per coordinate it computes the closed form
-``((k * z_j) mod K) / K`` (int32 when the product fits, ``& (K-1)`` for a power-of-two ``K``,
-exact ``div_rn`` otherwise), then ``x * scale + offset`` in fp32 and one rounding to the output
+Per vector it reads its index from the LSB-first bit streams (1-2 byte loads per stream; row
+math in int64 only when a stream or the output passes 2**31), per coordinate it computes the
+closed form ``((k * z_j) mod K) / K`` (int32 when the product fits, ``& (K-1)`` for a
+power-of-two ``K``, exact ``div_rn`` otherwise; int->float by the ``0x4B000000`` trick), then ``x * scale + offset`` in fp32 and one rounding to the output
 dtype. No table, no gather beyond the group's scale/offset (per row when the tile lies inside
 one group, per vector otherwise). ``dim``, the bit widths, ``K``, ``z`` and ``group_size`` are
 compile-time constants: a model has a handful of distinct configurations.
@@ -16,11 +16,14 @@ the codes are repacked once into bit planes of width 8/4/2/1 (``B = 3`` is 2+1, 
 each a row-major ``[out, in/8]`` array of 8-code slots (int32 for 4 bits, int16 for 2, uint8 for 1;
 the 8-bit plane is ``[out, in8]`` uint8), so the resident weight is exactly ``index_bits`` bits per
 weight plus the F16 scale/offset (the stored payload's size; columns padded to a multiple of 8).
-A program owns ``BN`` output rows and a split of the input; per slot of 8 columns (always inside
-one group) it forms ``sum_c x_c k_c`` with the codes turned into floats by the ``0x4B000000``
-trick, then adds ``scale/K * that + offset * sum_c x_c`` (fp32 FMA path, rows <= 8 or fp32 x), or
-decodes the tile and uses ``tl.dot`` (rows 9..16, bf16/fp16 x). Split-K partials are summed by
-torch. Other configurations (and rows > 16) decode into a temporary and call ``F.linear``.
+A program owns ``BN`` output rows and a split of the input, ``BKW`` slots (8 columns each, always
+inside one group) per step; the codes become floats by the ``0x4B000000`` trick (no I2F) and
+``w = k * scale/K + offset`` in fp32. One row (any dtype): ``w * x`` is accumulated per lane into
+a ``[BN, BKW, 8]`` tile, reduced once at the end (no shuffles in the loop). Rows 2..16 of bf16/fp16
+x: the tile is rounded to x's dtype and multiplied by ``tl.dot`` (x padded to 16 rows), so the
+result is ``F.linear(x, decode(W, x.dtype))`` up to accumulation order; fp32 x with 2..16 rows
+reduces per row in fp32. Split-K partials ``[splits, M, N]`` fp32 are summed by torch.
+Other configurations (and rows > 16) decode into a temporary and call ``F.linear``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DECODE_TILE = 4096  # output elements per decode program (with 4 warps: 32 per thread)
 MAX_FUSED_ROWS = 16
 MIN_PROGRAMS = 132 * 4  # H200: 132 SMs, a few programs each
+FORCE_INT64 = False  # tests: run the 64-bit row math of huge tensors on small ones
 
 
 def _pow2(x: int) -> int:
@@ -61,19 +65,20 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 # ---- decode ------------------------------------------------------------------------------------
 @triton.jit
 def _read_codes(ptr, nbytes, row_bit, v, mask, B: tl.constexpr):
-    """Codes ``v`` ([BR, BV] int32) of a LSB-first ``B``-bit stream whose row starts at bit
-    ``row_bit`` ([BR] int64) -> int32 [BR, BV]."""
-    lb = (row_bit & 7).to(tl.int32)[:, None] + v * B  # bit offset from the row's first byte
-    base = (row_bit >> 3)[:, None] + (lb >> 3)  # int64 byte address
-    sh = lb & 7
-    b0 = tl.load(ptr + base, mask=mask, other=0).to(tl.int32)
+    """Codes ``v`` ([1, BV] int32) of a LSB-first ``B``-bit stream whose rows start at bit
+    ``row_bit`` ([BR] int64) -> int32 [BR, BV]. 64-bit math per row, 32-bit per code."""
+    rowp = (ptr + (row_bit >> 3))[:, None]  # [BR, 1] pointers to each row's first byte
+    lb = (row_bit & 7).to(tl.int32)[:, None] + v * B  # bit offset from that byte
+    off = lb >> 3
+    b0 = tl.load(rowp + off, mask=mask, other=0).to(tl.int32)
     if B == 8:
         k = b0
     elif 8 % B == 0:
-        k = (b0 >> sh) & ((1 << B) - 1)
+        k = (b0 >> (lb & 7)) & ((1 << B) - 1)
     else:  # the code may straddle two bytes
-        b1 = tl.load(ptr + base + 1, mask=mask & (base + 1 < nbytes), other=0).to(tl.int32)
-        k = ((b0 | (b1 << 8)) >> sh) & ((1 << B) - 1)
+        last = (nbytes - 1 - (row_bit >> 3)).to(tl.int32)[:, None]  # the stream's last byte, row-relative
+        b1 = tl.load(rowp + off + 1, mask=mask & (off < last), other=0).to(tl.int32)
+        k = ((b0 | (b1 << 8)) >> (lb & 7)) & ((1 << B) - 1)
     return k
 
 
@@ -83,7 +88,7 @@ def _decode_kernel(lo_ptr, hi_ptr, scale_ptr, offset_ptr, out_ptr, flag_ptr,
                    DIM: tl.constexpr, DP: tl.constexpr, BL: tl.constexpr, BH: tl.constexpr,
                    K: tl.constexpr, Z1: tl.constexpr, Z2: tl.constexpr, Z3: tl.constexpr,
                    GV: tl.constexpr, POW2: tl.constexpr, WIDE: tl.constexpr, CHECK: tl.constexpr,
-                   ALIGNED: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+                   ALIGNED: tl.constexpr, BIG: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     # codes_lo: [packed(m*V, BL)] uint8; codes_hi: [packed(m*V, BH)] uint8 (BH = 0: absent)
     # scale, offset: [m, G] f16; out: [m, n]; GV = group_size // dim vectors per group
     pid = tl.program_id(0)
@@ -93,7 +98,10 @@ def _decode_kernel(lo_ptr, hi_ptr, scale_ptr, offset_ptr, out_ptr, flag_ptr,
     r = pr * BR + tl.arange(0, BR)
     v = pv * BV + tl.arange(0, BV)
     rmask = r < m
-    r64 = r.to(tl.int64)
+    if BIG:  # offsets past 2**31 (bits of a stream, or output elements): 64-bit row math
+        r64 = r.to(tl.int64)
+    else:
+        r64 = r
     mask2 = rmask[:, None] & (v < V)[None, :]
     vi = r64 * V  # [BR] index of the row's first vector
     k = _read_codes(lo_ptr, lo_nbytes, vi * BL, v[None, :], mask2, BL)
@@ -106,14 +114,19 @@ def _decode_kernel(lo_ptr, hi_ptr, scale_ptr, offset_ptr, out_ptr, flag_ptr,
     z = tl.where(j == 0, 1, tl.where(j == 1, Z1, tl.where(j == 2, Z2, Z3)))
     k3 = k[:, :, None]
     if POW2:
-        c = (k3 * z) & (K - 1)  # int32 wrap-around keeps the low bits
-        x = c.to(tl.float32) * (1.0 / K)  # exact: K is a power of two
-    else:
-        if WIDE:
-            c = ((k3.to(tl.int64) * z) % K).to(tl.int32)
+        if DIM == 1:
+            c = k3 & (K - 1)
         else:
-            c = (k3 * z) % K
-        x = tl.math.div_rn(c.to(tl.float32), tl.full(c.shape, K, tl.float32))
+            c = (k3 * z) & (K - 1)  # int32 wrap-around keeps the low bits
+    elif WIDE:
+        c = ((k3.to(tl.int64) * z) % K).to(tl.int32)
+    else:
+        c = (k3 * z) % K
+    cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact float of c < 2**23
+    if POW2:
+        x = cf * (1.0 / K)  # exact: K is a power of two
+    else:
+        x = tl.math.div_rn(cf, tl.full(cf.shape, K, tl.float32))  # correctly rounded, as torch
     if ALIGNED:  # the tile lies inside one group: one scale/offset per row
         gi = (pv * BV) // GV
         sc = tl.load(scale_ptr + r64 * G + gi, mask=rmask, other=0.0).to(tl.float32)[:, None, None]
@@ -125,7 +138,8 @@ def _decode_kernel(lo_ptr, hi_ptr, scale_ptr, offset_ptr, out_ptr, flag_ptr,
     y = x * sc + of
     col = v[None, :, None] * DIM + j
     emask = rmask[:, None, None] & (j < DIM) & (col < n)
-    tl.store(out_ptr + r64[:, None, None] * n + col, y.to(out_ptr.dtype.element_ty), mask=emask)
+    orow = (out_ptr + r64 * n)[:, None, None]  # [BR, 1, 1] row pointers: 32-bit offsets per element
+    tl.store(orow + col, y.to(out_ptr.dtype.element_ty), mask=emask)
 
 
 def _decode_tiles(V: int, dim: int, g: int) -> tuple[int, int, int, bool]:
@@ -183,7 +197,8 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     _decode_kernel[grid](
         lo, hi, f["scale"], f["offset"], out, flag, m, n, V, G, lo.numel(), hi.numel(),
         DIM=dim, DP=dp, BL=bl, BH=bh, K=K, Z1=zz[1], Z2=zz[2], Z3=zz[3], GV=g // dim, POW2=pow2,
-        WIDE=((1 << B) - 1) * (K - 1) >= 2**31, CHECK=check, ALIGNED=aligned, BR=br, BV=bv, num_warps=4)
+        WIDE=((1 << B) - 1) * (K - 1) >= 2**31, CHECK=check, ALIGNED=aligned,
+        BIG=FORCE_INT64 or max(lo.numel(), hi.numel(), m * (n + 8 * dim)) * 8 >= 2**31, BR=br, BV=bv, num_warps=4)
     if check and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         if int(flag.item()):
             raise CorruptPayloadError(f"tensor {spec.name!r}: codec 'hyperc' has an index beyond points={K}; "
