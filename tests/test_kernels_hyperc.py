@@ -28,7 +28,7 @@ DEVICES = [
 SHAPES = [(1, 7), (17, 100), (33, 257)]
 CONFIGS = [  # (dim, index_bits, group_size, points): every stream width, aligned and unaligned groups
     (1, 4, 32, None), (1, 3, 64, None), (2, 6, 64, None), (2, 11, 0, 1600), (3, 10, 48, None),
-    (3, 13, 195, None), (4, 13, 32, None), (2, 16, 128, None), (1, 8, 24, 200),
+    (3, 13, 195, None), (4, 13, 32, None), (2, 16, 128, None), (1, 8, 24, 200), (1, 2, 40, None),
 ]
 
 
@@ -89,8 +89,8 @@ def test_decode_wide_products(device: str) -> None:
 def test_decode_int64_row_math(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The path of tensors past 2**31 stream bits or output elements, forced on small ones."""
     monkeypatch.setattr(kh, "FORCE_INT64", True)
-    for cfg in ((1, 4, 32, None), (3, 11, 24, None), (2, 11, 0, 1600)):
-        enc, spec = _encode((9, 77), 7, dim=cfg[0], index_bits=cfg[1], group_size=cfg[2], points=cfg[3])
+    for cfg in ((1, 4, 32, None), (1, 4, 16, None), (3, 11, 24, None), (2, 11, 0, 1600)):
+        enc, spec = _encode((9, 80 if cfg[2] == 16 else 77), 7, dim=cfg[0], index_bits=cfg[1], group_size=cfg[2], points=cfg[3])
         _fp32_close(kh.decode(enc.to(device), spec, torch.float32), _ref(enc, spec))
 
 

@@ -136,10 +136,63 @@ def _decode_kernel(lo_ptr, hi_ptr, scale_ptr, offset_ptr, out_ptr, flag_ptr,
         sc = tl.load(scale_ptr + r64[:, None] * G + gi, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
         of = tl.load(offset_ptr + r64[:, None] * G + gi, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
     y = x * sc + of
-    col = v[None, :, None] * DIM + j
-    emask = rmask[:, None, None] & (j < DIM) & (col < n)
-    orow = (out_ptr + r64 * n)[:, None, None]  # [BR, 1, 1] row pointers: 32-bit offsets per element
-    tl.store(orow + col, y.to(out_ptr.dtype.element_ty), mask=emask)
+    if DIM == DP:  # whole vectors fill the tile's columns: store it as a contiguous 2-D block
+        val = tl.reshape(y.to(out_ptr.dtype.element_ty), (BR, BV * DP))  # column v*DIM + j
+        col2 = pv * BV * DIM + tl.arange(0, BV * DP)[None, :]
+        tl.store((out_ptr + r64 * n)[:, None] + col2, val, mask=rmask[:, None] & (col2 < n))
+    else:
+        col = v[None, :, None] * DIM + j
+        emask = rmask[:, None, None] & (j < DIM) & (col < n)
+        orow = (out_ptr + r64 * n)[:, None, None]  # [BR, 1, 1] row pointers: 32-bit offsets per element
+        tl.store(orow + col, y.to(out_ptr.dtype.element_ty), mask=emask)
+
+
+@triton.jit
+def _decode_bytes_kernel(lo_ptr, scale_ptr, offset_ptr, out_ptr, m, n, RB, G,
+                         B: tl.constexpr, GROUP: tl.constexpr, ALIGNED: tl.constexpr, BIG: tl.constexpr,
+                         BR: tl.constexpr, BY: tl.constexpr):
+    # The 1-D codebook with K = 2**B, B in {1, 2, 4}, rows of whole bytes: one load per byte of
+    # codes_lo [m, RB] uint8 (RB = n*B/8), its 8/B codes split by constant shifts.
+    CPB: tl.constexpr = 8 // B
+    pid = tl.program_id(0)
+    nyb = tl.cdiv(RB, BY)
+    pr = pid // nyb
+    py = pid - pr * nyb
+    r = pr * BR + tl.arange(0, BR)
+    y = py * BY + tl.arange(0, BY)
+    rmask = r < m
+    if BIG:
+        rr = r.to(tl.int64)
+    else:
+        rr = r
+    mask2 = rmask[:, None] & (y < RB)[None, :]
+    byte = tl.load((lo_ptr + rr * RB)[:, None] + y[None, :], mask=mask2, other=0).to(tl.int32)
+    t = tl.arange(0, CPB)[None, None, :]
+    k = (byte[:, :, None] >> (t * B)) & ((1 << B) - 1)
+    x = ((k | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) * (1.0 / (1 << B))
+    if ALIGNED:  # the tile lies inside one group
+        gi = (py * BY * CPB) // GROUP
+        sc = tl.load(scale_ptr + rr * G + gi, mask=rmask, other=0.0).to(tl.float32)[:, None, None]
+        of = tl.load(offset_ptr + rr * G + gi, mask=rmask, other=0.0).to(tl.float32)[:, None, None]
+    else:  # GROUP % CPB == 0: a byte's codes share a group
+        gi = ((y * CPB) // GROUP)[None, :]
+        sc = tl.load(scale_ptr + rr[:, None] * G + gi, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
+        of = tl.load(offset_ptr + rr[:, None] * G + gi, mask=mask2, other=0.0).to(tl.float32)[:, :, None]
+    val = tl.reshape((x * sc + of).to(out_ptr.dtype.element_ty), (BR, BY * CPB))  # column y*CPB + t
+    col = py * BY * CPB + tl.arange(0, BY * CPB)[None, :]
+    tl.store((out_ptr + rr * n)[:, None] + col, val, mask=rmask[:, None] & (col < n))
+
+
+def _byte_tiles(n: int, B: int, g: int) -> tuple[int, int, bool]:
+    """(BR, BY, aligned) of ``_decode_bytes_kernel`` for rows of ``n`` weights, groups of ``g``."""
+    cpb = 8 // B
+    p2 = g & -g
+    if n > g and p2 >= 16:
+        cols, aligned = min(p2, 512), True
+    else:
+        cols, aligned = min(_pow2(n), 512), n <= g
+    by = max(1, cols // cpb)
+    return max(1, DECODE_TILE // (by * cpb)), by, aligned
 
 
 def _decode_tiles(V: int, dim: int, g: int) -> tuple[int, int, int, bool]:
@@ -148,7 +201,7 @@ def _decode_tiles(V: int, dim: int, g: int) -> tuple[int, int, int, bool]:
     gv = g // dim
     p2 = gv & -gv  # largest power of two dividing the group's vector count
     cap = max(1, 512 // dp)
-    if V > gv and p2 >= 16:
+    if V > gv and p2 >= 16 and dp == dim:  # (dim 3: wider rows beat per-row scales, by SASS count)
         bv, aligned = min(p2, cap), True
     else:
         bv = min(_pow2(V), cap)
@@ -191,6 +244,14 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     pow2 = K & (K - 1) == 0
     check = K < (1 << B)
     flag = torch.zeros(1, dtype=torch.int32, device=device) if check else lo
+    big = FORCE_INT64 or max(lo.numel(), hi.numel(), m * (n + 8 * dim)) * 8 >= 2**31
+    if dim == 1 and B in (1, 2, 4) and K == 1 << B and (n * B) % 8 == 0 and g % (8 // B) == 0:
+        br, by, aligned = _byte_tiles(n, B, g)
+        rb = n * B // 8
+        _decode_bytes_kernel[(triton.cdiv(m, br) * triton.cdiv(rb, by),)](
+            lo, f["scale"], f["offset"], out, m, n, rb, G, B=B, GROUP=g, ALIGNED=aligned, BIG=big,
+            BR=br, BY=by, num_warps=4)
+        return out
     dp, br, bv, aligned = _decode_tiles(V, dim, g)
     zz = z + [0] * (4 - dim)
     grid = (triton.cdiv(m, br) * triton.cdiv(V, bv),)
@@ -198,7 +259,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
         lo, hi, f["scale"], f["offset"], out, flag, m, n, V, G, lo.numel(), hi.numel(),
         DIM=dim, DP=dp, BL=bl, BH=bh, K=K, Z1=zz[1], Z2=zz[2], Z3=zz[3], GV=g // dim, POW2=pow2,
         WIDE=((1 << B) - 1) * (K - 1) >= 2**31, CHECK=check, ALIGNED=aligned,
-        BIG=FORCE_INT64 or max(lo.numel(), hi.numel(), m * (n + 8 * dim)) * 8 >= 2**31, BR=br, BV=bv, num_warps=4)
+        BIG=big, BR=br, BV=bv, num_warps=4)
     if check and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         if int(flag.item()):
             raise CorruptPayloadError(f"tensor {spec.name!r}: codec 'hyperc' has an index beyond points={K}; "
