@@ -50,7 +50,9 @@ Decode cost per weight: unpack 1-2 bit planes (uint8 shifts / one int16 read), o
 ``[K, dim]`` float32 table (``closed_form=True`` computes ``(k*z) mod K / K`` instead, bit-identical)
 and one fused ``x * scale + offset``. Measured on 2 CPU cores over SmolLM2-135M (134.5 M weights,
 to float32): 3.1 ns/weight for the 4.5 bpw checkpoint, 5.7 ns/weight with 11-bit 2-D indices
-(``rtn`` b4: 1.4 ns/weight). Details and the rate-distortion results: docs/HYPERC.md.
+(``rtn`` b4: 1.4 ns/weight). On CUDA ``decode`` runs one Triton kernel (``kernels/hyperc.py``, the
+closed form; ``fast=False`` keeps this reference), and 1-D payloads have a fused small-batch
+decode-matmul there. Details and the rate-distortion results: docs/HYPERC.md.
 """
 
 from __future__ import annotations

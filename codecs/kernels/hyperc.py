@@ -149,11 +149,10 @@ def _decode_kernel(lo_ptr, hi_ptr, scale_ptr, offset_ptr, out_ptr, flag_ptr,
 
 @triton.jit
 def _decode_bytes_kernel(lo_ptr, scale_ptr, offset_ptr, out_ptr, m, n, RB, G,
-                         B: tl.constexpr, GROUP: tl.constexpr, ALIGNED: tl.constexpr, BIG: tl.constexpr,
-                         BR: tl.constexpr, BY: tl.constexpr):
+                         B: tl.constexpr, CPB: tl.constexpr, GROUP: tl.constexpr, ALIGNED: tl.constexpr,
+                         BIG: tl.constexpr, BR: tl.constexpr, BY: tl.constexpr):
     # The 1-D codebook with K = 2**B, B in {1, 2, 4}, rows of whole bytes: one load per byte of
-    # codes_lo [m, RB] uint8 (RB = n*B/8), its 8/B codes split by constant shifts.
-    CPB: tl.constexpr = 8 // B
+    # codes_lo [m, RB] uint8 (RB = n*B/8), its CPB = 8/B codes split by constant shifts.
     pid = tl.program_id(0)
     nyb = tl.cdiv(RB, BY)
     pr = pid // nyb
@@ -249,7 +248,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
         br, by, aligned = _byte_tiles(n, B, g)
         rb = n * B // 8
         _decode_bytes_kernel[(triton.cdiv(m, br) * triton.cdiv(rb, by),)](
-            lo, f["scale"], f["offset"], out, m, n, rb, G, B=B, GROUP=g, ALIGNED=aligned, BIG=big,
+            lo, f["scale"], f["offset"], out, m, n, rb, G, B=B, CPB=8 // B, GROUP=g, ALIGNED=aligned, BIG=big,
             BR=br, BY=by, num_warps=4)
         return out
     dp, br, bv, aligned = _decode_tiles(V, dim, g)
