@@ -90,7 +90,8 @@ def test_decode_int64_row_math(device: str, monkeypatch: pytest.MonkeyPatch) -> 
     """The path of tensors past 2**31 stream bits or output elements, forced on small ones."""
     monkeypatch.setattr(kh, "FORCE_INT64", True)
     for cfg in ((1, 4, 32, None), (1, 4, 16, None), (3, 11, 24, None), (2, 11, 0, 1600)):
-        enc, spec = _encode((9, 80 if cfg[2] == 16 else 77), 7, dim=cfg[0], index_bits=cfg[1], group_size=cfg[2], points=cfg[3])
+        shape = (9, 80 if cfg[2] == 16 else 77)  # 80 x 4 bits: whole-byte rows, the byte kernel
+        enc, spec = _encode(shape, 7, dim=cfg[0], index_bits=cfg[1], group_size=cfg[2], points=cfg[3])
         _fp32_close(kh.decode(enc.to(device), spec, torch.float32), _ref(enc, spec))
 
 

@@ -6,10 +6,14 @@ Decode (``decode``): one program writes a tile of ``BR`` rows x ``BV`` vectors x
 Per vector it reads its index from the LSB-first bit streams (1-2 byte loads per stream; row
 math in int64 only when a stream or the output passes 2**31), per coordinate it computes the
 closed form ``((k * z_j) mod K) / K`` (int32 when the product fits, ``& (K-1)`` for a
-power-of-two ``K``, exact ``div_rn`` otherwise; int->float by the ``0x4B000000`` trick), then ``x * scale + offset`` in fp32 and one rounding to the output
-dtype. No table, no gather beyond the group's scale/offset (per row when the tile lies inside
-one group, per vector otherwise). ``dim``, the bit widths, ``K``, ``z`` and ``group_size`` are
-compile-time constants: a model has a handful of distinct configurations.
+power-of-two ``K``, exact ``div_rn`` otherwise; int->float by the ``0x4B000000`` trick), then
+``x * scale + offset`` in fp32 and one rounding to the output dtype. No table, no gather beyond
+the group's scale/offset (per row when the tile lies inside one group, per vector otherwise).
+The 1-D codebook with 1/2/4-bit indices (``K = 2**B``, rows of whole bytes) has its own kernel:
+one wide load per 16 bytes of codes, the codes of a byte split by constant shifts, 128-bit
+stores (sm_90 SASS: 12 instructions per weight; the general kernel 20-30). ``dim``, the bit
+widths, ``K``, ``z`` and ``group_size`` are compile-time constants: a model has a handful of
+distinct configurations.
 
 Fused matmul (``prepare`` / ``matmul``), ``dim == 1``, ``index_bits <= 8``, ``group_size % 8 == 0``:
 the codes are repacked once into bit planes of width 8/4/2/1 (``B = 3`` is 2+1, ``5`` is 4+1, ...),
