@@ -491,6 +491,8 @@ def matmul(x: Tensor, w: HypercFusedWeight) -> Tensor:
         raise CodecError(f"hyperc matmul: x has {x.shape[-1]} features, the weight takes {w.in_features}")
     if x.dtype not in OUT_DTYPES:
         raise CodecError(f"hyperc matmul takes bf16/fp16/fp32 activations, got {x.dtype}")
+    if w.scale is not None and x.device != w.scale.device:
+        raise CodecError(f"hyperc matmul: x is on {x.device}, the weight on {w.scale.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
     M, N, n = x2.shape[0], w.out_features, w.in_features
