@@ -1,0 +1,342 @@
+"""Triton kernels of the ``cvxq`` codec: decode, and a fused decode-matmul for at most 16 rows.
+
+Payload (``codecs/cvxq.py``; ``K = R * n`` groups of ``G`` output rows x 1 input column)::
+
+    depth:  [ceil(K/8) * 4] uint8    # 4-bit depths, group k = r*n + j, low nibble first
+    loc:    [R, n] float16           # natural order
+    scale:  [K - c_0] float16        # depth-sorted order (stable sort of the groups by depth)
+    codes:  [sum_b ceil(c_b*G/8)*b] uint8  # segment b = 1..8: the depth-b groups in increasing k,
+                                           # G codes each, one LSB-first bit stream per segment
+
+A group of depth ``b`` and rank ``rank`` among the depth-``b`` groups has its codes at bit
+``seg_bit[b] + rank * G * b`` and its scale at ``scale_start[b] + rank``. The rank is the only
+quantity that needs the depths of every earlier group, so both kernels read it from a small table
+of prefix counts: for each *chunk* of ``CHUNK = 32`` consecutive columns of one row block (chunk
+``t = r * NC + j // CHUNK``, ``NC = ceil(n / CHUNK)``) the inclusive count of each depth over chunks
+``0..t``::
+
+    prefix: [R * NC, 9] int32        # inclusive per-depth counts up to and including chunk t
+
+A tile adds the in-tile exclusive count (a ``tl.cumsum`` over its columns' one-hot depths) to the
+previous chunk's row. ``decode`` builds the table per call (one small Triton launch + one
+``torch.cumsum``, no host sync); ``prepare`` builds it once (2 bytes per group, 0.01 bpw at
+``G = 192``).
+
+Tile decode: the tile is ``[BJ columns, BI rows]`` with the rows innermost, so the lanes of a warp
+read consecutive codes of one group (contiguous bits: 2 byte loads each, hitting the same sector);
+a code is ``(b0 | b1 << 8) >> (bit & 7) & (2**b - 1)``; its level comes from the ``[9, 256]``
+float32 table (9 KB, L1-resident); ``w = level * scale + loc`` (depth 0: the table row and the
+scale are 0, so ``w = loc``). The decode kernel stores the tile row-major (Triton converts the
+layout through shared memory so the stores are coalesced along ``n``); the matmul kernel multiplies
+it with ``x`` right away (``tl.dot`` with ``M`` padded to 16, or, for one row, an elementwise fp32
+accumulation reduced once at the end), split-K over the columns with fp32 partial sums.
+
+Corrupt payloads: this path does not re-check the depth histogram against ``counts`` (that needs a
+host sync; ``prepare`` does check it once). Every load is masked to its field, so a damaged payload
+decodes to garbage, never to an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..base import Encoded, TensorSpec
+from ..bitpack import packed_nbytes
+from ..cvxq import MAX_DEPTH, Cvxq, group_layout, levels
+from ..errors import CodecError, CorruptPayloadError
+from . import interpreting
+
+__all__ = ["decode", "prepare", "matmul", "CvxqFusedWeight", "CHUNK", "MAX_FUSED_ROWS"]
+
+log = logging.getLogger(__name__)
+
+CHUNK = 32  # columns per prefix-table row; every kernel's BJ is a multiple of it
+MAX_FUSED_ROWS = 16  # matmul rows handled by the fused kernel; more: decode + F.linear
+_TARGET_PROGRAMS = 132 * 4  # H200: 132 SMs, about 4 programs each
+_SCALARS = ["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8"]
+_LEVELS: dict[torch.device, Tensor] = {}
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _hist_kernel(depth_ptr, hist_ptr, T, NC, n, HB: tl.constexpr, CH: tl.constexpr):
+    """hist[t, b] (t < T = R*NC, b < 9) = groups of depth b among chunk t's columns."""
+    t = tl.program_id(0) * HB + tl.arange(0, HB)  # [HB] chunk ids
+    r = t // NC
+    j = (t % NC)[:, None] * CH + tl.arange(0, CH)[None, :]  # [HB, CH] columns
+    valid = (t < T)[:, None] & (j < n)
+    k = r.to(tl.int64)[:, None] * n + j  # group ids
+    byte = tl.load(depth_ptr + (k >> 1), mask=valid, other=0).to(tl.int32)
+    d = (byte >> ((k & 1) * 4).to(tl.int32)) & 15
+    d = tl.where(valid, tl.minimum(d, 8), -1)
+    for b in tl.static_range(9):
+        cnt = tl.sum((d == b).to(tl.int32), 1)
+        tl.store(hist_ptr + t * 9 + b, cnt, mask=t < T)
+
+
+@triton.jit
+def _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, r, j0, i, i_ok, n, G, NC, nbytes, nscale,
+          S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8,
+          BJ: tl.constexpr, CH: tl.constexpr):
+    """Weights ``W[r*G + i, j0 + jj]`` as a [BJ, BI] float32 tile (zero where the column is past n)."""
+    jj = tl.arange(0, BJ)
+    j = j0 + jj
+    j_ok = j < n
+    k = r.to(tl.int64) * n + j  # [BJ] group ids
+    dbyte = tl.load(depth_ptr + (k >> 1), mask=j_ok, other=0).to(tl.int32)
+    d = (dbyte >> ((k & 1) * 4).to(tl.int32)) & 15
+    d = tl.where(j_ok, tl.minimum(d, 8), 0)  # corrupt nibbles 9..15 clamp to 8: no out-of-bounds read
+    # rank among the depth-d groups: previous chunk's inclusive counts + in-tile exclusive count
+    bins = tl.arange(0, 16)
+    onehot = (d[:, None] == bins[None, :]).to(tl.int32)  # [BJ, 16]
+    excl = tl.cumsum(onehot, 0) - onehot
+    t = r * NC + j0 // CH
+    pre = tl.load(prefix_ptr + (t - 1).to(tl.int64) * 9 + bins, mask=bins < tl.where((t > 0) & (j0 < n), 9, 0), other=0)
+    rank = tl.sum((excl + pre[None, :]) * onehot, 1).to(tl.int64)  # [BJ]
+    seg = tl.where(d == 1, S1, 0).to(tl.int64)
+    sst = tl.where(d == 1, C1, 0).to(tl.int64)
+    seg = tl.where(d == 2, S2, seg)
+    sst = tl.where(d == 2, C2, sst)
+    seg = tl.where(d == 3, S3, seg)
+    sst = tl.where(d == 3, C3, sst)
+    seg = tl.where(d == 4, S4, seg)
+    sst = tl.where(d == 4, C4, sst)
+    seg = tl.where(d == 5, S5, seg)
+    sst = tl.where(d == 5, C5, sst)
+    seg = tl.where(d == 6, S6, seg)
+    sst = tl.where(d == 6, C6, sst)
+    seg = tl.where(d == 7, S7, seg)
+    sst = tl.where(d == 7, C7, sst)
+    seg = tl.where(d == 8, S8, seg)
+    sst = tl.where(d == 8, C8, sst)
+    gbit = seg + rank * G * d  # [BJ] int64 bit offset of the group's first code
+    sidx = sst + rank
+    coded = j_ok & (d > 0)
+    sc = tl.load(scale_ptr + sidx, mask=coded & (sidx < nscale), other=0.0).to(tl.float32)
+    lo = tl.load(loc_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
+    # codes: [BJ, BI], rows innermost (contiguous bits of one group)
+    rel = (gbit & 7).to(tl.int32)[:, None] + i[None, :] * d[:, None]
+    byte = (gbit >> 3)[:, None] + (rel >> 3)
+    ok = coded[:, None] & i_ok[None, :]
+    b0 = tl.load(codes_ptr + byte, mask=ok & (byte < nbytes), other=0).to(tl.int32)
+    b1 = tl.load(codes_ptr + byte + 1, mask=ok & (byte + 1 < nbytes), other=0).to(tl.int32)
+    q = ((b0 | (b1 << 8)) >> (rel & 7)) & ((1 << d) - 1)[:, None]
+    v = tl.load(lv_ptr + d[:, None] * 256 + q)  # [9*256] table: always in range (d <= 8, q < 256)
+    return v * sc[:, None] + lo[:, None]
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _decode_kernel(out_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, m, n, G, NC, nbytes,
+                   nscale, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8,
+                   BJ: tl.constexpr, BI: tl.constexpr, CH: tl.constexpr):
+    """out[m, n] = the decoded weight; program (row tile, column tile) writes [BI rows, BJ columns]."""
+    nib = (G + BI - 1) // BI
+    rt = tl.program_id(0)
+    r = rt // nib
+    i = (rt % nib) * BI + tl.arange(0, BI)  # rows inside the row block
+    row = r * G + i
+    i_ok = (i < G) & (row < m)
+    j0 = tl.program_id(1) * BJ
+    w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, r, j0, i, i_ok, n, G, NC, nbytes,
+              nscale, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8, BJ, CH)
+    j = j0 + tl.arange(0, BJ)
+    offs = row.to(tl.int64)[None, :] * n + j[:, None]  # [BJ, BI]
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=(j < n)[:, None] & i_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, M, m, n, G, NC,
+                   nbytes, nscale, JB_PER, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8,
+                   BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, CH: tl.constexpr, USE_DOT: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+    """part[s, :M, rows] = x[:M, cols_s] @ W[rows, cols_s]^T for split s (columns JB_PER*BJ wide)."""
+    nib = (G + BI - 1) // BI
+    rt = tl.program_id(0)
+    s = tl.program_id(1)
+    r = rt // nib
+    i = (rt % nib) * BI + tl.arange(0, BI)
+    row = r * G + i
+    i_ok = (i < G) & (row < m)
+    xm = tl.arange(0, BM)
+    if USE_DOT:
+        acc = tl.zeros([BM, BI], dtype=tl.float32)
+    else:
+        acc2 = tl.zeros([BJ, BI], dtype=tl.float32)
+    for tt in range(0, JB_PER):
+        j0 = (s * JB_PER + tt) * BJ
+        w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, r, j0, i, i_ok, n, G, NC, nbytes,
+                  nscale, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8, BJ, CH)
+        w = w.to(x_ptr.dtype.element_ty)  # the weight as F.linear would see it
+        j = j0 + tl.arange(0, BJ)
+        if USE_DOT:
+            xt = tl.load(x_ptr + xm[:, None] * n + j[None, :], mask=(xm < M)[:, None] & (j < n)[None, :], other=0.0)
+            if DOT_F32:  # Triton's interpreter multiplies bf16 operands wrongly; same products in fp32
+                acc += tl.dot(xt.to(tl.float32), w.to(tl.float32))
+            else:
+                acc += tl.dot(xt, w)
+        else:
+            xv = tl.load(x_ptr + j, mask=j < n, other=0.0).to(tl.float32)
+            acc2 += w.to(tl.float32) * xv[:, None]
+    if USE_DOT:
+        offs = (s * M + xm)[:, None].to(tl.int64) * m + row[None, :]
+        tl.store(part_ptr + offs, acc, mask=(xm < M)[:, None] & i_ok[None, :])
+    else:
+        y = tl.sum(acc2, 0)
+        tl.store(part_ptr + s.to(tl.int64) * m + row, y, mask=i_ok)
+
+
+# ---- host side --------------------------------------------------------------------------------
+def _level_table(device: torch.device) -> Tensor:
+    """[9 * 256] float32 on ``device``: row b holds ``levels(b)`` (built on the CPU: identical values
+    to the reference), row 0 and the tails are 0. Cached per device; built on first use (outside a
+    CUDA-graph capture: the runtime decodes once before capturing)."""
+    lv = _LEVELS.get(device)
+    if lv is None:
+        tab = torch.zeros(MAX_DEPTH + 1, 256, dtype=torch.float32)
+        for b in range(1, MAX_DEPTH + 1):
+            tab[b, : 1 << b] = levels(b)
+        lv = _LEVELS[device] = tab.reshape(-1).to(device)
+    return lv
+
+
+def _offsets(counts: list[int], g: int) -> tuple[list[int], list[int]]:
+    """Per depth 1..8: the bit where its code segment starts, and the index of its first scale."""
+    seg, sst, byte, s = [], [], 0, 0
+    for b in range(1, MAX_DEPTH + 1):
+        seg.append(byte * 8)
+        sst.append(s)
+        byte += packed_nbytes(counts[b] * g, b) if counts[b] else 0
+        s += counts[b]
+    return seg, sst
+
+
+def _prefix(depth: Tensor, r: int, n: int) -> Tensor:
+    """[R * NC, 9] int32 inclusive per-depth counts by chunk (one Triton launch + one cumsum)."""
+    nc = triton.cdiv(n, CHUNK)
+    t = r * nc
+    hist = torch.empty((t, 9), dtype=torch.int32, device=depth.device)
+    hb = 32
+    _hist_kernel[(triton.cdiv(t, hb),)](depth, hist, t, nc, n, HB=hb, CH=CHUNK)
+    return torch.cumsum(hist, 0, dtype=torch.int32)
+
+
+def _tile_rows(g: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(g)))
+
+
+def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | None = None,
+           shared=None) -> Tensor:
+    """``Cvxq.decode(enc, spec, shared, device, dtype)`` in one Triton pass (plus the prefix table),
+    on the payload's device; writes into ``out`` (contiguous, ``spec.shape``, ``dtype``) when given."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CodecError(f"tensor {spec.name!r}: the cvxq kernel decodes to float32/bfloat16/float16, not {dtype}")
+    dev = enc.fields["loc"].device
+    f = Cvxq.checked_fields(enc, spec, dev)
+    counts = enc.params["counts"]
+    m, n, g, r = group_layout(tuple(spec.shape), enc.params["group_rows"])
+    if out is None:
+        out = torch.empty(spec.shape, dtype=dtype, device=dev)
+    elif tuple(out.shape) != tuple(spec.shape) or out.dtype != dtype or not out.is_contiguous() or out.device != dev:
+        raise CodecError(f"tensor {spec.name!r}: 'out' must be a contiguous {dtype} tensor of shape "
+                         f"{list(spec.shape)} on {dev}, got {out.dtype} {list(out.shape)} on {out.device}")
+    if m * n == 0:
+        return out
+    prefix = _prefix(f["depth"], r, n)
+    seg, sst = _offsets(counts, g)
+    bi = _tile_rows(g)
+    bj = 64 if n > 32 else 32
+    grid = (r * triton.cdiv(g, bi), triton.cdiv(n, bj))
+    _decode_kernel[grid](out, f["codes"], f["depth"], f["loc"], f["scale"], prefix, _level_table(dev), m, n, g,
+                         triton.cdiv(n, CHUNK), f["codes"].numel(), f["scale"].numel(), *seg, *sst,
+                         BJ=bj, BI=bi, CH=CHUNK, num_warps=4)
+    return out
+
+
+@dataclass(frozen=True)
+class CvxqFusedWeight:
+    """A cvxq weight kept compressed on the device for ``matmul``: the payload's fields as stored
+    plus the chunk prefix table (0.01 bpw at G = 192). ``counts``/``seg``/``sst`` are host ints."""
+
+    codes: Tensor  # [sum_b ceil(c_b*G/8)*b] uint8, the payload's segments
+    depth: Tensor  # [ceil(K/8)*4] uint8
+    loc: Tensor  # [R, n] float16
+    scale: Tensor  # [K - c_0] float16, depth-sorted
+    prefix: Tensor  # [R * NC, 9] int32
+    levels: Tensor  # [9 * 256] float32, shared by every weight on the device
+    shape: tuple[int, ...]
+    m: int
+    n: int
+    g: int
+    r: int
+    seg: tuple[int, ...]
+    sst: tuple[int, ...]
+    enc: Encoded  # the payload (same tensors), for the decode + F.linear path of big batches
+    spec: TensorSpec
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of this weight (the shared 9 KB level table not counted)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.depth, self.loc, self.scale, self.prefix))
+
+
+def prepare(enc: Encoded, spec: TensorSpec) -> CvxqFusedWeight:
+    """Check the payload once (depth histogram against ``counts``: one host sync, at load) and build
+    the prefix table; the codes stay as stored."""
+    if len(spec.shape) != 2:
+        raise CodecError(f"tensor {spec.name!r}: the cvxq matmul needs a 2-D weight, got {list(spec.shape)}")
+    dev = enc.fields["loc"].device
+    f = Cvxq.checked_fields(enc, spec, dev)
+    counts = enc.params["counts"]
+    m, n, g, r = group_layout(tuple(spec.shape), enc.params["group_rows"])
+    prefix = _prefix(f["depth"], r, n) if m * n else torch.zeros((0, 9), dtype=torch.int32, device=dev)
+    if m * n:
+        total = prefix[-1].tolist()
+        if total != list(counts):
+            raise CorruptPayloadError(
+                f"tensor {spec.name!r}: codec 'cvxq' group depths {total} do not match the index's counts "
+                f"{list(counts)}; the file is damaged or was not written by thawed")
+    seg, sst = _offsets(counts, g)
+    return CvxqFusedWeight(f["codes"], f["depth"], f["loc"], f["scale"], prefix, _level_table(dev), tuple(spec.shape),
+                           m, n, g, r, tuple(seg), tuple(sst), Encoded(f, enc.params), spec)
+
+
+def _split(row_tiles: int, col_tiles: int) -> tuple[int, int]:
+    """(splits, column tiles per split): enough programs to fill the GPU, no empty split."""
+    want = max(1, min(col_tiles, -(-_TARGET_PROGRAMS // row_tiles)))
+    per = -(-col_tiles // want)
+    return -(-col_tiles // per), per
+
+
+def matmul(x: Tensor, w: CvxqFusedWeight) -> Tensor:
+    """``x @ W^T``: x [..., n] in bfloat16/float16/float32 -> [..., m] in x's dtype (no bias).
+
+    At most ``MAX_FUSED_ROWS`` rows: one fused kernel (fp32 accumulation, split-K partial sums);
+    more rows: the weight is decoded into a temporary and ``F.linear`` runs."""
+    if x.shape[-1] != w.n:
+        raise CodecError(f"tensor {w.spec.name!r}: matmul input has {x.shape[-1]} features, the weight takes {w.n}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CodecError(f"tensor {w.spec.name!r}: matmul input must be float32/bfloat16/float16, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.n).contiguous()
+    rows = x2.shape[0]
+    if rows > MAX_FUSED_ROWS or (rows > 1 and x.dtype == torch.float32) or rows == 0 or w.m * w.n == 0:
+        wt = decode(w.enc, w.spec, x.dtype)
+        return F.linear(x2, wt).reshape(*lead, w.m)
+    bi = _tile_rows(w.g)
+    bj = 64 if w.n > 32 else 32
+    row_tiles = w.r * triton.cdiv(w.g, bi)
+    splits, per = _split(row_tiles, triton.cdiv(w.n, bj))
+    part = torch.empty((splits, rows, w.m), dtype=torch.float32, device=x.device)
+    _matmul_kernel[(row_tiles, splits)](
+        x2, part, w.codes, w.depth, w.loc, w.scale, w.prefix, w.levels, rows, w.m, w.n, w.g,
+        triton.cdiv(w.n, CHUNK), w.codes.numel(), w.scale.numel(), per, *w.seg, *w.sst,
+        BM=16, BJ=bj, BI=bi, CH=CHUNK, USE_DOT=rows > 1, DOT_F32=interpreting(), num_warps=4)
+    y = part[0] if splits == 1 else part.sum(0)
+    return y.to(x.dtype).reshape(*lead, w.m)

@@ -1,0 +1,139 @@
+"""cvxq Triton kernels (``thawed.codecs.kernels.cvxq``) against the PyTorch reference decode.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py), so
+shapes are tiny; the same tests run natively on CUDA when present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from thawed.codecs import CorruptPayloadError, EncodeContext, Encoded, TensorSpec
+from thawed.codecs.cvxq import DEPTH_EXTRA, INPUT_MEAN_EXTRA, Cvxq, group_layout
+from thawed.codecs.kernels import kernels_available
+
+kc = pytest.importorskip("thawed.codecs.kernels.cvxq")
+
+DEVICES = [torch.device("cpu"),
+           pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+CASES = [((1, 7), 192), ((17, 100), 8), ((33, 257), 16), ((33, 257), 12), ((40, 70), 192), ((2, 3, 40), 5)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _need_kernels(device: torch.device) -> None:
+    if not kernels_available(device):
+        pytest.skip(f"Triton kernels unavailable on {device} (no Triton, or the interpreter is off)")
+
+
+@pytest.fixture(params=DEVICES, ids=lambda d: d.type)
+def device(request) -> torch.device:
+    return request.param
+
+
+def _payload(shape: tuple[int, ...], group_rows: int, seed: int, depths: str = "mixed",
+             bias: bool = False) -> tuple[Encoded, TensorSpec]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * 0.05 + 0.01
+    _, n, _, r = group_layout(shape, group_rows)
+    if depths == "mixed":
+        d = torch.randint(0, 9, (r, n), generator=gen)
+    else:
+        d = torch.full((r, n), int(depths))
+    spec = TensorSpec("t.weight", tuple(shape), torch.float32, "linear")
+    extras = {DEPTH_EXTRA: d}
+    if bias:
+        extras[INPUT_MEAN_EXTRA] = torch.randn(n, generator=gen)
+    return Cvxq(group_rows=group_rows).encode(w, spec, EncodeContext("t.weight", extras=extras)), spec
+
+
+def _reference(enc: Encoded, spec: TensorSpec) -> torch.Tensor:
+    return Cvxq.decode(enc, spec, {}, torch.device("cpu"), torch.float32, fast=False)
+
+
+def _check_decode(enc: Encoded, spec: TensorSpec, device: torch.device, dtype: torch.dtype) -> None:
+    ref = _reference(enc, spec)
+    out = torch.full(spec.shape, float("nan"), dtype=dtype, device=device)
+    got = kc.decode(enc.to(device), spec, dtype, out=out)
+    assert got is out
+    got = got.cpu()
+    assert torch.isfinite(got.float()).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    else:  # within one rounding of the reference's own cast
+        torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_matches_reference(device: torch.device, case, dtype: torch.dtype) -> None:
+    shape, g = case
+    enc, spec = _payload(shape, g, seed=hash((shape, g, str(dtype))) % 2**31)
+    _check_decode(enc, spec, device, dtype)
+
+
+@pytest.mark.parametrize("depths", ["0", "1", "3", "8"])
+def test_decode_uniform_depths(device: torch.device, depths: str) -> None:
+    enc, spec = _payload((19, 45), 8, seed=int(depths), depths=depths)
+    _check_decode(enc, spec, device, torch.float32)
+
+
+def test_decode_with_bias_field_and_into_a_ring_slice(device: torch.device) -> None:
+    enc, spec = _payload((24, 40), 8, seed=5, bias=True)
+    assert "bias" in enc.fields
+    ring = torch.full((3 * 24 * 40,), float("nan"), dtype=torch.bfloat16, device=device)
+    out = ring[24 * 40: 2 * 24 * 40].view(24, 40)
+    got = kc.decode(enc.to(device), spec, torch.bfloat16, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.cpu().float(), _reference(enc, spec).bfloat16().float(), rtol=2 ** -7, atol=1e-6)
+    assert ring[: 24 * 40].isnan().all() and ring[2 * 24 * 40:].isnan().all()  # nothing outside the slice
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype) -> None:
+    shape, g = (40, 70), 16
+    enc, spec = _payload(shape, g, seed=rows)
+    w = kc.prepare(enc.to(device), spec)
+    assert w.nbytes <= enc.nbytes + 2 * 9 * 4 * w.prefix.shape[0]
+    x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
+    y = kc.matmul(x.to(device), w).cpu()
+    assert y.shape == (rows, shape[0]) and y.dtype == dtype and torch.isfinite(y.float()).all()
+    wref = _reference(enc, spec).to(dtype).float()
+    expect = x.float() @ wref.T
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), expect, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("programs", [1, 528])
+def test_matmul_mixed_depths_odd_shape(device: torch.device, programs: int, monkeypatch) -> None:
+    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", programs)  # 1: no split-K, the column loop runs 5 tiles
+    enc, spec = _payload((33, 257), 12, seed=9)
+    w = kc.prepare(enc.to(device), spec)
+    x = torch.randn(5, 1, 257, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y = kc.matmul(x.to(device), w).cpu()
+    assert y.shape == (5, 1, 33)
+    expect = F.linear(x.float(), _reference(enc, spec).bfloat16().float())
+    torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
+
+
+def test_prepare_refuses_depths_that_contradict_counts(device: torch.device) -> None:
+    enc, spec = _payload((17, 20), 8, seed=2)
+    depth = enc.fields["depth"].clone()
+    depth[0] ^= 0x0F
+    bad = Encoded({**enc.fields, "depth": depth}, enc.params)
+    with pytest.raises(CorruptPayloadError, match="do not match"):
+        kc.prepare(bad.to(device), spec)
+    kc.decode(bad.to(device), spec, torch.float32)  # garbage, but no out-of-bounds access (masked loads)
+
+
+def test_codec_decode_uses_the_kernel_on_cuda_only(device: torch.device, monkeypatch) -> None:
+    enc, spec = _payload((17, 30), 8, seed=4)
+    calls = []
+    real = kc.decode
+    monkeypatch.setattr(kc, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = Cvxq.decode(enc.to(device), spec, {}, device, torch.float32)
+    assert bool(calls) == (device.type == "cuda")
+    torch.testing.assert_close(got.cpu(), _reference(enc, spec), rtol=1e-6, atol=1e-7)
