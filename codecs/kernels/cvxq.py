@@ -82,53 +82,64 @@ def _hist_kernel(depth_ptr, hist_ptr, T, NC, n, HB: tl.constexpr, CH: tl.constex
 
 
 @triton.jit
-def _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, r, j0, i, i_ok, n, G, NC, nbytes, nscale,
-          S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8,
-          BJ: tl.constexpr, CH: tl.constexpr):
-    """Weights ``W[r*G + i, j0 + jj]`` as a [BJ, BI] float32 tile (zero where the column is past n)."""
-    jj = tl.arange(0, BJ)
-    j = j0 + jj
+def _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8):
+    """[16] per depth b: bit where segment b starts (int64), index of its first scale (int32)."""
+    bins = tl.arange(0, 16)
+    seg = tl.where(bins == 1, S1, 0).to(tl.int64)
+    seg = tl.where(bins == 2, S2, seg)
+    seg = tl.where(bins == 3, S3, seg)
+    seg = tl.where(bins == 4, S4, seg)
+    seg = tl.where(bins == 5, S5, seg)
+    seg = tl.where(bins == 6, S6, seg)
+    seg = tl.where(bins == 7, S7, seg)
+    seg = tl.where(bins == 8, S8, seg)
+    sst = tl.where(bins == 1, C1, 0)
+    sst = tl.where(bins == 2, C2, sst)
+    sst = tl.where(bins == 3, C3, sst)
+    sst = tl.where(bins == 4, C4, sst)
+    sst = tl.where(bins == 5, C5, sst)
+    sst = tl.where(bins == 6, C6, sst)
+    sst = tl.where(bins == 7, C7, sst)
+    sst = tl.where(bins == 8, C8, sst)
+    return seg, sst
+
+
+@triton.jit
+def _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC, nbytes,
+          nscale, BJ: tl.constexpr, CH: tl.constexpr):
+    """Weights ``W[r*G + i, j0 + jj]`` as a [BJ, BI] float32 tile (zero where the column is past n).
+
+    Per-group work (depth, rank, offsets) runs on [BJ, 16] one-hot tiles, spread over the lanes;
+    per weight: two byte loads (the second only for a code that crosses a byte), shift, mask, one
+    table load, one multiply-add."""
+    j = j0 + tl.arange(0, BJ)
     j_ok = j < n
     k = r.to(tl.int64) * n + j  # [BJ] group ids
     dbyte = tl.load(depth_ptr + (k >> 1), mask=j_ok, other=0).to(tl.int32)
     d = (dbyte >> ((k & 1) * 4).to(tl.int32)) & 15
-    d = tl.where(j_ok, tl.minimum(d, 8), 0)  # corrupt nibbles 9..15 clamp to 8: no out-of-bounds read
-    # rank among the depth-d groups: previous chunk's inclusive counts + in-tile exclusive count
+    d = tl.where(j_ok, tl.minimum(d, 8), 0)  # corrupt nibbles 9..15 clamp to 8
+    # rank among the depth-d groups = previous chunk's inclusive count + in-tile exclusive count
     bins = tl.arange(0, 16)
-    onehot = (d[:, None] == bins[None, :]).to(tl.int32)  # [BJ, 16]
-    excl = tl.cumsum(onehot, 0) - onehot
+    hit = d[:, None] == bins[None, :]  # [BJ, 16]
+    onehot = hit.to(tl.int32)
     t = r * NC + j0 // CH
     pre = tl.load(prefix_ptr + (t - 1).to(tl.int64) * 9 + bins, mask=bins < tl.where((t > 0) & (j0 < n), 9, 0), other=0)
-    rank = tl.sum((excl + pre[None, :]) * onehot, 1).to(tl.int64)  # [BJ]
-    seg = tl.where(d == 1, S1, 0).to(tl.int64)
-    sst = tl.where(d == 1, C1, 0).to(tl.int64)
-    seg = tl.where(d == 2, S2, seg)
-    sst = tl.where(d == 2, C2, sst)
-    seg = tl.where(d == 3, S3, seg)
-    sst = tl.where(d == 3, C3, sst)
-    seg = tl.where(d == 4, S4, seg)
-    sst = tl.where(d == 4, C4, sst)
-    seg = tl.where(d == 5, S5, seg)
-    sst = tl.where(d == 5, C5, sst)
-    seg = tl.where(d == 6, S6, seg)
-    sst = tl.where(d == 6, C6, sst)
-    seg = tl.where(d == 7, S7, seg)
-    sst = tl.where(d == 7, C7, sst)
-    seg = tl.where(d == 8, S8, seg)
-    sst = tl.where(d == 8, C8, sst)
-    gbit = seg + rank * G * d  # [BJ] int64 bit offset of the group's first code
-    sidx = sst + rank
-    coded = j_ok & (d > 0)
-    sc = tl.load(scale_ptr + sidx, mask=coded & (sidx < nscale), other=0.0).to(tl.float32)
+    rank = tl.cumsum(onehot, 0) - onehot + pre[None, :]
+    gbit = tl.sum(tl.where(hit, seg[None, :] + rank.to(tl.int64) * (G * bins)[None, :], 0), 1)  # [BJ] first code's bit
+    sidx = tl.sum(tl.where(hit, sst[None, :] + rank, 0), 1)
+    # a group is read only when all its bytes and its scale lie inside their fields (corrupt payloads)
+    coded = j_ok & (d > 0) & (((gbit + G * d + 7) >> 3) <= nbytes) & (sidx < nscale)
+    sc = tl.load(scale_ptr + sidx, mask=coded, other=0.0).to(tl.float32)
     lo = tl.load(loc_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
     # codes: [BJ, BI], rows innermost (contiguous bits of one group)
     rel = (gbit & 7).to(tl.int32)[:, None] + i[None, :] * d[:, None]
-    byte = (gbit >> 3)[:, None] + (rel >> 3)
+    sh = rel & 7
+    p = (codes_ptr + (gbit >> 3))[:, None] + (rel >> 3)
     ok = coded[:, None] & i_ok[None, :]
-    b0 = tl.load(codes_ptr + byte, mask=ok & (byte < nbytes), other=0).to(tl.int32)
-    b1 = tl.load(codes_ptr + byte + 1, mask=ok & (byte + 1 < nbytes), other=0).to(tl.int32)
-    q = ((b0 | (b1 << 8)) >> (rel & 7)) & ((1 << d) - 1)[:, None]
-    v = tl.load(lv_ptr + d[:, None] * 256 + q)  # [9*256] table: always in range (d <= 8, q < 256)
+    b0 = tl.load(p, mask=ok, other=0).to(tl.int32)
+    b1 = tl.load(p + 1, mask=ok & (sh + d[:, None] > 8), other=0).to(tl.int32)
+    q = ((b0 | (b1 << 8)) >> sh) & ((1 << d) - 1)[:, None]
+    v = tl.load((lv_ptr + d * 256)[:, None] + q)  # [9*256] table: always in range (d <= 8, q < 256)
     return v * sc[:, None] + lo[:, None]
 
 
@@ -144,8 +155,9 @@ def _decode_kernel(out_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr
     row = r * G + i
     i_ok = (i < G) & (row < m)
     j0 = tl.program_id(1) * BJ
-    w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, r, j0, i, i_ok, n, G, NC, nbytes,
-              nscale, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8, BJ, CH)
+    seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
+    w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC,
+              nbytes, nscale, BJ, CH)
     j = j0 + tl.arange(0, BJ)
     offs = row.to(tl.int64)[None, :] * n + j[:, None]  # [BJ, BI]
     tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=(j < n)[:, None] & i_ok[None, :])
@@ -169,10 +181,11 @@ def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, pr
         acc = tl.zeros([BM, BI], dtype=tl.float32)
     else:
         acc2 = tl.zeros([BJ, BI], dtype=tl.float32)
+    seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
     for tt in range(0, JB_PER):
         j0 = (s * JB_PER + tt) * BJ
-        w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, r, j0, i, i_ok, n, G, NC, nbytes,
-                  nscale, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8, BJ, CH)
+        w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC,
+                  nbytes, nscale, BJ, CH)
         w = w.to(x_ptr.dtype.element_ty)  # the weight as F.linear would see it
         j = j0 + tl.arange(0, BJ)
         if USE_DOT:
@@ -199,6 +212,9 @@ def _level_table(device: torch.device) -> Tensor:
     CUDA-graph capture: the runtime decodes once before capturing)."""
     lv = _LEVELS.get(device)
     if lv is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise CodecError("the cvxq kernels build their level table on first use, which a CUDA graph "
+                             "capture cannot do; run one decode or prepare on this device before capturing")
         tab = torch.zeros(MAX_DEPTH + 1, 256, dtype=torch.float32)
         for b in range(1, MAX_DEPTH + 1):
             tab[b, : 1 << b] = levels(b)
