@@ -107,11 +107,14 @@ def _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8):
 @triton.jit
 def _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC, nbytes,
           nscale, BJ: tl.constexpr, CH: tl.constexpr):
-    """Weights ``W[r*G + i, j0 + jj]`` as a [BJ, BI] float32 tile (zero where the column is past n).
+    """Weights ``W[r*G + i, j0 + jj]`` as a [NREP, BJ, 32] float32 tile for rows ``i`` [NREP, 1, 32]
+    (zero where the column is past n).
 
-    Per-group work (depth, rank, offsets) runs on [BJ, 16] one-hot tiles, spread over the lanes;
-    per weight: two byte loads (the second only for a code that crosses a byte), shift, mask, one
-    table load, one multiply-add."""
+    Layout: the 32 lanes of a warp run along the innermost 32 rows (consecutive codes of one
+    group), the warps along the columns, and each thread repeats over NREP row slices of the same
+    groups, so the per-group work below (depth, rank, offsets, scale, location) is shared by NREP
+    weights per thread. Per-group work on [BJ, 16] one-hot tiles; per weight: one byte load (a
+    second one only for a code that crosses a byte), shift, mask, one table load, one multiply-add."""
     j = j0 + tl.arange(0, BJ)
     j_ok = j < n
     k = r.to(tl.int64) * n + j  # [BJ] group ids
@@ -129,18 +132,28 @@ def _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst
     sidx = tl.sum(tl.where(hit, sst[None, :] + rank, 0), 1)
     # a group is read only when all its bytes and its scale lie inside their fields (corrupt payloads)
     coded = j_ok & (d > 0) & (((gbit + G * d + 7) >> 3) <= nbytes) & (sidx < nscale)
-    sc = tl.load(scale_ptr + sidx, mask=coded, other=0.0).to(tl.float32)
-    lo = tl.load(loc_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
-    # codes: [BJ, BI], rows innermost (contiguous bits of one group)
-    rel = (gbit & 7).to(tl.int32)[:, None] + i[None, :] * d[:, None]
+    sc = tl.load(scale_ptr + sidx, mask=coded, other=0.0).to(tl.float32)[None, :, None]
+    lo = tl.load(loc_ptr + k, mask=j_ok, other=0.0).to(tl.float32)[None, :, None]
+    # codes: [NREP, BJ, 32], rows innermost (contiguous bits of one group)
+    d3 = d[None, :, None]
+    rel = (gbit & 7).to(tl.int32)[None, :, None] + i * d3
     sh = rel & 7
-    p = (codes_ptr + (gbit >> 3))[:, None] + (rel >> 3)
-    ok = coded[:, None] & i_ok[None, :]
+    p = (codes_ptr + (gbit >> 3))[None, :, None] + (rel >> 3)
+    ok = coded[None, :, None] & i_ok
     b0 = tl.load(p, mask=ok, other=0).to(tl.int32)
-    b1 = tl.load(p + 1, mask=ok & (sh + d[:, None] > 8), other=0).to(tl.int32)
-    q = ((b0 | (b1 << 8)) >> sh) & ((1 << d) - 1)[:, None]
-    v = tl.load((lv_ptr + d * 256)[:, None] + q)  # [9*256] table: always in range (d <= 8, q < 256)
-    return v * sc[:, None] + lo[:, None]
+    b1 = tl.load(p + 1, mask=ok & (sh + d3 > 8), other=0).to(tl.int32)
+    q = ((b0 | (b1 << 8)) >> sh) & ((1 << d3) - 1)
+    v = tl.load((lv_ptr + d * 256)[None, :, None] + q)  # [9*256] table: always in range (d <= 8, q < 256)
+    return v * sc + lo
+
+
+@triton.jit
+def _rows(rt, G, m, BI: tl.constexpr):
+    """Row block, rows inside it [NREP, 1, 32] and their validity for row tile ``rt``."""
+    nib = (G + BI - 1) // BI
+    r = rt // nib
+    i = (rt % nib) * BI + tl.arange(0, BI // 32)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+    return r, i, (i < G) & (r * G + i < m)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
@@ -148,19 +161,14 @@ def _decode_kernel(out_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr
                    nscale, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8,
                    BJ: tl.constexpr, BI: tl.constexpr, CH: tl.constexpr):
     """out[m, n] = the decoded weight; program (row tile, column tile) writes [BI rows, BJ columns]."""
-    nib = (G + BI - 1) // BI
-    rt = tl.program_id(0)
-    r = rt // nib
-    i = (rt % nib) * BI + tl.arange(0, BI)  # rows inside the row block
-    row = r * G + i
-    i_ok = (i < G) & (row < m)
+    r, i, i_ok = _rows(tl.program_id(0), G, m, BI)
     j0 = tl.program_id(1) * BJ
     seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
     w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC,
               nbytes, nscale, BJ, CH)
-    j = j0 + tl.arange(0, BJ)
-    offs = row.to(tl.int64)[None, :] * n + j[:, None]  # [BJ, BI]
-    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=(j < n)[:, None] & i_ok[None, :])
+    j = (j0 + tl.arange(0, BJ))[None, :, None]
+    offs = (r * G + i).to(tl.int64) * n + j  # [NREP, BJ, 32]
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=(j < n) & i_ok)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
@@ -169,18 +177,14 @@ def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, pr
                    BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, CH: tl.constexpr, USE_DOT: tl.constexpr,
                    DOT_F32: tl.constexpr):
     """part[s, :M, rows] = x[:M, cols_s] @ W[rows, cols_s]^T for split s (columns JB_PER*BJ wide)."""
-    nib = (G + BI - 1) // BI
     rt = tl.program_id(0)
     s = tl.program_id(1)
-    r = rt // nib
-    i = (rt % nib) * BI + tl.arange(0, BI)
-    row = r * G + i
-    i_ok = (i < G) & (row < m)
+    r, i, i_ok = _rows(rt, G, m, BI)
     xm = tl.arange(0, BM)
     if USE_DOT:
         acc = tl.zeros([BM, BI], dtype=tl.float32)
     else:
-        acc2 = tl.zeros([BJ, BI], dtype=tl.float32)
+        acc3 = tl.zeros([BI // 32, BJ, 32], dtype=tl.float32)
     seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
     for tt in range(0, JB_PER):
         j0 = (s * JB_PER + tt) * BJ
@@ -189,20 +193,24 @@ def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, pr
         w = w.to(x_ptr.dtype.element_ty)  # the weight as F.linear would see it
         j = j0 + tl.arange(0, BJ)
         if USE_DOT:
+            w2 = tl.reshape(tl.permute(w, (1, 0, 2)), (BJ, BI))  # [BJ, BI], row index rep*32 + lane
             xt = tl.load(x_ptr + xm[:, None] * n + j[None, :], mask=(xm < M)[:, None] & (j < n)[None, :], other=0.0)
             if DOT_F32:  # Triton's interpreter multiplies bf16 operands wrongly; same products in fp32
-                acc += tl.dot(xt.to(tl.float32), w.to(tl.float32))
+                acc += tl.dot(xt.to(tl.float32), w2.to(tl.float32))
             else:
-                acc += tl.dot(xt, w)
+                acc += tl.dot(xt, w2)
         else:
             xv = tl.load(x_ptr + j, mask=j < n, other=0.0).to(tl.float32)
-            acc2 += w.to(tl.float32) * xv[:, None]
+            acc3 += w.to(tl.float32) * xv[None, :, None]
     if USE_DOT:
-        offs = (s * M + xm)[:, None].to(tl.int64) * m + row[None, :]
-        tl.store(part_ptr + offs, acc, mask=(xm < M)[:, None] & i_ok[None, :])
+        i2 = (rt % ((G + BI - 1) // BI)) * BI + tl.arange(0, BI)
+        row2 = r * G + i2
+        offs = (s * M + xm)[:, None].to(tl.int64) * m + row2[None, :]
+        tl.store(part_ptr + offs, acc, mask=(xm < M)[:, None] & ((i2 < G) & (row2 < m))[None, :])
     else:
-        y = tl.sum(acc2, 0)
-        tl.store(part_ptr + s.to(tl.int64) * m + row, y, mask=i_ok)
+        y = tl.sum(acc3, 1)  # [NREP, 32]
+        row = tl.reshape(r * G + i, (BI // 32, 32))
+        tl.store(part_ptr + s.to(tl.int64) * m + row, y, mask=tl.reshape(i_ok, (BI // 32, 32)))
 
 
 # ---- host side --------------------------------------------------------------------------------
@@ -244,7 +252,8 @@ def _prefix(depth: Tensor, r: int, n: int) -> Tensor:
 
 
 def _tile_rows(g: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(g)))
+    """BI: 32 lanes x NREP row slices per tile (64 for G = 192: three tiles, none wasted)."""
+    return 64 if g % 64 == 0 and g % 128 else max(32, min(128, triton.next_power_of_2(g)))
 
 
 def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | None = None,
