@@ -105,23 +105,18 @@ def _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8):
 
 
 @triton.jit
-def _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC, nbytes,
-          nscale, BJ: tl.constexpr, CH: tl.constexpr):
-    """Weights ``W[r*G + i, j0 + jj]`` as a [NREP, BJ, 32] float32 tile for rows ``i`` [NREP, 1, 32]
-    (zero where the column is past n).
-
-    Layout: the 32 lanes of a warp run along the innermost 32 rows (consecutive codes of one
-    group), the warps along the columns, and each thread repeats over NREP row slices of the same
-    groups, so the per-group work below (depth, rank, offsets, scale, location) is shared by NREP
-    weights per thread. Per-group work on [BJ, 16] one-hot tiles; per weight: one byte load (a
-    second one only for a code that crosses a byte), shift, mask, one table load, one multiply-add."""
+def _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, n, G, NC, nbytes,
+            nscale, BJ: tl.constexpr, CH: tl.constexpr):
+    """Per-group state of columns ``j0 .. j0+BJ`` of row block ``r``, each [1, BJ, 1]: depth, pointer
+    to the byte of its first code and the bit inside it, whether it has codes, scale, location and
+    its level-table row. Computed on [BJ, 16] one-hot tiles (rank = previous chunk's inclusive
+    count + in-tile exclusive count), once per program and reused for every row slice."""
     j = j0 + tl.arange(0, BJ)
     j_ok = j < n
     k = r.to(tl.int64) * n + j  # [BJ] group ids
     dbyte = tl.load(depth_ptr + (k >> 1), mask=j_ok, other=0).to(tl.int32)
     d = (dbyte >> ((k & 1) * 4).to(tl.int32)) & 15
     d = tl.where(j_ok, tl.minimum(d, 8), 0)  # corrupt nibbles 9..15 clamp to 8
-    # rank among the depth-d groups = previous chunk's inclusive count + in-tile exclusive count
     bins = tl.arange(0, 16)
     hit = d[:, None] == bins[None, :]  # [BJ, 16]
     onehot = hit.to(tl.int32)
@@ -132,18 +127,28 @@ def _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst
     sidx = tl.sum(tl.where(hit, sst[None, :] + rank, 0), 1)
     # a group is read only when all its bytes and its scale lie inside their fields (corrupt payloads)
     coded = j_ok & (d > 0) & (((gbit + G * d + 7) >> 3) <= nbytes) & (sidx < nscale)
-    sc = tl.load(scale_ptr + sidx, mask=coded, other=0.0).to(tl.float32)[None, :, None]
-    lo = tl.load(loc_ptr + k, mask=j_ok, other=0.0).to(tl.float32)[None, :, None]
-    # codes: [NREP, BJ, 32], rows innermost (contiguous bits of one group)
-    d3 = d[None, :, None]
-    rel = (gbit & 7).to(tl.int32)[None, :, None] + i * d3
+    sc = tl.load(scale_ptr + sidx, mask=coded, other=0.0).to(tl.float32)
+    lo = tl.load(loc_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
+    return (d[None, :, None], (codes_ptr + (gbit >> 3))[None, :, None], (gbit & 7).to(tl.int32)[None, :, None],
+            coded[None, :, None], sc[None, :, None], lo[None, :, None], (lv_ptr + d * 256)[None, :, None])
+
+
+@triton.jit
+def _codes(d, gp, gsh, coded, sc, lo, lvp, i, i_ok):
+    """Weights of the groups (``_groups``) at rows ``i`` [NREP, 1, 32] -> [NREP, BJ, 32] float32.
+
+    Layout: the 32 lanes of a warp run along 32 consecutive rows (consecutive codes of one group:
+    the same bytes), the warps along the columns, each thread repeats over NREP row slices. Per
+    weight: one byte load (a second only for a code that crosses a byte), shift, mask, one
+    level-table load (9 KB, L1-resident), one multiply-add; depth 0 reads nothing (level 0, scale 0)."""
+    rel = gsh + i * d
     sh = rel & 7
-    p = (codes_ptr + (gbit >> 3))[None, :, None] + (rel >> 3)
-    ok = coded[None, :, None] & i_ok
+    p = gp + (rel >> 3)
+    ok = coded & i_ok
     b0 = tl.load(p, mask=ok, other=0).to(tl.int32)
-    b1 = tl.load(p + 1, mask=ok & (sh + d3 > 8), other=0).to(tl.int32)
-    q = ((b0 | (b1 << 8)) >> sh) & ((1 << d3) - 1)
-    v = tl.load((lv_ptr + d * 256)[None, :, None] + q)  # [9*256] table: always in range (d <= 8, q < 256)
+    b1 = tl.load(p + 1, mask=ok & (sh + d > 8), other=0).to(tl.int32)
+    q = ((b0 | (b1 << 8)) >> sh) & ((1 << d) - 1)
+    v = tl.load(lvp + q)  # [9*256] table: always in range (d <= 8, q < 256)
     return v * sc + lo
 
 
@@ -160,15 +165,21 @@ def _rows(rt, G, m, BI: tl.constexpr):
 def _decode_kernel(out_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, m, n, G, NC, nbytes,
                    nscale, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8,
                    BJ: tl.constexpr, BI: tl.constexpr, CH: tl.constexpr):
-    """out[m, n] = the decoded weight; program (row tile, column tile) writes [BI rows, BJ columns]."""
-    r, i, i_ok = _rows(tl.program_id(0), G, m, BI)
+    """out[m, n] = the decoded weight; program (row block r, column tile) writes rows r*G .. r*G+G
+    of BJ columns, BI rows at a time, from one computation of its groups' state."""
+    r = tl.program_id(0)
     j0 = tl.program_id(1) * BJ
     seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
-    w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC,
-              nbytes, nscale, BJ, CH)
+    d, gp, gsh, coded, sc, lo, lvp = _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst,
+                                             r, j0, n, G, NC, nbytes, nscale, BJ, CH)
     j = (j0 + tl.arange(0, BJ))[None, :, None]
-    offs = (r * G + i).to(tl.int64) * n + j  # [NREP, BJ, 32]
-    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=(j < n) & i_ok)
+    base = tl.arange(0, BI // 32)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]  # [NREP, 1, 32]
+    for i0 in range(0, G, BI):
+        i = i0 + base
+        row = r * G + i
+        i_ok = (i < G) & (row < m)
+        w = _codes(d, gp, gsh, coded, sc, lo, lvp, i, i_ok)
+        tl.store(out_ptr + (row.to(tl.int64) * n + j), w.to(out_ptr.dtype.element_ty), mask=(j < n) & i_ok)
 
 
 @triton.jit(do_not_specialize=_SCALARS)
@@ -188,8 +199,9 @@ def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, pr
     seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
     for tt in range(0, JB_PER):
         j0 = (s * JB_PER + tt) * BJ
-        w = _tile(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, i, i_ok, n, G, NC,
-                  nbytes, nscale, BJ, CH)
+        d, gp, gsh, coded, sc, lo, lvp = _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg,
+                                                 sst, r, j0, n, G, NC, nbytes, nscale, BJ, CH)
+        w = _codes(d, gp, gsh, coded, sc, lo, lvp, i, i_ok)
         w = w.to(x_ptr.dtype.element_ty)  # the weight as F.linear would see it
         j = j0 + tl.arange(0, BJ)
         if USE_DOT:
@@ -277,7 +289,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     seg, sst = _offsets(counts, g)
     bi = _tile_rows(g)
     bj = 64 if n > 32 else 32
-    grid = (r * triton.cdiv(g, bi), triton.cdiv(n, bj))
+    grid = (r, triton.cdiv(n, bj))
     _decode_kernel[grid](out, f["codes"], f["depth"], f["loc"], f["scale"], prefix, _level_table(dev), m, n, g,
                          triton.cdiv(n, CHUNK), f["codes"].numel(), f["scale"].numel(), *seg, *sst,
                          BJ=bj, BI=bi, CH=CHUNK, num_warps=4)
