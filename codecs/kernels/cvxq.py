@@ -51,6 +51,7 @@ from ..base import Encoded, TensorSpec
 from ..bitpack import packed_nbytes
 from ..cvxq import MAX_DEPTH, Cvxq, group_layout, levels
 from ..errors import CodecError, CorruptPayloadError
+from ..rtn import unpack_codes
 from . import interpreting
 
 __all__ = ["decode", "prepare", "matmul", "CvxqFusedWeight", "CHUNK", "MAX_FUSED_ROWS"]
@@ -182,27 +183,62 @@ def _decode_kernel(out_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr
         tl.store(out_ptr + (row.to(tl.int64) * n + j), w.to(out_ptr.dtype.element_ty), mask=(j < n) & i_ok)
 
 
-@triton.jit(do_not_specialize=_SCALARS)
-def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, M, m, n, G, NC,
-                   nbytes, nscale, JB_PER, S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8,
-                   BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, CH: tl.constexpr, USE_DOT: tl.constexpr,
+@triton.jit
+def _groups_packed(codes_ptr, depth_ptr, off_ptr, scale_ptr, loc_ptr, lv_ptr, r, j0, n, BJ: tl.constexpr):
+    """``_groups`` from ``prepare``'s layout: each group's bit offset and scale stored in natural
+    order, so a group costs four coalesced loads and no rank computation."""
+    j = j0 + tl.arange(0, BJ)
+    j_ok = j < n
+    k = r.to(tl.int64) * n + j
+    dbyte = tl.load(depth_ptr + (k >> 1), mask=j_ok, other=0).to(tl.int32)
+    d = tl.where(j_ok, (dbyte >> ((k & 1) * 4).to(tl.int32)) & 15, 0)  # checked by prepare: <= 8
+    gbit = tl.load(off_ptr + k, mask=j_ok, other=0)
+    sc = tl.load(scale_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
+    lo = tl.load(loc_ptr + k, mask=j_ok, other=0.0).to(tl.float32)
+    return (d[None, :, None], (codes_ptr + (gbit >> 3))[None, :, None], (gbit & 7).to(tl.int32)[None, :, None],
+            (d > 0)[None, :, None], sc[None, :, None], lo[None, :, None], (lv_ptr + d * 256)[None, :, None])
+
+
+@triton.jit
+def _packed_decode_kernel(out_ptr, codes_ptr, depth_ptr, off_ptr, scale_ptr, loc_ptr, lv_ptr, m, n, G,
+                          BJ: tl.constexpr, BI: tl.constexpr):
+    """``_decode_kernel`` over ``prepare``'s layout (the matmul's path for more than 16 rows)."""
+    r = tl.program_id(0)
+    j0 = tl.program_id(1) * BJ
+    d, gp, gsh, coded, sc, lo, lvp = _groups_packed(codes_ptr, depth_ptr, off_ptr, scale_ptr, loc_ptr, lv_ptr, r, j0,
+                                                    n, BJ)
+    j = (j0 + tl.arange(0, BJ))[None, :, None]
+    base = tl.arange(0, BI // 32)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+    for i0 in range(0, G, BI):
+        i = i0 + base
+        row = r * G + i
+        i_ok = (i < G) & (row < m)
+        w = _codes(d, gp, gsh, coded, sc, lo, lvp, i, i_ok)
+        tl.store(out_ptr + (row.to(tl.int64) * n + j), w.to(out_ptr.dtype.element_ty), mask=(j < n) & i_ok)
+
+
+@triton.jit
+def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, off_ptr, scale_ptr, loc_ptr, lv_ptr, M, m, n, G, JB_PER,
+                   BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, USE_DOT: tl.constexpr,
                    DOT_F32: tl.constexpr):
-    """part[s, :M, rows] = x[:M, cols_s] @ W[rows, cols_s]^T for split s (columns JB_PER*BJ wide)."""
+    """part[s, :M, rows] = x[:M, cols_s] @ W[rows, cols_s]^T for split s (columns JB_PER*BJ wide);
+    a program's rows are BI rows of one row block (BI >= G up to 256: the whole block)."""
     rt = tl.program_id(0)
     s = tl.program_id(1)
-    r, i, i_ok = _rows(rt, G, m, BI)
+    nib = (G + BI - 1) // BI
+    r = rt // nib
+    i = (rt % nib) * BI + tl.arange(0, BI // 32)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]
+    i_ok = (i < G) & (r * G + i < m)
     xm = tl.arange(0, BM)
     if USE_DOT:
         acc = tl.zeros([BM, BI], dtype=tl.float32)
     else:
         acc3 = tl.zeros([BI // 32, BJ, 32], dtype=tl.float32)
-    seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
     for tt in range(0, JB_PER):
         j0 = (s * JB_PER + tt) * BJ
-        d, gp, gsh, coded, sc, lo, lvp = _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg,
-                                                 sst, r, j0, n, G, NC, nbytes, nscale, BJ, CH)
-        w = _codes(d, gp, gsh, coded, sc, lo, lvp, i, i_ok)
-        w = w.to(x_ptr.dtype.element_ty)  # the weight as F.linear would see it
+        d, gp, gsh, coded, sc, lo, lvp = _groups_packed(codes_ptr, depth_ptr, off_ptr, scale_ptr, loc_ptr, lv_ptr, r,
+                                                        j0, n, BJ)
+        w = _codes(d, gp, gsh, coded, sc, lo, lvp, i, i_ok).to(x_ptr.dtype.element_ty)  # as F.linear sees it
         j = j0 + tl.arange(0, BJ)
         if USE_DOT:
             w2 = tl.reshape(tl.permute(w, (1, 0, 2)), (BJ, BI))  # [BJ, BI], row index rep*32 + lane
@@ -215,7 +251,7 @@ def _matmul_kernel(x_ptr, part_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, pr
             xv = tl.load(x_ptr + j, mask=j < n, other=0.0).to(tl.float32)
             acc3 += w.to(tl.float32) * xv[None, :, None]
     if USE_DOT:
-        i2 = (rt % ((G + BI - 1) // BI)) * BI + tl.arange(0, BI)
+        i2 = (rt % nib) * BI + tl.arange(0, BI)
         row2 = r * G + i2
         offs = (s * M + xm)[:, None].to(tl.int64) * m + row2[None, :]
         tl.store(part_ptr + offs, acc, mask=(xm < M)[:, None] & ((i2 < G) & (row2 < m))[None, :])
@@ -298,50 +334,58 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
 
 @dataclass(frozen=True)
 class CvxqFusedWeight:
-    """A cvxq weight kept compressed on the device for ``matmul``: the payload's fields as stored
-    plus the chunk prefix table (0.01 bpw at G = 192). ``counts``/``seg``/``sst`` are host ints."""
+    """A cvxq weight kept compressed on the device for ``matmul``, repacked once by ``prepare``:
+    the codes and depths as stored, and per group (natural order) its bit offset and scale next to
+    its location. Versus the payload: + the offsets (32 bits per group; 64 past 2**31 code bits),
+    - the prefix work; 4.25 -> ~4.42 bits/weight at G = 192."""
 
     codes: Tensor  # [sum_b ceil(c_b*G/8)*b] uint8, the payload's segments
-    depth: Tensor  # [ceil(K/8)*4] uint8
+    depth: Tensor  # [ceil(K/8)*4] uint8, 4-bit depths in natural order
+    off: Tensor  # [R, n] int32 (int64 for > 2**31 code bits): bit of each group's first code
+    scale: Tensor  # [R, n] float16, natural order (0 for depth 0)
     loc: Tensor  # [R, n] float16
-    scale: Tensor  # [K - c_0] float16, depth-sorted
-    prefix: Tensor  # [R * NC, 9] int32
     levels: Tensor  # [9 * 256] float32, shared by every weight on the device
-    shape: tuple[int, ...]
     m: int
     n: int
     g: int
     r: int
-    seg: tuple[int, ...]
-    sst: tuple[int, ...]
-    enc: Encoded  # the payload (same tensors), for the decode + F.linear path of big batches
-    spec: TensorSpec
+    name: str
 
     @property
     def nbytes(self) -> int:
         """Resident bytes of this weight (the shared 9 KB level table not counted)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.depth, self.loc, self.scale, self.prefix))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.depth, self.off, self.scale, self.loc))
 
 
 def prepare(enc: Encoded, spec: TensorSpec) -> CvxqFusedWeight:
-    """Check the payload once (depth histogram against ``counts``: one host sync, at load) and build
-    the prefix table; the codes stay as stored."""
+    """Repack a payload (on its device) for ``matmul``: checks the depths against ``counts`` once
+    (host syncs are fine at load) and stores each group's bit offset and scale in natural order."""
     if len(spec.shape) != 2:
         raise CodecError(f"tensor {spec.name!r}: the cvxq matmul needs a 2-D weight, got {list(spec.shape)}")
     dev = enc.fields["loc"].device
     f = Cvxq.checked_fields(enc, spec, dev)
     counts = enc.params["counts"]
     m, n, g, r = group_layout(tuple(spec.shape), enc.params["group_rows"])
-    prefix = _prefix(f["depth"], r, n) if m * n else torch.zeros((0, 9), dtype=torch.int32, device=dev)
-    if m * n:
-        total = prefix[-1].tolist()
-        if total != list(counts):
-            raise CorruptPayloadError(
-                f"tensor {spec.name!r}: codec 'cvxq' group depths {total} do not match the index's counts "
-                f"{list(counts)}; the file is damaged or was not written by thawed")
+    k = r * n
+    depth = unpack_codes(f["depth"], 4, k).long() if k else torch.zeros(0, dtype=torch.long, device=dev)
+    hist = torch.bincount(depth, minlength=16).tolist()
+    if hist[: MAX_DEPTH + 1] != list(counts) or any(hist[MAX_DEPTH + 1:]):
+        raise CorruptPayloadError(
+            f"tensor {spec.name!r}: codec 'cvxq' group depths {hist} do not match the index's counts "
+            f"{list(counts)}; the file is damaged or was not written by thawed")
     seg, sst = _offsets(counts, g)
-    return CvxqFusedWeight(f["codes"], f["depth"], f["loc"], f["scale"], prefix, _level_table(dev), tuple(spec.shape),
-                           m, n, g, r, tuple(seg), tuple(sst), Encoded(f, enc.params), spec)
+    first = torch.tensor([0] + [counts[0] + x for x in sst], dtype=torch.long, device=dev)  # sorted start per depth
+    order = torch.argsort(depth, stable=True)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(k, device=dev)
+    rank = pos - first[depth]
+    seg_t = torch.tensor([0] + seg, dtype=torch.long, device=dev)
+    off = seg_t[depth] + rank * g * depth
+    big = f["codes"].numel() * 8 >= 2**31
+    scale = torch.cat([torch.zeros(1, dtype=torch.float16, device=dev), f["scale"]])
+    scale_nat = scale[torch.where(depth > 0, pos - counts[0] + 1, 0)]
+    return CvxqFusedWeight(f["codes"], f["depth"], off.to(torch.int64 if big else torch.int32).view(r, n).contiguous(),
+                           scale_nat.view(r, n).contiguous(), f["loc"], _level_table(dev), m, n, g, r, spec.name)
 
 
 def _split(row_tiles: int, col_tiles: int) -> tuple[int, int]:
@@ -351,29 +395,39 @@ def _split(row_tiles: int, col_tiles: int) -> tuple[int, int]:
     return -(-col_tiles // per), per
 
 
+def _decode_packed(w: CvxqFusedWeight, dtype: torch.dtype) -> Tensor:
+    out = torch.empty((w.m, w.n), dtype=dtype, device=w.codes.device)
+    bj = 32
+    _packed_decode_kernel[(w.r, triton.cdiv(w.n, bj))](out, w.codes, w.depth, w.off, w.scale, w.loc, w.levels, w.m,
+                                                       w.n, w.g, BJ=bj, BI=_tile_rows(w.g), num_warps=4)
+    return out
+
+
 def matmul(x: Tensor, w: CvxqFusedWeight) -> Tensor:
     """``x @ W^T``: x [..., n] in bfloat16/float16/float32 -> [..., m] in x's dtype (no bias).
 
     At most ``MAX_FUSED_ROWS`` rows: one fused kernel (fp32 accumulation, split-K partial sums);
-    more rows: the weight is decoded into a temporary and ``F.linear`` runs."""
+    more rows (or several fp32 rows): the weight is decoded into a temporary and ``F.linear`` runs."""
     if x.shape[-1] != w.n:
-        raise CodecError(f"tensor {w.spec.name!r}: matmul input has {x.shape[-1]} features, the weight takes {w.n}")
+        raise CodecError(f"tensor {w.name!r}: matmul input has {x.shape[-1]} features, the weight takes {w.n}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise CodecError(f"tensor {w.spec.name!r}: matmul input must be float32/bfloat16/float16, got {x.dtype}")
+        raise CodecError(f"tensor {w.name!r}: matmul input must be float32/bfloat16/float16, got {x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.n).contiguous()
     rows = x2.shape[0]
     if rows > MAX_FUSED_ROWS or (rows > 1 and x.dtype == torch.float32) or rows == 0 or w.m * w.n == 0:
-        wt = decode(w.enc, w.spec, x.dtype)
-        return F.linear(x2, wt).reshape(*lead, w.m)
-    bi = _tile_rows(w.g)
-    bj = 64 if w.n > 32 else 32
+        if w.m * w.n == 0:
+            return x2.new_zeros((rows, w.m)).reshape(*lead, w.m)
+        return F.linear(x2, _decode_packed(w, x.dtype)).reshape(*lead, w.m)
+    # Tile [BI rows, 16 columns], 8 warps: the whole row block when G <= 256 (each group's state is
+    # loaded once per program), 16 weights per thread, ~92 registers (sm_90, two programs per SM).
+    bi = min(256, max(32, triton.next_power_of_2(w.g)))
+    bj = 16
     row_tiles = w.r * triton.cdiv(w.g, bi)
     splits, per = _split(row_tiles, triton.cdiv(w.n, bj))
     part = torch.empty((splits, rows, w.m), dtype=torch.float32, device=x.device)
     _matmul_kernel[(row_tiles, splits)](
-        x2, part, w.codes, w.depth, w.loc, w.scale, w.prefix, w.levels, rows, w.m, w.n, w.g,
-        triton.cdiv(w.n, CHUNK), w.codes.numel(), w.scale.numel(), per, *w.seg, *w.sst,
-        BM=16, BJ=bj, BI=bi, CH=CHUNK, USE_DOT=rows > 1, DOT_F32=interpreting(), num_warps=4)
+        x2, part, w.codes, w.depth, w.off, w.scale, w.loc, w.levels, rows, w.m, w.n, w.g, per,
+        BM=16, BJ=bj, BI=bi, USE_DOT=rows > 1, DOT_F32=interpreting(), num_warps=8 if bi >= 256 else 4)
     y = part[0] if splits == 1 else part.sum(0)
     return y.to(x.dtype).reshape(*lead, w.m)
