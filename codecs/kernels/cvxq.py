@@ -9,31 +9,37 @@ Payload (``codecs/cvxq.py``; ``K = R * n`` groups of ``G`` output rows x 1 input
                                            # G codes each, one LSB-first bit stream per segment
 
 A group of depth ``b`` and rank ``rank`` among the depth-``b`` groups has its codes at bit
-``seg_bit[b] + rank * G * b`` and its scale at ``scale_start[b] + rank``. The rank is the only
-quantity that needs the depths of every earlier group, so both kernels read it from a small table
-of prefix counts: for each *chunk* of ``CHUNK = 32`` consecutive columns of one row block (chunk
-``t = r * NC + j // CHUNK``, ``NC = ceil(n / CHUNK)``) the inclusive count of each depth over chunks
-``0..t``::
+``seg_bit[b] + rank * G * b`` and its scale at ``scale_start[b] + rank``.
 
-    prefix: [R * NC, 9] int32        # inclusive per-depth counts up to and including chunk t
+``decode`` (the payload as stored, 3 launches, no host sync): the rank is the only quantity that
+needs the depths of every earlier group, so it comes from a small table of prefix counts: for each
+*chunk* of ``CHUNK = 32`` consecutive columns of one row block (chunk ``t = r * NC + j // CHUNK``,
+``NC = ceil(n / CHUNK)``) the inclusive count of each depth over chunks ``0..t``::
 
-A tile adds the in-tile exclusive count (a ``tl.cumsum`` over its columns' one-hot depths) to the
-previous chunk's row. ``decode`` builds the table per call (one small Triton launch + one
-``torch.cumsum``, no host sync); ``prepare`` builds it once (2 bytes per group, 0.01 bpw at
-``G = 192``).
+    prefix: [R * NC, 9] int32        # _hist_kernel (one launch) + torch.cumsum, per call
 
-Tile decode: the tile is ``[BJ columns, BI rows]`` with the rows innermost, so the lanes of a warp
-read consecutive codes of one group (contiguous bits: 2 byte loads each, hitting the same sector);
-a code is ``(b0 | b1 << 8) >> (bit & 7) & (2**b - 1)``; its level comes from the ``[9, 256]``
-float32 table (9 KB, L1-resident); ``w = level * scale + loc`` (depth 0: the table row and the
-scale are 0, so ``w = loc``). The decode kernel stores the tile row-major (Triton converts the
-layout through shared memory so the stores are coalesced along ``n``); the matmul kernel multiplies
-it with ``x`` right away (``tl.dot`` with ``M`` padded to 16, or, for one row, an elementwise fp32
-accumulation reduced once at the end), split-K over the columns with fp32 partial sums.
+A program takes one row block x ``BJ = 32`` columns: it derives its groups' state once (in-tile
+exclusive count by ``tl.cumsum`` over [BJ, 16] one-hot depths + the previous chunk's row), then
+walks the block's ``G`` rows ``BI`` at a time (64 for G = 192: no waste).
 
-Corrupt payloads: this path does not re-check the depth histogram against ``counts`` (that needs a
-host sync; ``prepare`` does check it once). Every load is masked to its field, so a damaged payload
-decodes to garbage, never to an out-of-bounds read.
+``prepare`` / ``matmul`` (at most 16 rows): ``prepare`` repacks once, on the device, each group's
+bit offset and scale in natural order (``off: [R, n] int32``, ``scale: [R, n] f16``), so a tile's
+groups cost four coalesced loads; resident 4.25 -> ~4.42 bits/weight at G = 192. A program takes
+``BI`` rows (the whole row block when G <= 256) and a split of the columns, 16 at a time; fp32
+partial sums per split are added by one ``torch.sum``.
+
+Tile layout ``[NREP, BJ, 32]``: the 32 lanes of a warp run along 32 consecutive rows of a group
+(consecutive codes: the same bytes), the warps along the columns, and each thread repeats over
+``NREP = BI / 32`` row slices of the same groups. A code is ``(b0 | b1 << 8) >> (bit & 7) & (2**b - 1)``
+(``b1`` loaded only for a code that crosses a byte); its level comes from the ``[9, 256]`` float32
+table (9 KB, L1-resident); ``w = level * scale + loc`` (depth 0 reads no code: level and scale 0,
+so ``w = loc``). ``decode`` stores the tile row-major (Triton converts the layout through shared
+memory: 16-byte stores along ``n``); ``matmul`` multiplies it right away (one row: elementwise fp32
+FMAs reduced once at the end; 2..16 rows: ``tl.dot`` with M padded to 16).
+
+Corrupt payloads: ``decode`` does not re-check the depth histogram against ``counts`` (a host
+sync; ``prepare`` checks it once). Every group is read only when its codes and scale lie inside
+their fields, so a damaged payload decodes to garbage, never to an out-of-bounds read.
 """
 
 from __future__ import annotations
@@ -324,7 +330,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     prefix = _prefix(f["depth"], r, n)
     seg, sst = _offsets(counts, g)
     bi = _tile_rows(g)
-    bj = 64 if n > 32 else 32
+    bj = CHUNK  # [32 columns x 64 rows] per step: ~136 registers at 4 warps on sm_90 (64 columns: 217)
     grid = (r, triton.cdiv(n, bj))
     _decode_kernel[grid](out, f["codes"], f["depth"], f["loc"], f["scale"], prefix, _level_table(dev), m, n, g,
                          triton.cdiv(n, CHUNK), f["codes"].numel(), f["scale"].numel(), *seg, *sst,
