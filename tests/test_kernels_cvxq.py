@@ -108,6 +108,17 @@ def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dty
     torch.testing.assert_close(y.float(), expect, rtol=tol, atol=tol)
 
 
+def test_matmul_and_decode_with_groups_taller_than_a_tile(device: torch.device) -> None:
+    enc, spec = _payload((520, 20), 300, seed=11)  # G = 300: two 256-row tiles per block, last block 220 rows
+    _check_decode(enc, spec, device, torch.float32)
+    w = kc.prepare(enc.to(device), spec)
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(4)).bfloat16()
+    ref = _reference(enc, spec).bfloat16().float()
+    for rows in (1, 3):
+        y = kc.matmul(x[:rows].to(device), w).cpu()
+        torch.testing.assert_close(y.float(), x[:rows].float() @ ref.T, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("programs", [1, 528])
 def test_matmul_mixed_depths_odd_shape(device: torch.device, programs: int, monkeypatch) -> None:
     monkeypatch.setattr(kc, "_TARGET_PROGRAMS", programs)  # 1: no split-K, the column loop runs 5 tiles
