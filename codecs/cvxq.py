@@ -51,7 +51,10 @@ together). tests/test_codec_cvxq.py holds floors a little below; docs/CVXQ.md ha
 
 Decode cost per weight: unpack a fixed-width field (2-3 byte ops, uniform width inside a segment),
 one table gather, one multiply-add, one scatter into the group-major output and one transpose
-copy; all in PyTorch on the payload's device (one small sort and one histogram per tensor).
+copy; all in PyTorch on the payload's device (one small sort and one histogram per tensor). On
+CUDA, ``decode`` runs the Triton kernel of ``kernels/cvxq.py`` instead (one pass over the codes,
+groups located by bit offset from per-chunk depth counts; no host sync), which also has the fused
+small-batch decode-matmul of the direct mode.
 """
 
 from __future__ import annotations

@@ -44,7 +44,6 @@ their fields, so a damaged payload decodes to garbage, never to an out-of-bounds
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +60,6 @@ from ..rtn import unpack_codes
 from . import interpreting
 
 __all__ = ["decode", "prepare", "matmul", "CvxqFusedWeight", "CHUNK", "MAX_FUSED_ROWS"]
-
-log = logging.getLogger(__name__)
 
 CHUNK = 32  # columns per prefix-table row; every kernel's BJ is a multiple of it
 MAX_FUSED_ROWS = 16  # matmul rows handled by the fused kernel; more: decode + F.linear
