@@ -66,8 +66,8 @@ def _check_decode(enc: Encoded, spec: TensorSpec, device: torch.device, dtype: t
         torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=2 ** -7, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case,dtype", [(c, d) for c in CASES for d in DTYPES[:2]]
+                         + [(c, torch.float16) for c in CASES[1:3]], ids=str)
 def test_decode_matches_reference(device: torch.device, case, dtype: torch.dtype) -> None:
     shape, g = case
     enc, spec = _payload(shape, g, seed=hash((shape, g, str(dtype))) % 2**31)
@@ -91,8 +91,8 @@ def test_decode_with_bias_field_and_into_a_ring_slice(device: torch.device) -> N
     assert ring[: 24 * 40].isnan().all() and ring[2 * 24 * 40:].isnan().all()  # nothing outside the slice
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 17])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows,dtype", [(r, torch.bfloat16) for r in (1, 3, 16, 17)]
+                         + [(r, d) for r in (1, 3) for d in (torch.float16, torch.float32)], ids=str)
 def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype) -> None:
     shape, g = (40, 70), 16
     enc, spec = _payload(shape, g, seed=rows)
