@@ -42,7 +42,7 @@ def _stream(n: int, a: int, k: int, seed: int, lanes: int | None, n_tables: int 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,a,k,lanes,n_tables", [
     (1, 1, 8, 1, 1), (7, 5, 12, 3, 1), (100, 17, 12, 33, 1), (257, 256, 15, 37, 1),
-    (300, 32, 10, 70, 3), (129, 7, 14, 64, 5)], ids=str)
+    (300, 32, 10, 70, 3), (129, 7, 14, 64, 5), (40000, 9, 11, 34000, 1)], ids=str)  # last: 64-lane blocks
 def test_lane_decoder_equals_reference(device: str, n: int, a: int, k: int, lanes: int, n_tables: int) -> None:
     from thawed.codecs.kernels import rans as krans
 
@@ -55,7 +55,7 @@ def test_lane_decoder_equals_reference(device: str, n: int, a: int, k: int, lane
                                table_of=None if table_of is None else table_of.to(dev), out=out)
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(got.cpu(), sym)
-    if n_tables == 1:  # check=False: same symbols, no sync
+    if n_tables == 1 and n < 1000:  # check=False: same symbols, no sync
         again = krans.decode_symbols(s.states.to(dev), s.words.to(dev), s.lane_words.to(dev), tables[0].to(dev),
                                      k, n, check=False)
         assert torch.equal(again.cpu(), sym)

@@ -21,7 +21,7 @@ from ..base import Encoded, SharedState, TensorSpec
 from ..errors import CodecError
 from ..lossless import Lossless, _layout
 from . import rans as krans
-from .rans import rans_step
+from .rans import lane_init, rans_step
 
 __all__ = ["decode"]
 
@@ -45,22 +45,18 @@ def _store_value(ptrs, v, mask, OUT: tl.constexpr):
 @triton.jit
 def _lossless_kernel(states_ptr, words_ptr, start_ptr, lw_ptr, slot_ptr, rest_ptr, hi_ptr, out_ptr, err_ptr,
                      n, lanes, steps, n_words,
-                     K: tl.constexpr, SRC: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr):
+                     K: tl.constexpr, SRC: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+                     IDX64: tl.constexpr):
     # rest: [3, n] (SRC 0) | [n] uint8; hi: [ceil(n/8)*3] uint8 (SRC 2, pack_bits 3-bit codes)
     # out: [n]; OUT 0: the source dtype's int32/int16 view (bits stored as they are); 1: bfloat16's
     # int16 view (value rounded to nearest even by hand, as torch does); 2: float32 / float16
     pid = tl.program_id(0)
-    lane = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    lm = lane < lanes
-    x = tl.load(states_ptr + lane, mask=lm, other=0).to(tl.int64) & 0xFFFFFFFF
-    ptr = tl.load(start_ptr + lane, mask=lm, other=0)
-    end = ptr + tl.load(lw_ptr + lane, mask=lm, other=0).to(tl.int64)
+    lane, lm, x, ptr, end = lane_init(states_ptr, start_ptr, lw_ptr, pid, lanes, BLOCK, IDX64)
     i = lane
-    zero = tl.zeros([BLOCK], dtype=tl.int64)
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
     for _t in range(steps):
         active = lm & (i < n)
         e, x, ptr = rans_step(x, ptr, active, slot_ptr, zero, words_ptr, n_words, K)
-        e = e.to(tl.int32)
         r0 = tl.load(rest_ptr + i, mask=active, other=0).to(tl.int32)
         if SRC == 0:
             r1 = tl.load(rest_ptr + n + i, mask=active, other=0).to(tl.int32)
@@ -130,7 +126,8 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     hi = f.get("rest_hi", f["rest"])
     _lossless_kernel[grid](states, krans._nonempty(words), krans.lane_starts(lw), lw, slot, f["rest"], hi, dst, err,
                            n, lanes, steps, words.numel(),
-                           K=k, SRC=_SRC[spec.dtype], OUT=mode, BLOCK=block, num_warps=warps)
+                           K=k, SRC=_SRC[spec.dtype], OUT=mode, BLOCK=block,
+                           IDX64=krans.index_is_64bit(n, lanes), num_warps=warps)
     if check:
         counts = krans.error_counts(states, lw, err, krans.table_errors(freq, k))
         krans.raise_if_corrupt(counts, words.numel(), lanes, k, what)

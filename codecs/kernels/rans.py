@@ -7,7 +7,7 @@ lane's own contiguous words (when the state falls below ``L``), and a few intege
 
 Slot table (built on the device, sync-free, by ``slot_table``)::
 
-    slot: [U * M] int64      # sym | freq << 8 | (slot - cum[sym]) << 24, M = 2**precision_bits
+    slot: [U * M] int64      # freq | (slot - cum[sym]) << 16 | sym << 32, M = 2**precision_bits
 
 Every read is masked into bounds, so a damaged payload cannot make the kernel fault: it only
 produces wrong symbols and a nonzero error count. The integrity check of ``rans.decode`` (every
@@ -32,7 +32,7 @@ from .. import rans
 from ..errors import CodecError, CorruptPayloadError
 
 __all__ = ["slot_table", "lane_starts", "launch_config", "raise_if_corrupt", "decode_symbols", "rans_step",
-           "table_errors"]
+           "table_errors", "lane_init", "index_is_64bit"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def slot_table(rows: Tensor, precision_bits: int) -> Tensor:
     """Frequency rows [U, A] (any integer dtype, on the device) -> packed slot table [U * M] int64.
 
     Entry ``u * M + s`` holds the symbol ``c`` with ``cum[c] <= s < cum[c] + f[c]`` in row ``u`` and
-    ``sym | f << 8 | (s - cum[c]) << 24``. Sync-free (``searchsorted``, no ``repeat_interleave``), and
+    ``f | (s - cum[c]) << 16 | sym << 32`` (``f <= 2**15``, ``s - cum[c] < 2**15``: the low 32 bits
+    are all the state update needs). Sync-free (``searchsorted``, no ``repeat_interleave``), and
     in bounds for any row, valid or not (``table_errors`` tells which are valid).
     """
     m = 1 << precision_bits
@@ -54,7 +55,7 @@ def slot_table(rows: Tensor, precision_bits: int) -> Tensor:
     sym = torch.searchsorted(incl, slots, right=True).clamp_(0, a - 1)  # [U, M]
     fs = torch.gather(f, 1, sym)
     bias = slots - (torch.gather(incl, 1, sym) - fs)
-    return (sym | ((fs & 0xFFFF) << 8) | ((bias & 0xFFFF) << 24)).reshape(-1).contiguous()
+    return ((fs & 0xFFFF) | ((bias & 0x7FFF) << 16) | (sym << 32)).reshape(-1).contiguous()
 
 
 def table_errors(rows: Tensor, precision_bits: int) -> Tensor:
@@ -64,9 +65,14 @@ def table_errors(rows: Tensor, precision_bits: int) -> Tensor:
 
 
 def lane_starts(lane_words: Tensor) -> Tensor:
-    """[lanes] int32 word counts -> [lanes] int64 index of each lane's first word (exclusive cumsum)."""
-    lw = lane_words.to(torch.int64)
-    return torch.cumsum(lw, 0) - lw
+    """[lanes] int32 word counts -> [lanes] int32 index of each lane's first word (exclusive cumsum;
+    a damaged stream may wrap, the kernel masks every read and the check reports it)."""
+    return torch.cumsum(lane_words, 0, dtype=torch.int32) - lane_words
+
+
+def index_is_64bit(n: int, lanes: int) -> bool:
+    """Whether element indices (up to ``n + lanes``) need int64 in the kernels."""
+    return n + 2 * lanes >= 1 << 31
 
 
 def launch_config(lanes: int) -> tuple[int, int]:
@@ -79,48 +85,58 @@ def launch_config(lanes: int) -> tuple[int, int]:
 
 @triton.jit
 def rans_step(x, ptr, active, slot_ptr, slot_base, words_ptr, n_words, K: tl.constexpr):
-    """One decode step of a block of lanes -> (symbol int64, new state, new word pointer).
+    """One decode step of a block of lanes -> (symbol int32, new state, new word pointer).
 
-    ``x`` int64 states in [L, 2**32), ``ptr`` int64 next-word index, ``active`` lanes that decode a
-    symbol at this step, ``slot_base`` int64 ``table * M``. Inactive lanes keep state and pointer.
+    ``x`` uint32 states in [L, 2**32), ``ptr`` int32 next-word index, ``active`` lanes that decode a
+    symbol at this step, ``slot_base`` ``table * M``. Inactive lanes keep state and pointer. The
+    state arithmetic is 32-bit (wraps only for a damaged table, which the check reports).
     """
-    e = tl.load(slot_ptr + slot_base + (x & ((1 << K) - 1)), mask=active, other=0)
-    sym = e & 0xFF
-    freq = (e >> 8) & 0xFFFF
-    bias = (e >> 24) & 0xFFFF
-    xn = freq * (x >> K) + bias
+    e = tl.load(slot_ptr + slot_base + (x & ((1 << K) - 1)), mask=active, other=0)  # int64 entry
+    lo = e.to(tl.uint32)  # freq | bias << 16
+    sym = (e >> 32).to(tl.int32)
+    xn = (lo & 0xFFFF) * (x >> K) + (lo >> 16)
     need = active & (xn < 65536)
-    w = tl.load(words_ptr + ptr, mask=need & (ptr >= 0) & (ptr < n_words), other=0).to(tl.int64) & 0xFFFF
-    xn = tl.where(need, (xn << 16) | w, xn)
+    w = tl.load(words_ptr + ptr, mask=need & (ptr >= 0) & (ptr < n_words), other=0).to(tl.int32) & 0xFFFF
+    xn = tl.where(need, (xn << 16) | w.to(tl.uint32), xn)
     x = tl.where(active, xn, x)
-    ptr = ptr + need.to(tl.int64)
+    ptr = ptr + need.to(tl.int32)
     return sym, x, ptr
+
+
+@triton.jit
+def lane_init(states_ptr, start_ptr, lw_ptr, pid, lanes, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    """-> (lane index, lane mask, state uint32, first word int32, end word int32) of a program's lanes."""
+    if IDX64:
+        lane = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    else:
+        lane = pid * BLOCK + tl.arange(0, BLOCK)
+    lm = lane < lanes
+    x = tl.load(states_ptr + lane, mask=lm, other=0).to(tl.uint32, bitcast=True)
+    ptr = tl.load(start_ptr + lane, mask=lm, other=0)
+    end = ptr + tl.load(lw_ptr + lane, mask=lm, other=0)
+    return lane, lm, x, ptr, end
 
 
 @triton.jit
 def _symbols_kernel(states_ptr, words_ptr, start_ptr, lw_ptr, slot_ptr, tid_ptr, out_ptr, err_ptr,
                     n, lanes, steps, n_words, n_tables, period,
-                    K: tl.constexpr, TABLE_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    # states: [lanes] int32 (uint32 bits); words: [n_words] int16; start: [lanes] int64; lw: [lanes] int32
+                    K: tl.constexpr, TABLE_MODE: tl.constexpr, BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    # states: [lanes] int32 (uint32 bits); words: [n_words] int16; start, lw: [lanes] int32
     # TABLE_MODE 0: one table; 1: tid [n] table index per symbol; 2: tid [n / period] local level
     # per column (nwc: table = tid[i // period] * 16 + i % 16). out: [n] uint8; err: [programs] int32
     pid = tl.program_id(0)
-    lane = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    lm = lane < lanes
-    x = tl.load(states_ptr + lane, mask=lm, other=0).to(tl.int64) & 0xFFFFFFFF
-    ptr = tl.load(start_ptr + lane, mask=lm, other=0)
-    end = ptr + tl.load(lw_ptr + lane, mask=lm, other=0).to(tl.int64)
+    lane, lm, x, ptr, end = lane_init(states_ptr, start_ptr, lw_ptr, pid, lanes, BLOCK, IDX64)
     i = lane
     for _t in range(steps):
         active = lm & (i < n)
         if TABLE_MODE == 0:
-            base = tl.zeros([BLOCK], dtype=tl.int64)
+            base = tl.zeros([BLOCK], dtype=tl.int32)
         elif TABLE_MODE == 1:
-            tid = tl.load(tid_ptr + i, mask=active, other=0).to(tl.int64)
+            tid = tl.load(tid_ptr + i, mask=active, other=0).to(tl.int32)
             base = tl.minimum(tl.maximum(tid, 0), n_tables - 1) << K
         else:
-            lvl = tl.load(tid_ptr + i // period, mask=active, other=0).to(tl.int64)
-            tid = lvl * 16 + i % 16
+            lvl = tl.load(tid_ptr + i // period, mask=active, other=0).to(tl.int32)
+            tid = lvl * 16 + (i % 16).to(tl.int32)
             base = tl.minimum(tl.maximum(tid, 0), n_tables - 1) << K
         sym, x, ptr = rans_step(x, ptr, active, slot_ptr, base, words_ptr, n_words, K)
         tl.store(out_ptr + i, sym.to(tl.uint8), mask=active)
@@ -138,6 +154,8 @@ def check_stream_args(states: Tensor, words: Tensor, lane_words: Tensor, precisi
     lanes = states.numel()
     if lanes < 1 or n < 0 or lanes > max(1, n):
         raise CorruptPayloadError(f"{what}: {lanes} lanes for {n} symbols are invalid (need 1 <= lanes <= max(1, n))")
+    if words.numel() >= 1 << 31:
+        raise CodecError(f"{what}: {words.numel()} rANS words exceed the GPU kernel's 2**31 limit; decode with fast=False")
     for name, t, dt in (("states", states, torch.int32), ("words", words, torch.int16),
                         ("lane_words", lane_words, torch.int32)):
         if t.dtype != dt or t.dim() != 1:
@@ -214,14 +232,15 @@ def decode_symbols(states: Tensor, words: Tensor, lane_words: Tensor, tables: Te
         if table_of.numel() != n:
             raise CorruptPayloadError(f"{what}: {table_of.numel()} table indices for {n} symbols")
         tid, mode, per = table_of.reshape(-1), 1, 1
-        bad_ids = ((tid < 0) | (tid >= tab.shape[0])).sum()
+        if check:
+            bad_ids = ((tid < 0) | (tid >= tab.shape[0])).sum()
     elif column_table is not None:
         if period <= 0 or period % 16 or column_table.numel() * period != n:
             raise CodecError(f"decode_symbols: column_table of {column_table.numel()} entries and period {period} "
                              f"do not cover {n} symbols in 16-channel chunks")
         tid, mode, per = column_table.reshape(-1), 2, period
-        hi = column_table.to(torch.int64) * 16 + 15
-        bad_ids = ((column_table < 0) | (hi >= tab.shape[0])).sum()
+        if check:
+            bad_ids = ((column_table < 0) | (column_table.to(torch.int64) * 16 + 15 >= tab.shape[0])).sum()
     else:
         if tab.shape[0] != 1:
             raise CodecError(f"{what}: {tab.shape[0]} tables need a table index per symbol (table_of)")
@@ -232,7 +251,8 @@ def decode_symbols(states: Tensor, words: Tensor, lane_words: Tensor, tables: Te
     err = torch.empty(grid[0], dtype=torch.int32, device=dev)
     _symbols_kernel[grid](states, _nonempty(words), lane_starts(lane_words), lane_words, slot, tid, out, err,
                           n, lanes, steps, words.numel(), tab.shape[0], per,
-                          K=precision_bits, TABLE_MODE=mode, BLOCK=block, num_warps=warps)
+                          K=precision_bits, TABLE_MODE=mode, BLOCK=block, IDX64=index_is_64bit(n, lanes),
+                          num_warps=warps)
     if check:
         counts = error_counts(states, lane_words, err, table_errors(tab.to(dev), precision_bits), bad_ids)
         raise_if_corrupt(counts, words.numel(), lanes, precision_bits, what)
