@@ -32,7 +32,8 @@ Quality floor: exact (SQNR = inf). Rate on MiniLM-L6's 2-D fp32 weights (22.7 M)
 Decode cost per weight: one rANS step plus ~6 integer ops to reassemble the bits. On the CPU both
 run compiled (``rans_numba``: the rANS lanes, then the float32 reassembly, on the same GIL-free
 threads): the whole SmolLM2-135M (134.5 M fp32 weights) in ~1.3 s on 2 loaded cores, ~420 MB/s
-(``benchmarks/decode_speed.py``); the pure-PyTorch reference took 11.1 s on 1 thread.
+(``benchmarks/decode_speed.py``); the pure-PyTorch reference took 11.1 s on 1 thread. On CUDA with
+Triton, one kernel decodes the exponent lanes and assembles the floats (``kernels.lossless``).
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ Shared state (once per file, ``__codec__.nwc.<id>.<param>``): the decoder networ
 ``dec.b2`` [H], ``dec.w3`` [H, 16], ``dec.b3`` [16] (float32) and, for every rate index ``k`` the
 file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**precision_bits``).
 
-Decode: rANS over all lanes at once (``rans.decode``: compiled on the CPU when numba imports, else
-the torch reference on the payload's device; on a GPU the lanes run on the host by default), then
+Decode: rANS over all lanes at once (on CUDA with Triton: the lane decoder ``kernels.rans`` on the
+device, then the MLP as batched matmuls, ``kernels.nwc``; otherwise ``rans.decode``: compiled on
+the CPU when numba imports, else the torch reference on the payload's device), then
 the decoder MLP over columns grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks on the
 decode device (``nwc_net.decode_columns``; on a CPU on ``torch.get_num_threads()`` threads), then
 the row scales. Decoding is integer-exact up to

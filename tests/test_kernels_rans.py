@@ -195,3 +195,12 @@ def test_codecs_use_kernels_on_cuda() -> None:
     dev = torch.device("cuda")
     got = Lossless.decode(enc.to(dev), spec, {}, dev, torch.bfloat16)
     assert torch.equal(got.cpu().view(torch.int16), w.view(torch.int16))
+    if (WEIGHTS_DIR / "default.safetensors").is_file():
+        w = torch.randn(40, 24, generator=torch.Generator().manual_seed(5)) * 0.02
+        spec = TensorSpec("t.weight", (40, 24), torch.float32, "linear")
+        codec = Nwc(lam=256.0, steps=64)
+        enc = codec.encode(w, spec, EncodeContext("t.weight"))
+        shared = codec.shared_tensors()
+        ref = Nwc.decode(enc, spec, shared, torch.device("cpu"), torch.float32)
+        got = Nwc.decode(enc.to(dev), spec, {k: v.to(dev) for k, v in shared.items()}, dev, torch.float32)
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
