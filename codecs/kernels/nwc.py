@@ -56,9 +56,9 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     chunks = torch.empty(sym.shape[0], CHUNK, dtype=torch.float32, device=dev)
     for s in range(0, sym.shape[0], DECODE_BLOCK_GPU):
         chunks[s:s + DECODE_BLOCK_GPU] = decode_chunks(dec, sym[s:s + DECODE_BLOCK_GPU], kk[s:s + DECODE_BLOCK_GPU])
-    w = chunks.view(cols, p)[:, :rows].t() * f["row_scale"].to(torch.float32)[:, None]  # [rows, cols]
     if out is None:
-        return w.to(dtype).contiguous()
-    if out.dtype != dtype or tuple(out.shape) != tuple(spec.shape) or out.device != dev:
+        out = torch.empty((rows, cols), dtype=dtype, device=dev)
+    elif out.dtype != dtype or tuple(out.shape) != tuple(spec.shape) or out.device != dev:
         raise CodecError(f"tensor {spec.name!r}: out must be a {dtype} {list(spec.shape)} tensor on {dev}")
-    return out.copy_(w)
+    # transpose, row scale (in float32) and the cast to dtype in one pass
+    return torch.mul(chunks.view(cols, p)[:, :rows].t(), f["row_scale"].to(torch.float32)[:, None], out=out)

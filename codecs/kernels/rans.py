@@ -5,7 +5,7 @@ at step ``t`` lane ``j`` decodes symbol ``j + t * lanes``, so the stores of a bl
 A step is one gather from a small per-slot table (kept in L1/L2), one 16-bit word read from the
 lane's own contiguous words (when the state falls below ``L``), and a few integer ops.
 
-Slot table (built on the device, sync-free, by ``slot_table``)::
+Slot table (built on the device in one launch, sync-free, by ``slot_table``)::
 
     slot: [U * M] int64      # freq | (slot - cum[sym]) << 16 | sym << 32, M = 2**precision_bits
 
@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import rans
 from ..errors import CodecError, CorruptPayloadError
 
-__all__ = ["slot_table", "lane_starts", "launch_config", "raise_if_corrupt", "decode_symbols", "rans_step",
+__all__ = ["slot_table", "slot_table_reference", "lane_starts", "launch_config", "raise_if_corrupt", "decode_symbols", "rans_step",
            "table_errors", "lane_init", "index_is_64bit"]
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,13 @@ log = logging.getLogger(__name__)
 RANS_L = rans.RANS_L
 
 
-def slot_table(rows: Tensor, precision_bits: int) -> Tensor:
-    """Frequency rows [U, A] (any integer dtype, on the device) -> packed slot table [U * M] int64.
+def slot_table_reference(rows: Tensor, precision_bits: int) -> Tensor:
+    """Frequency rows [U, A] (any integer dtype, on the device) -> packed slot table [U * M] int64
+    (pure PyTorch: ``searchsorted``; ``slot_table`` is the one-launch kernel, tested equal).
 
     Entry ``u * M + s`` holds the symbol ``c`` with ``cum[c] <= s < cum[c] + f[c]`` in row ``u`` and
     ``f | (s - cum[c]) << 16 | sym << 32`` (``f <= 2**15``, ``s - cum[c] < 2**15``: the low 32 bits
-    are all the state update needs). Sync-free (``searchsorted``, no ``repeat_interleave``), and
-    in bounds for any row, valid or not (``table_errors`` tells which are valid).
+    are all the state update needs). In bounds for any row, valid or not (``table_errors`` tells).
     """
     m = 1 << precision_bits
     f = rows.to(torch.int64)
@@ -56,6 +56,41 @@ def slot_table(rows: Tensor, precision_bits: int) -> Tensor:
     fs = torch.gather(f, 1, sym)
     bias = slots - (torch.gather(incl, 1, sym) - fs)
     return ((fs & 0xFFFF) | ((bias & 0x7FFF) << 16) | (sym << 32)).reshape(-1).contiguous()
+
+
+@triton.jit
+def _slot_kernel(freq_ptr, slot_ptr, A, K: tl.constexpr, A_POW2: tl.constexpr, S: tl.constexpr):
+    # freq: [U, A] int (contiguous); slot: [U * 2**K] int64; program = S slots of one row
+    pid = tl.program_id(0)
+    per_row: tl.constexpr = (1 << K) // S
+    row = pid // per_row
+    s = (pid % per_row) * S + tl.arange(0, S)
+    a = tl.arange(0, A_POW2)
+    f = tl.load(freq_ptr + row * A + a, mask=a < A, other=0).to(tl.int32)
+    incl = tl.cumsum(f, 0)
+    sym = tl.sum((incl[None, :] <= s[:, None]).to(tl.int32), 1)  # = searchsorted(incl, s, right=True)
+    sym = tl.minimum(sym, A - 1)
+    fs = tl.sum(tl.where(a[None, :] == sym[:, None], f[None, :], 0), 1)
+    cum = tl.sum(tl.where(a[None, :] < sym[:, None], f[None, :], 0), 1)
+    bias = s - cum
+    e = (fs & 0xFFFF).to(tl.int64) | ((bias & 0x7FFF).to(tl.int64) << 16) | (sym.to(tl.int64) << 32)
+    tl.store(slot_ptr + row.to(tl.int64) * (1 << K) + s, e)
+
+
+def slot_table(rows: Tensor, precision_bits: int, use_kernel: bool | None = None) -> Tensor:
+    """``slot_table_reference`` in one kernel launch (rows [U, A] -> [U * M] int64, sync-free);
+    ``use_kernel`` default: on CUDA (the interpreter would take a program per 32 slots: slow)."""
+    k = precision_bits
+    if use_kernel is None:
+        use_kernel = rows.device.type == "cuda"
+    if not use_kernel:
+        return slot_table_reference(rows, k)
+    f = rows.contiguous()
+    u, a = f.shape
+    out = torch.empty(u << k, dtype=torch.int64, device=f.device)
+    s = 32
+    _slot_kernel[(u * ((1 << k) // s),)](f, out, a, K=k, A_POW2=triton.next_power_of_2(a), S=s, num_warps=4)
+    return out
 
 
 def table_errors(rows: Tensor, precision_bits: int) -> Tensor:
