@@ -191,6 +191,10 @@ def test_lossless_kernel_corrupt_names_tensor(device: str) -> None:
     bad = Encoded(enc.fields | {"exp_words": words}, enc.params)
     with pytest.raises(CorruptPayloadError, match="'m.w' exponents"):
         kl.decode(bad.to(dev), spec, torch.bfloat16)
+    for missing in ("rest", "exp_states"):
+        part = Encoded({k: v for k, v in enc.fields.items() if k != missing}, enc.params)
+        with pytest.raises(CorruptPayloadError, match=f"no field '{missing}'"):
+            kl.decode(part.to(dev), spec, torch.bfloat16)
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "default.safetensors").is_file(), reason="needs the shipped nwc network")

@@ -100,7 +100,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     """
     if dtype not in _SRC:
         raise CodecError(f"tensor {spec.name!r}: lossless kernel outputs float32, bfloat16 or float16, not {dtype}")
-    dev = enc.fields["exp_states"].device
+    dev = enc.fields["exp_states"].device if "exp_states" in enc.fields else torch.device("cpu")  # else: checked below
     f = Lossless.checked_fields(enc, spec, dev)
     _layout(spec)
     p = enc.params
@@ -127,7 +127,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     _lossless_kernel[grid](states, krans._nonempty(words), krans.lane_starts(lw), lw, slot, f["rest"], hi, dst, err,
                            n, lanes, steps, words.numel(),
                            K=k, SRC=_SRC[spec.dtype], OUT=mode, BLOCK=block,
-                           IDX64=krans.index_is_64bit(n, lanes), num_warps=warps)
+                           IDX64=krans.index_is_64bit(3 * n, lanes), num_warps=warps)  # fp32 planes: 3n
     if check:
         counts = krans.error_counts(states, lw, err, krans.table_errors(freq, k))
         krans.raise_if_corrupt(counts, words.numel(), lanes, k, what)

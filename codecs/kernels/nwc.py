@@ -32,7 +32,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     """
     if shared is None:
         raise CodecError(f"tensor {spec.name!r}: nwc decode needs the file's shared state")
-    dev = enc.fields["states"].device
+    dev = enc.fields["states"].device if "states" in enc.fields else torch.device("cpu")  # else: checked below
     f = Nwc.checked_fields(enc, spec, dev)
     prm = enc.params
     rows, cols, k_bits = prm["rows"], prm["cols"], prm["precision_bits"]

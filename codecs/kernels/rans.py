@@ -14,14 +14,13 @@ produces wrong symbols and a nonzero error count. The integrity check of ``rans.
 lane ends at ``L`` having read exactly its words; tables sum to ``M``; counts add up) is one host
 sync after the kernel when ``check=True``; ``check=False`` is sync-free (CUDA-graph capturable).
 
-Public API: ``slot_table``, ``lane_starts``, ``launch_config``, ``raise_if_corrupt``,
-``decode_symbols``; ``rans_step`` is the ``@triton.jit`` step that fused consumers
-(``kernels.lossless``) call inside their own loop.
+Public API: ``decode_symbols`` (symbols as uint8); for fused consumers (``kernels.lossless``):
+the ``@triton.jit`` helpers ``lane_init`` and ``rans_step`` called inside their own step loop, and
+``slot_table``, ``lane_starts``, ``launch_config``, ``index_is_64bit``, ``check_stream_args``,
+``error_counts``, ``table_errors``, ``raise_if_corrupt`` on the host.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import triton
@@ -31,10 +30,8 @@ from torch import Tensor
 from .. import rans
 from ..errors import CodecError, CorruptPayloadError
 
-__all__ = ["slot_table", "slot_table_reference", "lane_starts", "launch_config", "raise_if_corrupt", "decode_symbols", "rans_step",
-           "table_errors", "lane_init", "index_is_64bit"]
-
-log = logging.getLogger(__name__)
+__all__ = ["slot_table", "slot_table_reference", "lane_starts", "launch_config", "raise_if_corrupt", "decode_symbols",
+           "rans_step", "table_errors", "lane_init", "index_is_64bit", "check_stream_args", "error_counts"]
 
 RANS_L = rans.RANS_L
 
@@ -190,7 +187,8 @@ def check_stream_args(states: Tensor, words: Tensor, lane_words: Tensor, precisi
     if lanes < 1 or n < 0 or lanes > max(1, n):
         raise CorruptPayloadError(f"{what}: {lanes} lanes for {n} symbols are invalid (need 1 <= lanes <= max(1, n))")
     if words.numel() >= 1 << 31:
-        raise CodecError(f"{what}: {words.numel()} rANS words exceed the GPU kernel's 2**31 limit; decode with fast=False")
+        raise CodecError(f"{what}: {words.numel()} rANS words exceed the GPU kernel's 2**31 limit; "
+                         "decode with fast=False")
     for name, t, dt in (("states", states, torch.int32), ("words", words, torch.int16),
                         ("lane_words", lane_words, torch.int32)):
         if t.dtype != dt or t.dim() != 1:
