@@ -59,7 +59,7 @@ def slot_table_reference(rows: Tensor, precision_bits: int) -> Tensor:
 def _slot_kernel(freq_ptr, slot_ptr, A, K: tl.constexpr, A_POW2: tl.constexpr, S: tl.constexpr):
     # freq: [U, A] int (contiguous); slot: [U * 2**K] int64; program = S slots of one row
     pid = tl.program_id(0)
-    per_row: tl.constexpr = (1 << K) // S
+    per_row = (1 << K) // S
     row = pid // per_row
     s = (pid % per_row) * S + tl.arange(0, S)
     a = tl.arange(0, A_POW2)
