@@ -176,12 +176,17 @@ def _as_2d(tables: Tensor) -> Tensor:
 
 
 def encode(symbols: Tensor, tables: Tensor, precision_bits: int = DEFAULT_PRECISION, *,
-           table_of: Tensor | None = None, lanes: int | None = None, steps: int = TARGET_STEPS) -> RansStream:
+           table_of: Tensor | None = None, lanes: int | None = None, steps: int = TARGET_STEPS,
+           backend: str = "auto") -> RansStream:
     """Entropy-code ``symbols`` ([N] integers in ``[0, A)``) with ``tables`` ([T, A] or [A]); symbol
     ``i`` uses row ``table_of[i]`` ([N]) or, without ``table_of``, the single row (T must be 1).
 
     ``lanes`` (default ``ceil(N / steps)``) sets the number of independent streams. Every symbol
-    coded must have a frequency >= 1 in its row."""
+    coded must have a frequency >= 1 in its row. ``backend``: ``"auto"`` (compiled when numba
+    imports: ~50x faster for big tensors, the same stream), ``"numba"`` or ``"torch"`` (the loop
+    below, vectorised across lanes: the reference)."""
+    if backend not in BACKENDS:
+        raise CodecError(f"rANS backend must be one of {BACKENDS}, got {backend!r}")
     _check_precision(precision_bits)
     tab = _as_2d(tables)
     if tab.dim() != 2 or not 1 <= tab.shape[1] <= MAX_ALPHABET or tab.dtype.is_floating_point:
@@ -215,6 +220,14 @@ def encode(symbols: Tensor, tables: Tensor, precision_bits: int = DEFAULT_PRECIS
         raise CodecError("rANS: a symbol has frequency 0 in its table and cannot be coded")
     if tid is None and n and bool((freq[sym.long()] == 0).any()):
         raise CodecError("rANS: a symbol has frequency 0 in the table and cannot be coded")
+    if backend != "torch" and n:
+        from . import rans_numba
+
+        if rans_numba.available():
+            st, words, lw = rans_numba.encode_lanes(sym, tid, freq, cum, a, k, lanes)
+            return RansStream(states=st, words=words, lane_words=lw, n=n, lanes=lanes)
+        if backend == "numba":
+            raise CodecError("rANS backend 'numba' needs numba installed")
     n_steps = -(-n // lanes)
     x = torch.full((lanes,), RANS_L, dtype=torch.int64)
     emitted = torch.zeros((n_steps, lanes), dtype=torch.int16)  # uint16 bit patterns
