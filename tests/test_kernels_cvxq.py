@@ -159,7 +159,7 @@ from thawed.codecs.kernels import cvxq as kc
 
 ptrs = {"out_ptr": "*bf16", "x_ptr": "*bf16", "part_ptr": "*fp32", "codes_ptr": "*u8", "depth_ptr": "*u8",
         "loc_ptr": "*fp16", "scale_ptr": "*fp16", "prefix_ptr": "*i32", "lv_ptr": "*fp32", "perm_ptr": "*i16",
-        "cs_ptr": "*i32", "cbase_ptr": "*i64", "p1_ptr": "*u8", "p2_ptr": "*i16", "p4_ptr": "*i32",
+        "cs_ptr": "*i32", "ts_ptr": "*i32", "cbase_ptr": "*i64", "p1_ptr": "*u8", "p2_ptr": "*i16", "p4_ptr": "*i32",
         "hist_ptr": "*i32"}
 cases = [(kc._hist_kernel, {"HB": 32, "CH": kc.CHUNK}, 4),
          (kc._decode_kernel, {"BJ": 32, "BI": 64, "CH": kc.CHUNK}, 4),

@@ -63,6 +63,7 @@ __all__ = ["decode", "prepare", "matmul", "CvxqFusedWeight", "CHUNK", "MAX_FUSED
 
 CHUNK = 32  # columns per prefix-table row; every kernel's BJ is a multiple of it
 MAX_FUSED_ROWS = 16  # matmul rows handled by the fused kernel; more: decode + F.linear
+TILE_COLS = 32  # matmul tile width (sorted columns of one depth class)
 _TARGET_PROGRAMS = 132 * 4  # H200: 132 SMs, about 4 programs each
 _SCALARS = ["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8"]
 _LEVELS: dict[torch.device, Tensor] = {}
@@ -228,14 +229,15 @@ def _levels(p1_ptr, p2_ptr, p4_ptr, cb_ptr, lv_ptr, u, pos, C, ok, B: tl.constex
 
 
 @triton.jit
-def _matmul_kernel(x_ptr, part_ptr, perm_ptr, cs_ptr, cbase_ptr, p1_ptr, p2_ptr, p4_ptr, scale_ptr, loc_ptr, lv_ptr,
-                   M, m, n, G, GU, WS, BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, USE_DOT: tl.constexpr,
+def _matmul_kernel(x_ptr, part_ptr, perm_ptr, cs_ptr, ts_ptr, cbase_ptr, p1_ptr, p2_ptr, p4_ptr, scale_ptr, loc_ptr,
+                   lv_ptr, M, m, n, G, GU, TPS, BM: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr, USE_DOT: tl.constexpr,
                    DOT_F32: tl.constexpr):
     """part[s, :M, rows] = x[:M, :] @ W[rows, cols_s]^T for program (row tile, split s).
 
-    Split s takes the sorted positions ``s*WS .. s*WS+WS`` of its row block (columns sorted by depth,
-    ``perm``); it walks them one depth class at a time (``B`` static: unpacking specialised per
-    depth), BJ columns per step, x gathered through ``perm``. ``w = level * scale + loc`` is split:
+    The row block's columns, sorted by depth (``perm``), form per depth class ``ceil(C/BJ)`` tiles
+    of BJ columns (only a class's last tile is partial; ``ts``: first tile of each class); split s
+    takes tiles ``s*TPS .. s*TPS+TPS``, one depth class at a time (``B`` static: unpacking
+    specialised per depth), x gathered through ``perm``. ``w = level * scale + loc`` is split:
     ``sum_j (x_j scale_j) level_ij`` per weight, ``sum_j x_j loc_j`` once per column (every row
     of the block shares it)."""
     rt = tl.program_id(0)
@@ -246,8 +248,7 @@ def _matmul_kernel(x_ptr, part_ptr, perm_ptr, cs_ptr, cbase_ptr, p1_ptr, p2_ptr,
     U: tl.constexpr = BI // 8
     u = it * U + tl.arange(0, U)[:, None]  # [U, 1] units of 8 rows inside the block
     uok = u < GU
-    s0 = s * WS
-    s1 = tl.minimum(s0 + WS, n)
+    s0 = s * TPS
     xm = tl.arange(0, BM)
     if USE_DOT:
         acc = tl.zeros([BM, BI], dtype=tl.float32)
@@ -259,9 +260,10 @@ def _matmul_kernel(x_ptr, part_ptr, perm_ptr, cs_ptr, cbase_ptr, p1_ptr, p2_ptr,
     for B in tl.static_range(9):  # depth classes 0..8
         c0 = tl.load(cs_ptr + r * 10 + B)
         c1 = tl.load(cs_ptr + r * 10 + B + 1)
-        for p0 in range(tl.maximum(c0, s0), tl.minimum(c1, s1), BJ):
-            p = p0 + tl.arange(0, BJ)
-            pok = p < tl.minimum(c1, s1)
+        t0 = tl.load(ts_ptr + r * 10 + B)
+        for tt in range(tl.maximum(t0, s0), tl.minimum(tl.load(ts_ptr + r * 10 + B + 1), s0 + TPS)):
+            p = c0 + (tt - t0) * BJ + tl.arange(0, BJ)
+            pok = p < c1
             col = tl.load(perm_ptr + rowp + p, mask=pok, other=0).to(tl.int32)
             sc = tl.load(scale_ptr + rowp + p, mask=pok, other=0.0).to(tl.float32)
             lc = tl.load(loc_ptr + rowp + p, mask=pok, other=0.0).to(tl.float32)
@@ -421,6 +423,7 @@ class CvxqFusedWeight:
 
     perm: Tensor  # [R, n] int16 (int32 when n > 32767): column of each sorted position
     cs: Tensor  # [R, 10] int32: sorted position where depth class b starts (cs[:, 9] = n)
+    ts: Tensor  # [R, 10] int32: matmul tile (TILE_COLS columns, one class each) where class b starts
     cbase: Tensor  # [R, 8, 3] int64: first unit of class (r, b = 1..8)'s planes in p1/p2/p4
     p1: Tensor  # [units] uint8: 1-bit planes (8 codes a unit)
     p2: Tensor  # [units] int16: 2-bit planes
@@ -432,13 +435,14 @@ class CvxqFusedWeight:
     n: int
     g: int
     r: int
+    tiles: int  # max over row blocks of ts[r, 9]
     name: str
 
     @property
     def nbytes(self) -> int:
         """Resident bytes of this weight (the shared 9 KB level table not counted)."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.perm, self.cs, self.cbase, self.p1, self.p2, self.p4, self.scale, self.loc))
+                   for t in (self.perm, self.cs, self.ts, self.cbase, self.p1, self.p2, self.p4, self.scale, self.loc))
 
     @property
     def bits_per_weight(self) -> float:
@@ -474,6 +478,8 @@ def prepare(enc: Encoded, spec: TensorSpec) -> CvxqFusedWeight:
     cnt = torch.bincount(rr * 9 + depth, minlength=r * 9).view(r, 9)
     cs = torch.zeros((r, 10), dtype=torch.int32, device=dev)
     cs[:, 1:] = torch.cumsum(cnt, 1)
+    ts = torch.zeros((r, 10), dtype=torch.int32, device=dev)
+    ts[:, 1:] = torch.cumsum(-(-cnt // TILE_COLS), 1)
     cnt_h = cnt.cpu()
     gu = -(-g // 8)
     cbase = torch.zeros((r, 8, 3), dtype=torch.int64)
@@ -506,10 +512,10 @@ def prepare(enc: Encoded, spec: TensorSpec) -> CvxqFusedWeight:
         top = 1 << (8 * wd)  # units are 8*wd bits: two's complement for the signed types
         planes[wd] = (v if wd == 1 else torch.where(v >= top // 2, v - top, v)).to(_UNIT[wd])
     pdt = torch.int16 if n <= 32767 else torch.int32
-    return CvxqFusedWeight(jj[order].to(pdt).view(r, n).contiguous(), cs, cbase.to(dev), planes[1], planes[2],
+    return CvxqFusedWeight(jj[order].to(pdt).view(r, n).contiguous(), cs, ts, cbase.to(dev), planes[1], planes[2],
                            planes[4], scale[order].view(r, n).contiguous(),
                            f["loc"].reshape(-1)[order].view(r, n).contiguous(), _level_table(dev), m, n, g, r,
-                           spec.name)
+                           int(ts[:, 9].max()) if r else 0, spec.name)
 
 
 def _split(row_tiles: int, col_tiles: int) -> tuple[int, int]:
@@ -551,12 +557,12 @@ def matmul(x: Tensor, w: CvxqFusedWeight) -> Tensor:
         return F.linear(x2, _decode_packed(w, x.dtype)).reshape(*lead, w.m)
     # Tile [BI rows (64 for G = 192: three per block, none wasted), 32 sorted columns], 4 warps:
     # 16 weights per thread, two plane loads at most per 8 weights.
-    bi, bj = _tile_rows(w.g), 32
+    bi = _tile_rows(w.g)
     row_tiles = w.r * triton.cdiv(w.g, bi)
-    splits, per = _split(row_tiles, triton.cdiv(w.n, bj))
+    splits, per = _split(row_tiles, w.tiles)
     part = torch.empty((splits, rows, w.m), dtype=torch.float32, device=x.device)
     _matmul_kernel[(row_tiles, splits)](
-        x2, part, *_args(w), rows, w.m, w.n, w.g, triton.cdiv(w.g, 8), per * bj,
-        BM=16, BJ=bj, BI=bi, USE_DOT=rows > 1, DOT_F32=interpreting(), num_warps=4)
+        x2, part, w.perm, w.cs, w.ts, *_args(w)[2:], rows, w.m, w.n, w.g, triton.cdiv(w.g, 8), per,
+        BM=16, BJ=TILE_COLS, BI=bi, USE_DOT=rows > 1, DOT_F32=interpreting(), num_warps=4)
     y = part[0] if splits == 1 else part.sum(0)
     return y.to(x.dtype).reshape(*lead, w.m)
