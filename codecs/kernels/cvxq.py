@@ -22,20 +22,31 @@ A program takes one row block x ``BJ = 32`` columns: it derives its groups' stat
 exclusive count by ``tl.cumsum`` over [BJ, 16] one-hot depths + the previous chunk's row), then
 walks the block's ``G`` rows ``BI`` at a time (64 for G = 192: no waste).
 
-``prepare`` / ``matmul`` (at most 16 rows): ``prepare`` repacks once, on the device, each group's
-bit offset and scale in natural order (``off: [R, n] int32``, ``scale: [R, n] f16``), so a tile's
-groups cost four coalesced loads; resident 4.25 -> ~4.42 bits/weight at G = 192. A program takes
-``BI`` rows (the whole row block when G <= 256) and a split of the columns, 16 at a time; fp32
-partial sums per split are added by one ``torch.sum``.
+``prepare`` / ``matmul`` (at most 16 rows): depth-uniform tiles. ``prepare`` (once, on the device)
+sorts each row block's columns by depth (``perm: [R, n] int16``, ``cs``: where each depth class
+starts) and regroups the codes of each class (row block r, depth b, ``C`` columns) into planes of
+4, 2 and 1 bits (b = 3: 2+1, 5: 4+1, 6: 4+2, 7: 4+2+1, 8: 4+4), each an array ``[ceil(G/8), C]`` of
+*units* -- 8 consecutive rows of one group, LSB first (uint8 / int16 / int32 for 1 / 2 / 4 bits) --
+with consecutive columns at consecutive addresses; scales and locations are stored in the sorted
+order. Resident: the payload's code bits (rows padded to 8) + 48 bits per group (column, scale,
+location) + 232 bytes per row block: ~4.29 bits/weight for a 4.19 bpw payload at G = 192.
 
-Tile layout ``[NREP, BJ, 32]``: the 32 lanes of a warp run along 32 consecutive rows of a group
-(consecutive codes: the same bytes), the warps along the columns, and each thread repeats over
-``NREP = BI / 32`` row slices of the same groups. A code is ``(b0 | b1 << 8) >> (bit & 7) & (2**b - 1)``
-(``b1`` loaded only for a code that crosses a byte); its level comes from the ``[9, 256]`` float32
-table (9 KB, L1-resident); ``w = level * scale + loc`` (depth 0 reads no code: level and scale 0,
-so ``w = loc``). ``decode`` stores the tile row-major (Triton converts the layout through shared
-memory: 16-byte stores along ``n``); ``matmul`` multiplies it right away (one row: elementwise fp32
-FMAs reduced once at the end; 2..16 rows: ``tl.dot`` with M padded to 16).
+A matmul program takes ``BI`` rows (64 for G = 192: three tiles per block, none wasted) and a
+split of the block's tiles (``TILE_COLS = 32`` sorted columns of one depth class; only a class's
+last tile is partial, ``ts``: first tile of each class). It walks the 9 depth classes with the depth
+static (``tl.static_range``), so the unpacking is specialised: one unit load per plane per 8
+weights, constant shifts and masks, a level-table load (``[9, 256]`` float32, L1-resident; one
+128-byte line for depths <= 5). x is gathered through ``perm`` ([<= 16, n]: L1/L2). ``w = level *
+scale + loc`` is split: ``sum_j (x_j scale_j) level_ij`` per weight (one FMA), ``sum_j x_j loc_j``
+once per column. The next tile's loads are issued before the current tile's math (software
+pipelining by hand). The tile is ``[8, BI/8, 32]`` (slot t of a unit first: Triton then keeps a
+unit's 8 codes in the thread that loaded it -- no shared-memory round trip). One row: fp32 FMAs
+reduced once at the end; 2..16 rows: ``tl.dot`` with M padded to 16 (levels and ``x * scale`` in
+x's dtype). fp32 partial sums per split are added by one ``torch.sum``.
+
+sm_90 SASS of the one-row loop (Triton 3.9, 64 x 32 tile, 4 warps, 80 registers): 8.1-8.4
+instructions per weight for depths 1, 2, 4; 10.4-11.1 for 3, 5, 6, 8; 13.9 for 7 (the previous
+generic-depth kernel: ~30); 1.4 loads per weight (the level table: 1). ``tl.dot`` path: 17-24.
 
 Corrupt payloads: ``decode`` does not re-check the depth histogram against ``counts`` (a host
 sync; ``prepare`` checks it once). Every group is read only when its codes and scale lie inside
@@ -188,44 +199,73 @@ def _decode_kernel(out_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr
 
 
 @triton.jit
-def _plane(ptr, base, u, pos, C, ok, W: tl.constexpr, O: tl.constexpr):
-    """Bits ``O .. O+W`` of a depth-uniform tile's codes from one plane: units [U, BJ] (one unit = 8
-    consecutive rows of a group, W bits each, row ``u*8 + t`` at bit ``t*W``; consecutive columns at
-    consecutive addresses) -> [8, U, BJ] int32 (slot t first: Triton then keeps a unit's 8 codes in
-    the thread that loaded it). One load per 8 weights; constant shifts."""
-    v = tl.load(ptr + (base + u.to(tl.int64) * C + pos), mask=ok, other=0).to(tl.int32)
+def _ld(ptr, cb_ptr, u, pos, C, ok):
+    """One plane's units [U, BJ] int32 (one unit = 8 consecutive rows of a group; consecutive
+    columns of a class at consecutive addresses): one load per 8 weights."""
+    return tl.load(ptr + (tl.load(cb_ptr) + u.to(tl.int64) * C + pos), mask=ok, other=0).to(tl.int32)
+
+
+@triton.jit
+def _units(p1_ptr, p2_ptr, p4_ptr, cb_ptr, u, pos, C, ok, B: tl.constexpr):
+    """The planes (``_PLANES``: 4, 2 and 1 bits, low bits first) of a tile whose groups all have
+    depth ``B`` (1..8), as up to three [U, BJ] int32 unit tensors (unused ones 0); ``cb_ptr``
+    points at the class's plane bases ``cbase[r, B-1, :]``."""
+    z = tl.zeros_like(u + pos)
+    if B == 1:
+        v0, v1, v2 = _ld(p1_ptr, cb_ptr, u, pos, C, ok), z, z
+    elif B == 2:
+        v0, v1, v2 = _ld(p2_ptr, cb_ptr, u, pos, C, ok), z, z
+    elif B == 3:
+        v0, v1, v2 = _ld(p2_ptr, cb_ptr, u, pos, C, ok), _ld(p1_ptr, cb_ptr + 1, u, pos, C, ok), z
+    elif B == 4:
+        v0, v1, v2 = _ld(p4_ptr, cb_ptr, u, pos, C, ok), z, z
+    elif B == 5:
+        v0, v1, v2 = _ld(p4_ptr, cb_ptr, u, pos, C, ok), _ld(p1_ptr, cb_ptr + 1, u, pos, C, ok), z
+    elif B == 6:
+        v0, v1, v2 = _ld(p4_ptr, cb_ptr, u, pos, C, ok), _ld(p2_ptr, cb_ptr + 1, u, pos, C, ok), z
+    elif B == 7:
+        v0, v1, v2 = (_ld(p4_ptr, cb_ptr, u, pos, C, ok), _ld(p2_ptr, cb_ptr + 1, u, pos, C, ok),
+                      _ld(p1_ptr, cb_ptr + 2, u, pos, C, ok))
+    else:
+        v0, v1, v2 = _ld(p4_ptr, cb_ptr, u, pos, C, ok), _ld(p4_ptr, cb_ptr + 1, u, pos, C, ok), z
+    return v0, v1, v2
+
+
+@triton.jit
+def _bits(v, W: tl.constexpr, O: tl.constexpr):
+    """Units [U, BJ] -> bits ``O .. O+W`` of their 8 codes, [8, U, BJ] (slot t first: Triton then
+    keeps a unit's 8 codes in the thread that loaded it); constant shifts."""
     t = tl.arange(0, 8)[:, None, None]
     return ((v[None, :, :] >> (t * W)) & ((1 << W) - 1)) << O
 
 
 @triton.jit
-def _levels(p1_ptr, p2_ptr, p4_ptr, cb_ptr, lv_ptr, u, pos, C, ok, B: tl.constexpr):
-    """Levels [8, U, BJ] float32 (row ``u*8 + t`` at ``[t, u, j]``) of a tile whose groups all have depth ``B`` (1..8): its code is
-    split into planes of 4, 2 and 1 bits (``_PLANES``), each read 8 codes per unit; ``cb_ptr``
-    points at the class's plane bases (``cbase[r, B-1, :]``)."""
+def _unpack(v0, v1, v2, lv_ptr, B: tl.constexpr):
+    """Levels [8, U, BJ] float32 (row ``u*8 + t`` at ``[t, u, j]``) of ``_units``' planes."""
     if B == 1:
-        q = _plane(p1_ptr, tl.load(cb_ptr), u, pos, C, ok, 1, 0)
+        q = _bits(v0, 1, 0)
     elif B == 2:
-        q = _plane(p2_ptr, tl.load(cb_ptr), u, pos, C, ok, 2, 0)
+        q = _bits(v0, 2, 0)
     elif B == 3:
-        q = _plane(p2_ptr, tl.load(cb_ptr), u, pos, C, ok, 2, 0) | _plane(p1_ptr, tl.load(cb_ptr + 1), u, pos, C, ok,
-                                                                           1, 2)
+        q = _bits(v0, 2, 0) | _bits(v1, 1, 2)
     elif B == 4:
-        q = _plane(p4_ptr, tl.load(cb_ptr), u, pos, C, ok, 4, 0)
+        q = _bits(v0, 4, 0)
     elif B == 5:
-        q = _plane(p4_ptr, tl.load(cb_ptr), u, pos, C, ok, 4, 0) | _plane(p1_ptr, tl.load(cb_ptr + 1), u, pos, C, ok,
-                                                                           1, 4)
+        q = _bits(v0, 4, 0) | _bits(v1, 1, 4)
     elif B == 6:
-        q = _plane(p4_ptr, tl.load(cb_ptr), u, pos, C, ok, 4, 0) | _plane(p2_ptr, tl.load(cb_ptr + 1), u, pos, C, ok,
-                                                                           2, 4)
+        q = _bits(v0, 4, 0) | _bits(v1, 2, 4)
     elif B == 7:
-        q = (_plane(p4_ptr, tl.load(cb_ptr), u, pos, C, ok, 4, 0)
-             | _plane(p2_ptr, tl.load(cb_ptr + 1), u, pos, C, ok, 2, 4)
-             | _plane(p1_ptr, tl.load(cb_ptr + 2), u, pos, C, ok, 1, 6))
+        q = _bits(v0, 4, 0) | _bits(v1, 2, 4) | _bits(v2, 1, 6)
     else:
-        q = _plane(p4_ptr, tl.load(cb_ptr), u, pos, C, ok, 4, 0) | _plane(p4_ptr, tl.load(cb_ptr + 1), u, pos, C, ok,
-                                                                           4, 4)
+        q = _bits(v0, 4, 0) | _bits(v1, 4, 4)
     return tl.load(lv_ptr + (B * 256 + q))  # row B of the [9, 256] table: 4 B * 2**B, one L1 line for B <= 5
+
+
+@triton.jit
+def _levels(p1_ptr, p2_ptr, p4_ptr, cb_ptr, lv_ptr, u, pos, C, ok, B: tl.constexpr):
+    """Levels [8, U, BJ] float32 of a depth-``B`` tile (``_units`` then ``_unpack``)."""
+    v0, v1, v2 = _units(p1_ptr, p2_ptr, p4_ptr, cb_ptr, u, pos, C, ok, B)
+    return _unpack(v0, v1, v2, lv_ptr, B)
 
 
 @triton.jit
@@ -261,12 +301,23 @@ def _matmul_kernel(x_ptr, part_ptr, perm_ptr, cs_ptr, ts_ptr, cbase_ptr, p1_ptr,
         c0 = tl.load(cs_ptr + r * 10 + B)
         c1 = tl.load(cs_ptr + r * 10 + B + 1)
         t0 = tl.load(ts_ptr + r * 10 + B)
-        for tt in range(tl.maximum(t0, s0), tl.minimum(tl.load(ts_ptr + r * 10 + B + 1), s0 + TPS)):
-            p = c0 + (tt - t0) * BJ + tl.arange(0, BJ)
-            pok = p < c1
-            col = tl.load(perm_ptr + rowp + p, mask=pok, other=0).to(tl.int32)
-            sc = tl.load(scale_ptr + rowp + p, mask=pok, other=0.0).to(tl.float32)
-            lc = tl.load(loc_ptr + rowp + p, mask=pok, other=0.0).to(tl.float32)
+        t_lo = tl.maximum(t0, s0)
+        t_hi = tl.minimum(tl.load(ts_ptr + r * 10 + B + 1), s0 + TPS)
+        cb = cbase_ptr + (r * 8 + B) * 3 - 3  # class (r, B)'s plane bases (read only for B >= 1)
+        # software pipelining by hand: the next tile's loads are issued before this tile's math
+        p = c0 + (t_lo - t0) * BJ + tl.arange(0, BJ)
+        pok = p < tl.where(t_lo < t_hi, c1, 0)  # (a scalar & a tensor upsets the interpreter)
+        col = tl.load(perm_ptr + rowp + p, mask=pok, other=0).to(tl.int32)
+        sc = tl.load(scale_ptr + rowp + p, mask=pok, other=0.0).to(tl.float32)
+        lc = tl.load(loc_ptr + rowp + p, mask=pok, other=0.0).to(tl.float32)
+        if B > 0:
+            v0, v1, v2 = _units(p1_ptr, p2_ptr, p4_ptr, cb, u, (p - c0)[None, :], c1 - c0, uok & pok[None, :], B)
+        for tt in range(t_lo, t_hi):
+            pn = p + BJ
+            okn = pn < tl.where(tt + 1 < t_hi, c1, 0)
+            coln = tl.load(perm_ptr + rowp + pn, mask=okn, other=0).to(tl.int32)
+            scn = tl.load(scale_ptr + rowp + pn, mask=okn, other=0.0).to(tl.float32)
+            lcn = tl.load(loc_ptr + rowp + pn, mask=okn, other=0.0).to(tl.float32)
             if USE_DOT:
                 xt = tl.load(x_ptr + xm[:, None] * n + col[None, :], mask=(xm < M)[:, None] & pok[None, :],
                              other=0.0).to(tl.float32)
@@ -275,17 +326,20 @@ def _matmul_kernel(x_ptr, part_ptr, perm_ptr, cs_ptr, ts_ptr, cbase_ptr, p1_ptr,
                 xv = tl.load(x_ptr + col, mask=pok, other=0.0).to(tl.float32)
                 cl += xv * lc
             if B > 0:
-                lv = _levels(p1_ptr, p2_ptr, p4_ptr, cbase_ptr + (r * 8 + B - 1) * 3, lv_ptr, u, (p - c0)[None, :],
-                             c1 - c0, uok & pok[None, :], B)
+                w0, w1, w2 = _units(p1_ptr, p2_ptr, p4_ptr, cb, u, (pn - c0)[None, :], c1 - c0, uok & okn[None, :],
+                                    B)
+                lv = _unpack(v0, v1, v2, lv_ptr, B)
                 if USE_DOT:
-                    w2 = tl.reshape(tl.permute(lv, (2, 1, 0)), (BJ, BI))  # [BJ, BI], row u*8 + t
+                    w2d = tl.reshape(tl.permute(lv, (2, 1, 0)), (BJ, BI))  # [BJ, BI], row u*8 + t
                     xs = xt * sc[None, :]
                     if DOT_F32:  # Triton's interpreter multiplies bf16 operands wrongly; fp32 instead
-                        acc += tl.dot(xs, w2)
+                        acc += tl.dot(xs, w2d)
                     else:
-                        acc += tl.dot(xs.to(x_ptr.dtype.element_ty), w2.to(x_ptr.dtype.element_ty))
+                        acc += tl.dot(xs.to(x_ptr.dtype.element_ty), w2d.to(x_ptr.dtype.element_ty))
                 else:
                     acc += lv * (xv * sc)[None, None, :]
+                v0, v1, v2 = w0, w1, w2
+            p, pok, col, sc, lc = pn, okn, coln, scn, lcn
     if USE_DOT:
         y = acc + tl.sum(cl, 1)[:, None]
         i2 = it * BI + tl.arange(0, BI)
