@@ -93,7 +93,8 @@ def test_decode_with_bias_field_and_into_a_ring_slice(device: torch.device) -> N
 
 @pytest.mark.parametrize("rows,dtype", [(r, torch.bfloat16) for r in (1, 3, 16, 17)]
                          + [(r, d) for r in (1, 3) for d in (torch.float16, torch.float32)], ids=str)
-def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype) -> None:
+def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 6)  # two splits: fewer programs under the interpreter
     shape, g = (40, 70), 16
     enc, spec = _payload(shape, g, seed=rows)
     w = kc.prepare(enc.to(device), spec)
@@ -108,7 +109,8 @@ def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dty
     torch.testing.assert_close(y.float(), expect, rtol=tol, atol=tol)
 
 
-def test_matmul_and_decode_with_groups_taller_than_a_tile(device: torch.device) -> None:
+def test_matmul_and_decode_with_groups_taller_than_a_tile(device: torch.device, monkeypatch) -> None:
+    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 1)  # no split-K: fewer programs under the interpreter
     enc, spec = _payload((520, 20), 300, seed=11)  # G = 300: two 256-row tiles per block, last block 220 rows
     _check_decode(enc, spec, device, torch.float32)
     w = kc.prepare(enc.to(device), spec)
@@ -199,8 +201,9 @@ def test_kernels_compile_for_sm90(device: torch.device) -> None:
 
 # ---- prepare's depth-uniform layout (columns sorted by depth per row block, codes in 4/2/1-bit planes)
 @pytest.mark.parametrize("depths", ["0", "3", "8", "mixed"])
-def test_matmul_depth_classes_partial_last_group(device: torch.device, depths: str) -> None:
+def test_matmul_depth_classes_partial_last_group(device: torch.device, depths: str, monkeypatch) -> None:
     """G = 10 (not a multiple of 8: rows padded to 16 per group), last block 7 rows, odd n."""
+    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 4)
     enc, spec = _payload((27, 37), 10, seed=20 + len(depths), depths=depths)
     w = kc.prepare(enc.to(device), spec)
     assert tuple(w.cs[:, -1].cpu().tolist()) == (37,) * 3 and (w.cs[:, 1:] >= w.cs[:, :-1]).all()
