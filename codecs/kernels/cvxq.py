@@ -581,6 +581,7 @@ def _split(row_tiles: int, col_tiles: int) -> tuple[int, int]:
 
 
 def _args(w: CvxqFusedWeight) -> tuple:
+    """The prepared tensors in the kernels' argument order (``ts`` apart: the matmul only)."""
     return (w.perm, w.cs, w.cbase, w.p1, w.p2, w.p4, w.scale, w.loc, w.levels)
 
 
