@@ -93,12 +93,13 @@ def test_decode_with_bias_field_and_into_a_ring_slice(device: torch.device) -> N
 
 @pytest.mark.parametrize("rows,dtype", [(r, torch.bfloat16) for r in (1, 3, 16, 17)]
                          + [(r, d) for r in (1, 3) for d in (torch.float16, torch.float32)], ids=str)
-def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype) -> None:
+def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 6)  # two splits: fewer programs under the interpreter
     shape, g = (40, 70), 16
     enc, spec = _payload(shape, g, seed=rows)
     w = kc.prepare(enc.to(device), spec)
     r, n = enc.fields["loc"].shape
-    assert w.nbytes <= enc.nbytes + 6 * r * n  # + a 32-bit offset per group, scales of depth-0 groups
+    assert w.nbytes <= enc.nbytes + 4 * r * n + 240 * r  # + a 16-bit column per group, scales of depth-0 groups, class tables
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
     y = kc.matmul(x.to(device), w).cpu()
     assert y.shape == (rows, shape[0]) and y.dtype == dtype and torch.isfinite(y.float()).all()
@@ -108,7 +109,8 @@ def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dty
     torch.testing.assert_close(y.float(), expect, rtol=tol, atol=tol)
 
 
-def test_matmul_and_decode_with_groups_taller_than_a_tile(device: torch.device) -> None:
+def test_matmul_and_decode_with_groups_taller_than_a_tile(device: torch.device, monkeypatch) -> None:
+    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 1)  # no split-K: fewer programs under the interpreter
     enc, spec = _payload((520, 20), 300, seed=11)  # G = 300: two 256-row tiles per block, last block 220 rows
     _check_decode(enc, spec, device, torch.float32)
     w = kc.prepare(enc.to(device), spec)
@@ -158,13 +160,14 @@ from triton.compiler import ASTSource
 from thawed.codecs.kernels import cvxq as kc
 
 ptrs = {"out_ptr": "*bf16", "x_ptr": "*bf16", "part_ptr": "*fp32", "codes_ptr": "*u8", "depth_ptr": "*u8",
-        "loc_ptr": "*fp16", "scale_ptr": "*fp16", "prefix_ptr": "*i32", "lv_ptr": "*fp32", "off_ptr": "*i32",
+        "loc_ptr": "*fp16", "scale_ptr": "*fp16", "prefix_ptr": "*i32", "lv_ptr": "*fp32", "perm_ptr": "*i16",
+        "cs_ptr": "*i32", "ts_ptr": "*i32", "cbase_ptr": "*i64", "p1_ptr": "*u8", "p2_ptr": "*i16", "p4_ptr": "*i32",
         "hist_ptr": "*i32"}
 cases = [(kc._hist_kernel, {"HB": 32, "CH": kc.CHUNK}, 4),
          (kc._decode_kernel, {"BJ": 32, "BI": 64, "CH": kc.CHUNK}, 4),
          (kc._packed_decode_kernel, {"BJ": 32, "BI": 64}, 4),
-         (kc._matmul_kernel, {"BM": 16, "BJ": 16, "BI": 256, "USE_DOT": False, "DOT_F32": False}, 8),
-         (kc._matmul_kernel, {"BM": 16, "BJ": 16, "BI": 256, "USE_DOT": True, "DOT_F32": False}, 8)]
+         (kc._matmul_kernel, {"BM": 16, "BJ": 32, "BI": 64, "USE_DOT": False, "DOT_F32": False}, 4),
+         (kc._matmul_kernel, {"BM": 16, "BJ": 32, "BI": 64, "USE_DOT": True, "DOT_F32": False}, 4)]
 for fn, consts, warps in cases:
     names = fn.arg_names
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "i64" if a == "nbytes" else "i32") for a in names}
@@ -194,3 +197,37 @@ def test_kernels_compile_for_sm90(device: torch.device) -> None:
         pytest.skip(f"no ahead-of-time Triton compile here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled 5" in res.stdout
+
+
+# ---- prepare's depth-uniform layout (columns sorted by depth per row block, codes in 4/2/1-bit planes)
+@pytest.mark.parametrize("depths", ["0", "3", "8", "mixed"])
+def test_matmul_depth_classes_partial_last_group(device: torch.device, depths: str, monkeypatch) -> None:
+    """G = 10 (not a multiple of 8: rows padded to 16 per group), last block 7 rows, odd n."""
+    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 4)
+    enc, spec = _payload((27, 37), 10, seed=20 + len(depths), depths=depths)
+    w = kc.prepare(enc.to(device), spec)
+    assert tuple(w.cs[:, -1].cpu().tolist()) == (37,) * 3 and (w.cs[:, 1:] >= w.cs[:, :-1]).all()
+    wref = _reference(enc, spec)
+    x = torch.randn(3, 37, generator=torch.Generator().manual_seed(7))
+    y1 = kc.matmul(x[:1].to(device), w).cpu()
+    torch.testing.assert_close(y1, x[:1] @ wref.T, rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    y3 = kc.matmul(xb.to(device), w).cpu()
+    torch.testing.assert_close(y3.float(), xb.float() @ wref.bfloat16().float().T, rtol=2e-2, atol=2e-2)
+
+
+def test_prepared_decode_for_many_rows_every_depth(device: torch.device) -> None:
+    """The >16-row path decodes the prepared layout exactly (every depth 0..8 present, odd shape)."""
+    enc, spec = _payload((33, 61), 12, seed=31)
+    w = kc.prepare(enc.to(device), spec)
+    d = (enc.fields["depth"].long() & 15).tolist() + (enc.fields["depth"].long() >> 4).tolist()
+    assert set(range(9)) <= set(d)
+    out = kc._decode_packed(w, torch.float32).cpu()
+    torch.testing.assert_close(out, _reference(enc, spec), rtol=1e-6, atol=1e-7)
+
+
+def test_prepared_bits_per_weight_near_payload(device: torch.device) -> None:
+    enc, spec = _payload((384, 256), 192, seed=3, depths="4")
+    w = kc.prepare(enc.to(device), spec)
+    payload_bpw = 8 * enc.nbytes / (384 * 256)
+    assert w.bits_per_weight <= payload_bpw + 0.15, (w.bits_per_weight, payload_bpw)  # 4.29 vs 4.19
