@@ -266,7 +266,15 @@ class Bench:
                     launch_ms = self.time_ms(lambda: self.decode_fast(name, enc, spec, shared, torch.bfloat16, out=buf))
                     nbytes = self.payload_bytes(enc) + buf.numel() * 2
                     gbs = nbytes / ms / 1e6
+                    from thawed.codecs import get_codec
+
+                    try:  # the PyTorch decoder on the same device: what the kernel replaces
+                        ref_ms = self.time_ms(lambda: get_codec(name).decode(enc, spec, shared, self.dev,
+                                                                            torch.bfloat16, fast=False), reps=5)
+                    except Exception as exc:  # noqa: BLE001
+                        ref_ms = f"{type(exc).__name__}: {exc}"[:200]
                     rows.append({"shape": list(shape), "ms": ms, "graphed": graphed, "ms_with_launch": launch_ms,
+                                 "pytorch_decoder_ms": ref_ms,
                                  "GB_per_s": gbs, "pct_of_copy": 100 * gbs / copy,
                                  "payload_bits_per_weight": 8 * self.payload_bytes(enc) / buf.numel()})
                 except Exception as exc:  # noqa: BLE001
@@ -559,8 +567,10 @@ def table(result: dict) -> str:
             if "error" in r:
                 lines.append(f"decode {name:8s} {r['shape']}: ERROR {r['error'][:150]}")
             else:
+                ref = r.get("pytorch_decoder_ms")
+                ref_s = f"torch {ref * 1e3:9.1f} us" if isinstance(ref, float) else "torch n/a"
                 lines.append(f"decode {name:8s} {str(r['shape']):14s} {r['ms'] * 1e3:9.1f} us "
-                             f"({r['ms_with_launch'] * 1e3:7.1f} launched) {r['GB_per_s']:8.0f} GB/s "
+                             f"({r['ms_with_launch'] * 1e3:7.1f} launched, {ref_s}) {r['GB_per_s']:8.0f} GB/s "
                              f"{r['pct_of_copy']:5.1f}% of copy  {r['payload_bits_per_weight']:.2f} b/w")
     for name, rows in (s.get("gemv", {}).get("result") or {}).items():
         for r in rows:

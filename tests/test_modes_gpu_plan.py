@@ -73,3 +73,14 @@ def test_cuda_budget_streams_layers_through_the_ring():
     # too small for the table plus one slot: hooks
     small = plan_modes(weights, index, RuntimeConfig(), CUDA, 2, 100 * 32 * 2 + layer // 2)
     assert set(small) == {"streamed"}
+
+
+def test_kernels_off_on_cuda_turns_direct_and_ring_off():
+    weights, index = _model("rtn", bits=4, group_size=32)
+    plan = plan_modes(weights, index, RuntimeConfig(kernels="off"), CUDA, 2, None)
+    assert "direct" not in plan
+    layer = (32 * 32 + 64 * 32 + 32 * 64) * 2
+    small = plan_modes(weights, index, RuntimeConfig(kernels="off"), CUDA, 2, 100 * 32 * 2 + 2 * layer)
+    assert "ring" not in small
+    with pytest.raises(Exception, match="--kernels"):
+        plan_modes(weights, index, RuntimeConfig(kernels="maybe"), CUDA, 2, None)
