@@ -320,7 +320,6 @@ class Bench:
                                      "fused_GB_per_s": int(w.nbytes) / t_fused / 1e6,
                                      "bf16_GB_per_s": dense.numel() * 2 / t_dense / 1e6,
                                      "weight_bytes_ratio": dense.numel() * 2 / int(w.nbytes)})
-                    del ws, ds
                 except Exception as exc:  # noqa: BLE001
                     rows.append({"shape": list(shape), "error": f"{type(exc).__name__}: {exc}"[:500]})
             out[name] = rows

@@ -325,6 +325,17 @@ class Nwc(Codec, name="nwc", version=1):
         return dec, tables.view(-1, ALPHABET)
 
     @classmethod
+    def levels_used(cls, f: dict[str, Tensor], spec: TensorSpec, params: Mapping[str, Any]) -> tuple[Tensor, list[int]]:
+        """The per-column rate levels (int64) and the sorted distinct ones, checked against the grid
+        (one small host sync: the distinct levels pick the tables). Shared with the GPU kernel."""
+        lv = f["levels"].long()
+        used = torch.unique(lv).tolist()
+        if used[-1] >= params["grid"]:
+            raise CorruptPayloadError(f"tensor {spec.name!r}: nwc field 'levels' holds rate index {used[-1]} but the "
+                                      f"grid has {params['grid']}; the payload is damaged")
+        return lv, used
+
+    @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype, entropy_on_cpu: bool | None = None,
                rans_backend: str = "auto", fast: bool | None = None) -> Tensor:
@@ -353,11 +364,7 @@ class Nwc(Codec, name="nwc", version=1):
         prm = enc.params
         rows, cols = prm["rows"], prm["cols"]
         p = -(-rows // CHUNK) * CHUNK
-        lv = f["levels"].long()
-        used = torch.unique(lv).tolist()
-        if used[-1] >= prm["grid"]:
-            raise CorruptPayloadError(f"tensor {spec.name!r}: nwc field 'levels' holds rate index {used[-1]} but the "
-                                      f"grid has {prm['grid']}; the payload is damaged")
+        lv, used = cls.levels_used(f, spec, prm)
         dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
         # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
         if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy

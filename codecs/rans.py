@@ -273,18 +273,7 @@ def decode(states: Tensor, words: Tensor, lane_words: Tensor, tables: Tensor, pr
     if backend not in BACKENDS:
         raise CodecError(f"rANS backend must be one of {BACKENDS}, got {backend!r}")
     k = precision_bits
-    if not MIN_PRECISION <= k <= MAX_PRECISION:
-        raise CorruptPayloadError(f"{what}: precision_bits={k} is outside {MIN_PRECISION}..{MAX_PRECISION}")
-    lanes = states.numel()
-    if lanes < 1 or n < 0 or lanes > max(1, n):
-        raise CorruptPayloadError(f"{what}: {lanes} lanes for {n} symbols are invalid (need 1 <= lanes <= max(1, n))")
-    for name, t, dt in (("states", states, torch.int32), ("words", words, torch.int16),
-                        ("lane_words", lane_words, torch.int32)):
-        if t.dtype != dt or t.dim() != 1:
-            raise CorruptPayloadError(f"{what}: field {name!r} is {t.dtype} {list(t.shape)}, expected {dt} [*]")
-    if lane_words.numel() != lanes:
-        raise CorruptPayloadError(f"{what}: field 'states' has {lanes} lanes but 'lane_words' has "
-                                  f"{lane_words.numel()}; the payload is damaged")
+    check_stream_fields(states, words, lane_words, precision_bits, n, what)
     tab = _as_2d(tables)
     if (tab.dim() != 2 or not 1 <= tab.shape[1] <= MAX_ALPHABET or tab.shape[0] < 1
             or tab.dtype.is_floating_point or tab.dtype == torch.bool):
@@ -316,6 +305,26 @@ def decode(states: Tensor, words: Tensor, lane_words: Tensor, tables: Tensor, pr
         if backend == "numba":
             raise CodecError("rANS backend 'numba' needs numba installed and the stream on the CPU")
     return decode_reference(states, words, lane_words, tab, k, n, table_of=table_of, what=what)
+
+
+def check_stream_fields(states: Tensor, words: Tensor, lane_words: Tensor, precision_bits: int, n: int,
+                        what: str) -> int:
+    """The checks of a stream that need no data (precision, lane count, field dtypes and shapes),
+    shared by every decoder (the GPU kernel's too); returns the lane count."""
+    k = precision_bits
+    if not MIN_PRECISION <= k <= MAX_PRECISION:
+        raise CorruptPayloadError(f"{what}: precision_bits={k} is outside {MIN_PRECISION}..{MAX_PRECISION}")
+    lanes = states.numel()
+    if lanes < 1 or n < 0 or lanes > max(1, n):
+        raise CorruptPayloadError(f"{what}: {lanes} lanes for {n} symbols are invalid (need 1 <= lanes <= max(1, n))")
+    for name, t, dt in (("states", states, torch.int32), ("words", words, torch.int16),
+                        ("lane_words", lane_words, torch.int32)):
+        if t.dtype != dt or t.dim() != 1:
+            raise CorruptPayloadError(f"{what}: field {name!r} is {t.dtype} {list(t.shape)}, expected {dt} [*]")
+    if lane_words.numel() != lanes:
+        raise CorruptPayloadError(f"{what}: field 'states' has {lanes} lanes but 'lane_words' has "
+                                  f"{lane_words.numel()}; the payload is damaged")
+    return lanes
 
 
 def _check_rows(rows: Tensor, precision_bits: int, what: str) -> None:

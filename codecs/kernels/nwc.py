@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..base import Encoded, SharedState, TensorSpec
-from ..errors import CodecError, CorruptPayloadError
+from ..errors import CodecError
 from ..nwc import DECODE_BLOCK_GPU, Nwc
 from ..nwc_net import CHUNK, decode_chunks
 from . import rans as krans
@@ -37,11 +37,7 @@ def decode(enc: Encoded, spec: TensorSpec, dtype: torch.dtype, out: Tensor | Non
     prm = enc.params
     rows, cols, k_bits = prm["rows"], prm["cols"], prm["precision_bits"]
     p = -(-rows // CHUNK) * CHUNK
-    lv = f["levels"].long()
-    used = torch.unique(lv).tolist()
-    if used[-1] >= prm["grid"]:
-        raise CorruptPayloadError(f"tensor {spec.name!r}: nwc field 'levels' holds rate index {used[-1]} but the "
-                                  f"grid has {prm['grid']}; the payload is damaged")
+    lv, used = Nwc.levels_used(f, spec, prm)
     dec, tables = Nwc._shared(spec, shared, prm, used, dev)  # tables [grid * 16, 256] int32, used rows checked
     used_t = torch.tensor(used, dtype=torch.int64, device=dev)
     sub = tables.index_select(0, (used_t[:, None] * CHUNK + torch.arange(CHUNK, device=dev)).reshape(-1))

@@ -179,23 +179,12 @@ def _symbols_kernel(states_ptr, words_ptr, start_ptr, lw_ptr, slot_ptr, tid_ptr,
 
 def check_stream_args(states: Tensor, words: Tensor, lane_words: Tensor, precision_bits: int, n: int,
                       what: str) -> None:
-    """Host-only checks of ``rans.decode`` (no sync): precision, lane count, field dtypes."""
-    k = precision_bits
-    if not rans.MIN_PRECISION <= k <= rans.MAX_PRECISION:
-        raise CorruptPayloadError(f"{what}: precision_bits={k} is outside {rans.MIN_PRECISION}..{rans.MAX_PRECISION}")
-    lanes = states.numel()
-    if lanes < 1 or n < 0 or lanes > max(1, n):
-        raise CorruptPayloadError(f"{what}: {lanes} lanes for {n} symbols are invalid (need 1 <= lanes <= max(1, n))")
+    """Host-only checks of ``rans.decode`` (no sync): precision, lane count, field dtypes; and the
+    kernel's own limit on the word count."""
+    rans.check_stream_fields(states, words, lane_words, precision_bits, n, what)
     if words.numel() >= 1 << 31:
         raise CodecError(f"{what}: {words.numel()} rANS words exceed the GPU kernel's 2**31 limit; "
                          "decode with fast=False")
-    for name, t, dt in (("states", states, torch.int32), ("words", words, torch.int16),
-                        ("lane_words", lane_words, torch.int32)):
-        if t.dtype != dt or t.dim() != 1:
-            raise CorruptPayloadError(f"{what}: field {name!r} is {t.dtype} {list(t.shape)}, expected {dt} [*]")
-    if lane_words.numel() != lanes:
-        raise CorruptPayloadError(f"{what}: field 'states' has {lanes} lanes but 'lane_words' has "
-                                  f"{lane_words.numel()}; the payload is damaged")
 
 
 def error_counts(states: Tensor, lane_words: Tensor, err: Tensor, table_bad: Tensor,
