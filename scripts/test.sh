@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh || exit 1
 # shellcheck disable=SC1091
 . .venv/bin/activate
+# Extras only the tests need (the main job's install stays without them):
+#   gpu: Triton, so that the kernel tests run under its CPU interpreter (TRITON_INTERPRET=1);
+python -m pip install -q -e ".[gpu]" || exit 1
 python -m pytest -q -rs "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
