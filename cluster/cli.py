@@ -108,9 +108,10 @@ def _import_ray():
     return ray, serve
 
 
-def serve_cluster(settings, cluster, stop: threading.Event | None = None) -> int:
-    """Start (or join) a Ray cluster, deploy the replicas, wait until they are loaded, then serve
-    until ``stop`` is set (or SIGINT/SIGTERM); the application is deleted on the way out."""
+def serve_cluster(settings, cluster, stop: threading.Event | None = None,
+                  ready: threading.Event | None = None) -> int:
+    """Start (or join) a Ray cluster, deploy the replicas, wait until they are loaded (then set
+    ``ready``), serve until ``stop`` is set (or SIGINT/SIGTERM); the application is deleted on the way out."""
     if not settings.checkpoint:
         raise ThawedError("no checkpoint given: `thawed serve-cluster CKPT` or set THAWED_CHECKPOINT")
     ckpt = Path(settings.checkpoint).resolve()
@@ -118,11 +119,11 @@ def serve_cluster(settings, cluster, stop: threading.Event | None = None) -> int
         raise ThawedError(f"checkpoint {settings.checkpoint} does not exist; every node must see it at the same "
                           "path (a local copy, NFS, or a Kubernetes volume)")
     settings = settings.model_copy(update={"checkpoint": str(ckpt)})  # replicas run in other working dirs
-    ray, serve = _import_ray()
-    from .deployment import thawed_application
     from .settings import deployment_options
 
-    deployment_options(cluster, settings)  # bad combinations fail before Ray starts
+    deployment_options(cluster, settings)  # bad combinations fail before Ray is imported
+    ray, serve = _import_ray()
+    from .deployment import thawed_application
     started_ray = not ray.is_initialized()
     if started_ray:
         if cluster.ray_address is None:
@@ -140,6 +141,8 @@ def serve_cluster(settings, cluster, stop: threading.Event | None = None) -> int
         log.info("serving %s on http://%s:%d (Ray Serve, %s)", ckpt, settings.host, settings.port,
                  f"autoscaling {cluster.min_replicas or 1}..{cluster.max_replicas}" if cluster.autoscaling
                  else f"{cluster.num_replicas or 1} replica(s)")
+        if ready is not None:
+            ready.set()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
