@@ -26,7 +26,7 @@ from thawed.server import Settings, create_app
 from .replica import ReplicaApp, replica_problem
 from .settings import CLUSTER_FIELDS, ClusterSettings, deployment_options
 
-__all__ = ["ThawedReplica", "build_app", "thawed_application"]
+__all__ = ["ThawedReplica", "build_app", "thawed_application", "replica_pid", "running_replicas"]
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +80,25 @@ def build_app(args: Mapping[str, Any]) -> Application:
                          "with underscores (e.g. num_replicas, cache_budget)")
     settings = Settings(**{k: v for k, v in args.items() if k in Settings.model_fields})
     return thawed_application(settings, cluster)
+
+
+def replica_pid(replica_id: str) -> int:
+    """The process id of the replica that answers with ``X-Thawed-Replica: replica_id`` (from a
+    Ray driver on the cluster: tests and ``benchmarks/cluster.py`` kill it to show failover)."""
+    import os
+
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith("SERVE_REPLICA::") and entry["name"].endswith("#" + replica_id):
+            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    raise LookupError(f"no Serve replica with id {replica_id!r} in this Ray cluster")
+
+
+def running_replicas(app_name: str) -> int:
+    """Replicas of the application that Serve reports RUNNING (0 when there is no such application)."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())

@@ -23,8 +23,8 @@ from server_fixtures import make_app, tiny_chat_ckpt, tiny_loaded  # noqa: F401
 
 pytest.importorskip("ray.serve", reason="the cluster extra is not installed: pip install 'thawed[cluster]'")
 import httpx  # noqa: E402
-import ray  # noqa: E402
 
+from thawed.cluster.deployment import replica_pid, running_replicas  # noqa: E402
 from thawed.cluster.replica import REPLICA_HEADER  # noqa: E402
 
 pytestmark = pytest.mark.cluster
@@ -64,23 +64,6 @@ def cluster_url(tiny_chat_ckpt):
     yield f"http://127.0.0.1:{port}"
     stop.set()
     thread.join(120)
-
-
-def _replica_pid(replica_id: str) -> int:
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith("SERVE_REPLICA::") and entry["name"].endswith("#" + replica_id):
-            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-    raise AssertionError(f"no Serve replica actor named ...#{replica_id}")
-
-
-def _running_replicas() -> int:
-    from ray import serve
-
-    app = serve.status().applications.get(APP)
-    if app is None:
-        return 0
-    return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
 
 
 def test_same_answers_as_thawed_serve(cluster_url, tiny_loaded):
@@ -146,7 +129,7 @@ def test_killing_a_replica_under_load(cluster_url):
         with c.stream("POST", "/v1/completions", json=body) as stream:
             assert stream.status_code == 200
             victim = stream.headers[REPLICA_HEADER]
-            pid = _replica_pid(victim)
+            pid = replica_pid(victim)
             for line in stream.iter_lines():  # a read timeout (30 s) would fail the test: no hang
                 if line.startswith("data: "):
                     events.append(line[6:])
@@ -158,9 +141,9 @@ def test_killing_a_replica_under_load(cluster_url):
     assert "[DONE]" not in events
     time.sleep(8)  # load on the survivor while Serve replaces the dead replica
     deadline = time.monotonic() + 180
-    while _running_replicas() < 2 and time.monotonic() < deadline:
+    while running_replicas(APP) < 2 and time.monotonic() < deadline:
         time.sleep(1)
-    assert _running_replicas() == 2, "Serve did not bring the replica back"
+    assert running_replicas(APP) == 2, "Serve did not bring the replica back"
     back_at = time.monotonic()
     time.sleep(4)  # traffic reaches the new replica too
     stop.set()

@@ -228,3 +228,19 @@ def test_no_answer_becomes_503_with_retry_after():
 def test_the_callback_serve_imports():
     (mw,) = middlewares()
     assert mw.cls is ReplicaLossGuard
+
+
+def test_the_openai_sdk_raises_on_the_error_event():
+    from openai import APIError, AsyncOpenAI
+
+    async def run():
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=ReplicaLossGuard(_stream_app(False))),
+                                 base_url="http://proxy")
+        client = AsyncOpenAI(base_url="http://proxy/v1", api_key="unused", http_client=http, max_retries=0)
+        stream = await client.completions.create(model="m", prompt="p", max_tokens=4, stream=True)
+        with pytest.raises(APIError, match="stopped before it finished"):
+            async for _ in stream:
+                pass
+        await http.aclose()
+
+    asyncio.run(run())
