@@ -148,13 +148,14 @@ def serve_cluster(settings, cluster, stop: threading.Event | None = None,
                 signal.signal(sig, lambda *_: stop.set())
         stop.wait()
     finally:
+        local = started_ray and cluster.ray_address is None
         try:
             serve.delete(cluster.app_name)
-            if started_ray:
+            if local:  # on a cluster we joined, Serve may run other applications: leave it up
                 serve.shutdown()
         finally:
             if started_ray:
-                ray.shutdown()
+                ray.shutdown()  # stops a local cluster; disconnects from one we joined
     return 0
 
 
