@@ -26,7 +26,8 @@ from thawed.server import Settings, create_app
 from .replica import ReplicaApp, replica_problem
 from .settings import CLUSTER_FIELDS, ClusterSettings, deployment_options
 
-__all__ = ["ThawedReplica", "build_app", "thawed_application", "replica_pid", "running_replicas"]
+__all__ = ["ThawedReplica", "build_app", "thawed_application", "replica_ids", "replica_pid", "running_replicas",
+           "wait_replaced"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,26 @@ def build_app(args: Mapping[str, Any]) -> Application:
     return thawed_application(settings, cluster)
 
 
+def _replica_actors(app_name: str | None = None) -> dict[str, tuple[str, str]]:
+    """Live Serve replica actors: replica id -> (actor name, namespace)."""
+    import ray
+
+    out = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if not name.startswith("SERVE_REPLICA::"):
+            continue
+        parts = name[len("SERVE_REPLICA::"):].split("#")  # app#deployment#id
+        if app_name is None or (len(parts) == 3 and parts[0] == app_name):
+            out[parts[-1]] = (name, entry["namespace"])
+    return out
+
+
+def replica_ids(app_name: str) -> set[str]:
+    """Ids of the application's replicas whose actors are alive (starting or running)."""
+    return set(_replica_actors(app_name))
+
+
 def replica_pid(replica_id: str) -> int:
     """The process id of the replica that answers with ``X-Thawed-Replica: replica_id`` (from a
     Ray driver on the cluster: tests and ``benchmarks/cluster.py`` kill it to show failover)."""
@@ -89,11 +110,11 @@ def replica_pid(replica_id: str) -> int:
 
     import ray
 
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith("SERVE_REPLICA::") and entry["name"].endswith("#" + replica_id):
-            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-            return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-    raise LookupError(f"no Serve replica with id {replica_id!r} in this Ray cluster")
+    actors = _replica_actors()
+    if replica_id not in actors:
+        raise LookupError(f"no Serve replica with id {replica_id!r} in this Ray cluster")
+    actor = ray.get_actor(*actors[replica_id])
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
 
 
 def running_replicas(app_name: str) -> int:
@@ -102,3 +123,16 @@ def running_replicas(app_name: str) -> int:
     if app is None:
         return 0
     return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+
+def wait_replaced(app_name: str, dead: str, replicas: int, timeout: float = 300.0) -> float:
+    """Wait until Serve has replaced the replica ``dead``: its actor is gone and ``replicas`` are
+    RUNNING again. Returns the seconds waited; raises ``TimeoutError``."""
+    import time
+
+    t0 = time.monotonic()
+    while dead in replica_ids(app_name) or running_replicas(app_name) < replicas:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"Serve did not replace replica {dead} within {timeout:g} s")
+        time.sleep(0.25)
+    return time.monotonic() - t0

@@ -19,12 +19,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from server_fixtures import make_app, tiny_chat_ckpt, tiny_loaded  # noqa: F401
+from server_fixtures import make_app, tiny_chat_ckpt, tiny_loaded, wait_ready  # noqa: F401
 
 pytest.importorskip("ray.serve", reason="the cluster extra is not installed: pip install 'thawed[cluster]'")
 import httpx  # noqa: E402
 
-from thawed.cluster.deployment import replica_pid, running_replicas  # noqa: E402
+from thawed.cluster.deployment import replica_pid, wait_replaced  # noqa: E402
 from thawed.cluster.replica import REPLICA_HEADER  # noqa: E402
 
 pytestmark = pytest.mark.cluster
@@ -76,6 +76,7 @@ def test_same_answers_as_thawed_serve(cluster_url, tiny_loaded):
     chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True) if c.choices]
     with TestClient(make_app(tiny_loaded, served_model_name="tiny")) as local:  # `thawed serve`'s app
+        wait_ready(local)
         want = local.post("/v1/completions", json={"prompt": "the capital of", "max_tokens": 6,
                                                    "temperature": 0}).json()["choices"][0]["text"]
         want_chat = local.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8,
@@ -139,11 +140,8 @@ def test_killing_a_replica_under_load(cluster_url):
     last = json.loads(events[-1])
     assert "error" in last and last["error"]["code"] == 503, events[-3:]
     assert "[DONE]" not in events
-    time.sleep(8)  # load on the survivor while Serve replaces the dead replica
-    deadline = time.monotonic() + 180
-    while running_replicas(APP) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert running_replicas(APP) == 2, "Serve did not bring the replica back"
+    time.sleep(4)  # load on the survivor while Serve replaces the dead replica
+    wait_replaced(APP, victim, 2, timeout=180)
     back_at = time.monotonic()
     time.sleep(4)  # traffic reaches the new replica too
     stop.set()
