@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -108,6 +109,20 @@ def _import_ray():
     return ray, serve
 
 
+@contextmanager
+def _environ(name: str, value: str):
+    """``os.environ[name] = value`` for the duration (the processes Ray starts inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def serve_cluster(settings, cluster, stop: threading.Event | None = None,
                   ready: threading.Event | None = None) -> int:
     """Start (or join) a Ray cluster, deploy the replicas, wait until they are loaded (then set
@@ -127,12 +142,15 @@ def serve_cluster(settings, cluster, stop: threading.Event | None = None,
     started_ray = not ray.is_initialized()
     if started_ray:
         if cluster.ray_address is None:
-            # the proxy of a cluster started here inherits this environment: end streams cleanly on replica loss
-            os.environ.setdefault(CALLBACK_ENV, CALLBACK_PATH)
-        elif os.environ.get(CALLBACK_ENV) != CALLBACK_PATH:
-            log.warning("joining %s: set %s=%s on every node for clean stream errors when a replica dies",
-                        cluster.ray_address, CALLBACK_ENV, CALLBACK_PATH)
-        ray.init(address=cluster.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+            # Serve's proxy in a cluster started here inherits this environment (read when Ray starts):
+            # it ends the streams of a replica that dies with an error event
+            with _environ(CALLBACK_ENV, os.environ.get(CALLBACK_ENV) or CALLBACK_PATH):
+                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            if os.environ.get(CALLBACK_ENV) != CALLBACK_PATH:
+                log.warning("joining %s: set %s=%s on every node for clean stream errors when a replica dies",
+                            cluster.ray_address, CALLBACK_ENV, CALLBACK_PATH)
+            ray.init(address=cluster.ray_address, logging_level=logging.WARNING)
     stop = stop or threading.Event()
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})

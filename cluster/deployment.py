@@ -125,14 +125,24 @@ def running_replicas(app_name: str) -> int:
     return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
 
 
-def wait_replaced(app_name: str, dead: str, replicas: int, timeout: float = 300.0) -> float:
-    """Wait until Serve has replaced the replica ``dead``: its actor is gone and ``replicas`` are
-    RUNNING again. Returns the seconds waited; raises ``TimeoutError``."""
+def wait_replaced(app_name: str, before: set[str], timeout: float = 300.0) -> tuple[str, float]:
+    """Wait until Serve has replaced a replica of ``before`` that died: a replica not in ``before``
+    passes its health check (answered only once its startup, i.e. its model load, is done) and
+    Serve counts ``len(before)`` replicas RUNNING again (so its routers send it traffic). Returns the
+    new replica's id and the seconds waited; raises ``TimeoutError``."""
     import time
 
+    import ray
+
     t0 = time.monotonic()
-    while dead in replica_ids(app_name) or running_replicas(app_name) < replicas:
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"Serve did not replace replica {dead} within {timeout:g} s")
+    while time.monotonic() - t0 < timeout:
+        actors = _replica_actors(app_name)
+        for rid in set(actors) - set(before):
+            try:
+                ray.get(ray.get_actor(*actors[rid]).check_health.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - still starting (not initialized yet), or gone
+                continue
+            if running_replicas(app_name) >= len(before):
+                return rid, time.monotonic() - t0
         time.sleep(0.25)
-    return time.monotonic() - t0
+    raise TimeoutError(f"Serve started no healthy replacement replica within {timeout:g} s")
