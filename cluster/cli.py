@@ -64,7 +64,7 @@ def add_serve_cluster_parser(sub) -> argparse.ArgumentParser:
     for flag, dest, typ, help_ in server_cli._SERVE_FLAGS:
         if dest in ("host", "port"):
             help_ = help_.replace("address to bind", "address of Serve's HTTP proxy").replace(
-                "0 = any free port", "Serve's proxy")
+                "port (default 8000; 0 = any free port)", "port of Serve's HTTP proxy (default 8000)")
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
     for flag, dest, typ, help_ in _CLUSTER_FLAGS:
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
@@ -133,6 +133,8 @@ def serve_cluster(settings, cluster, stop: threading.Event | None = None,
     if not ckpt.exists():
         raise ThawedError(f"checkpoint {settings.checkpoint} does not exist; every node must see it at the same "
                           "path (a local copy, NFS, or a Kubernetes volume)")
+    if settings.port == 0:
+        raise ThawedError("serve-cluster needs a fixed --port (THAWED_PORT) for Serve's HTTP proxy; 0 is not one")
     settings = settings.model_copy(update={"checkpoint": str(ckpt)})  # replicas run in other working dirs
     from .settings import deployment_options
 

@@ -96,6 +96,8 @@ def test_cli_errors_name_the_fix(monkeypatch, capsys, tmp_path):
     assert main(["serve-cluster", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "every node" in err
+    assert main(["serve-cluster", str(tmp_path), "--port", "0"]) == 2
+    assert "fixed --port" in capsys.readouterr().err
     assert main(["serve-cluster", str(tmp_path), "--device", "cuda"]) == 2
     assert "--replica-gpus 1" in capsys.readouterr().err
 
