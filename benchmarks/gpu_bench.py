@@ -56,6 +56,10 @@ TINY_CONFIG = dict(SMOL_CONFIG, vocab_size=512, hidden_size=64, intermediate_siz
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
+# seconds a section may start new work for (then it stops, says so, and the next section runs)
+SECTION_BUDGET = {"correct": 70.0, "decode": 60.0, "gemv": 60.0}
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -75,6 +79,7 @@ class Bench:
             print(f"[{name}] skipped: past the deadline", flush=True)
             return
         t = time.perf_counter()
+        self.section_end = self.elapsed() + SECTION_BUDGET.get(name, 1e9) * (2 if self.dry else 1)
         print(f"[{name}] start at {self.elapsed():.1f} s", flush=True)
         try:
             out = fn()
@@ -117,10 +122,37 @@ class Bench:
                 times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
+    def time_graph_ms(self, fn: Callable[[], Any], per_graph: int = 20) -> tuple[float, bool]:
+        """Median milliseconds of one ``fn`` call replayed from a CUDA graph of ``per_graph`` calls
+        (launch gaps out of the figure, as METHOD.md advises for small kernels), and whether the
+        graph worked; falls back to plain event timing where capture fails (and says so)."""
+        if self.dev.type != "cuda":
+            return self.time_ms(fn), False
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(per_graph):
+                    fn()
+        except Exception as exc:  # noqa: BLE001
+            print(f"    (graph capture failed: {type(exc).__name__}: {str(exc)[:120]}; timing launches)", flush=True)
+            torch.cuda.synchronize()
+            return self.time_ms(fn), False
+        return self.time_ms(g.replay, reps=max(5, self.args.reps // 5)) / per_graph, True
+
+    def over(self) -> bool:
+        """Whether this section's time budget (SECTION_BUDGET) or the whole deadline has run out."""
+        return self.elapsed() > min(self.section_end, self.args.deadline)
+
     def shapes(self) -> list[tuple[int, int]]:
         if self.dry:
             return [(17, 100), (64, 256)]
-        return SMOL_SHAPES + [BIG]
+        return [BIG] + SMOL_SHAPES[::-1]  # the large shape first: it carries the targets
 
     # ---- 1. copy --------------------------------------------------------------------------------
     def copy(self) -> dict:
@@ -177,6 +209,9 @@ class Bench:
         shapes = [(17, 100), (33, 257)] + ([] if self.dry else [(576, 576), (1536, 576)])
         for name in CASES:
             rows = []
+            if self.over():
+                out[name] = {"ok": False, "error": "not checked: the section's time ran out", "checks": rows}
+                continue
             try:
                 for shape in shapes:
                     enc, spec, shared = self.payload(name, shape, seed=len(rows) + 1)
@@ -218,15 +253,29 @@ class Bench:
         for name in self.ok_codecs:
             rows = []
             for shape in self.shapes():
+                if self.over():
+                    rows.append({"shape": list(shape), "error": "skipped: the section's time ran out"})
+                    continue
                 if name == "nwc" and shape == BIG and not self.args.big_nwc:
                     continue  # encoding 45 M weights with nwc takes minutes; SmolLM2's shapes say enough
                 try:
                     enc, spec, shared = self.payload(name, shape)
                     buf = torch.empty(spec.shape, dtype=torch.bfloat16, device=self.dev)
-                    ms = self.time_ms(lambda: self.decode_fast(name, enc, spec, shared, torch.bfloat16, out=buf))
+                    ms, graphed = self.time_graph_ms(
+                        lambda: self.decode_fast(name, enc, spec, shared, torch.bfloat16, out=buf))
+                    launch_ms = self.time_ms(lambda: self.decode_fast(name, enc, spec, shared, torch.bfloat16, out=buf))
                     nbytes = self.payload_bytes(enc) + buf.numel() * 2
                     gbs = nbytes / ms / 1e6
-                    rows.append({"shape": list(shape), "ms": ms, "GB_per_s": gbs, "pct_of_copy": 100 * gbs / copy,
+                    from thawed.codecs import get_codec
+
+                    try:  # the PyTorch decoder on the same device: what the kernel replaces
+                        ref_ms = self.time_ms(lambda: get_codec(name).decode(enc, spec, shared, self.dev,
+                                                                            torch.bfloat16, fast=False), reps=5)
+                    except Exception as exc:  # noqa: BLE001
+                        ref_ms = f"{type(exc).__name__}: {exc}"[:200]
+                    rows.append({"shape": list(shape), "ms": ms, "graphed": graphed, "ms_with_launch": launch_ms,
+                                 "pytorch_decoder_ms": ref_ms,
+                                 "GB_per_s": gbs, "pct_of_copy": 100 * gbs / copy,
                                  "payload_bits_per_weight": 8 * self.payload_bytes(enc) / buf.numel()})
                 except Exception as exc:  # noqa: BLE001
                     rows.append({"shape": list(shape), "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -244,16 +293,32 @@ class Bench:
                 continue
             rows = []
             for shape in self.shapes():
+                if self.over():
+                    rows.append({"shape": list(shape), "error": "skipped: the section's time ran out"})
+                    continue
                 try:
                     enc, spec, shared = self.payload(name, shape)
                     w = mod.prepare(enc, spec)
                     dense = self.decode_fast(name, enc, spec, shared, torch.bfloat16)
+                    # Rotate over copies whose bytes together pass the L2 (60 MB on an H200) several
+                    # times, so that the timing reads memory, not the cache (METHOD.md); SmolLM2's
+                    # small shapes stay in L2 with any practical number of copies: said in the JSON.
+                    l2 = 3 * 60e6 if not self.dry else 0
+                    nw = max(1, min(16, int(-(-l2 // int(w.nbytes)))))
+                    nd = max(1, min(16, int(-(-l2 // (dense.numel() * 2)))))
+                    ws = [w] + [mod.prepare(type(enc)({k: v.clone() for k, v in enc.fields.items()}, enc.params), spec)
+                                for _ in range(nw - 1)]
+                    ds = [dense] + [dense.clone() for _ in range(nd - 1)]
                     for m in (1, 8, 16):
                         x = torch.randn(m, shape[1], device=self.dev, dtype=torch.bfloat16)
-                        t_fused = self.time_ms(lambda: mod.matmul(x, w))
-                        t_dense = self.time_ms(lambda: F.linear(x, dense))
+                        t_fused, _ = self.time_graph_ms(lambda: [mod.matmul(x, wi) for wi in ws], per_graph=2)
+                        t_dense, _ = self.time_graph_ms(lambda: [F.linear(x, di) for di in ds], per_graph=2)
+                        t_fused, t_dense = t_fused / len(ws), t_dense / len(ds)
                         rows.append({"shape": list(shape), "rows": m, "fused_us": 1e3 * t_fused,
                                      "bf16_linear_us": 1e3 * t_dense, "speedup": t_dense / t_fused,
+                                     "copies_rotated": [len(ws), len(ds)],
+                                     "fused_GB_per_s": int(w.nbytes) / t_fused / 1e6,
+                                     "bf16_GB_per_s": dense.numel() * 2 / t_dense / 1e6,
                                      "weight_bytes_ratio": dense.numel() * 2 / int(w.nbytes)})
                 except Exception as exc:  # noqa: BLE001
                     rows.append({"shape": list(shape), "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -265,6 +330,7 @@ class Bench:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         out: dict[str, Any] = {}
+        self.result["sections"]["e2e"] = {"partial": out}  # saved after every configuration
         cfg = LlamaConfig(**(TINY_CONFIG if self.dry else SMOL_CONFIG))
         torch.manual_seed(0)
         work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
@@ -306,8 +372,8 @@ class Bench:
                 traceback.print_exc()
                 out[key] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
             print(f"  {key}: {_short(out[key])}", flush=True)
+            self.save()
 
-        record("dense_eager_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=False))
         modes = (("warm", dict(direct="off")), ("direct", dict(direct="on")),
                  ("stream25", dict(direct="off", cache_budget=-250)),
                  ("stream25_no_overlap", dict(direct="off", cache_budget=-250, stream_overlap=False)),
@@ -316,6 +382,7 @@ class Bench:
         if self.args.real:
             runs.append(("real", Path(self.args.real)))
             record("real_text", lambda: self.real_text(Path(self.args.real)))
+        record("dense_eager_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=False))
         for codec, path in runs:
             record(f"{codec}_check", lambda p=path: self.graph_check(p, prompt))
             for mode, conf in modes:
@@ -325,8 +392,11 @@ class Bench:
                     continue
                 record(f"{codec}_{mode}", lambda p=path, c=conf: self.lazy_steps(p, c, prompt, steps))
         record("dense_graphs", lambda: self.stepper_steps(dense, prompt, steps, graphs=True))
+        record("dense_eager_stepper", lambda: self.stepper_steps(dense, prompt, steps, graphs=False))
         if not self.args.no_compile:
             record("dense_compiled_hf", lambda: self.hf_generate(dense, prompt, steps, compiled=True))
+            record("dense_compiled_graphs", lambda: self.stepper_steps(dense, prompt, steps, graphs=True,
+                                                                       compile=True))
         return out
 
     def hf_generate(self, model, prompt: list[int], steps: int, compiled: bool) -> dict:
@@ -368,14 +438,14 @@ class Bench:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    def stepper_steps(self, model, prompt: list[int], steps: int, graphs: bool) -> dict:
+    def stepper_steps(self, model, prompt: list[int], steps: int, graphs: bool, compile: bool = False) -> dict:
         """ms per decode step through runtime/stepper.py at batch 1 and 8 (CUDA graphs on/off)."""
         from thawed.runtime.stepper import Stepper
 
         res: dict[str, Any] = {}
         for batch in (1, 8):
             st = Stepper(model, slots=batch, max_len=len(prompt) + steps + 8, capacity=len(prompt) + steps + 8,
-                         graphs=graphs and self.dev.type == "cuda")
+                         graphs=graphs and self.dev.type == "cuda", compile=compile)
             ids = torch.tensor([prompt] * batch, device=self.dev)
             logits = st.forward(ids, 0, [0] * batch)
             tok = logits.argmax(-1)[:, None]
@@ -496,7 +566,10 @@ def table(result: dict) -> str:
             if "error" in r:
                 lines.append(f"decode {name:8s} {r['shape']}: ERROR {r['error'][:150]}")
             else:
-                lines.append(f"decode {name:8s} {str(r['shape']):14s} {r['ms'] * 1e3:9.1f} us {r['GB_per_s']:8.0f} GB/s "
+                ref = r.get("pytorch_decoder_ms")
+                ref_s = f"torch {ref * 1e3:9.1f} us" if isinstance(ref, float) else "torch n/a"
+                lines.append(f"decode {name:8s} {str(r['shape']):14s} {r['ms'] * 1e3:9.1f} us "
+                             f"({r['ms_with_launch'] * 1e3:7.1f} launched, {ref_s}) {r['GB_per_s']:8.0f} GB/s "
                              f"{r['pct_of_copy']:5.1f}% of copy  {r['payload_bits_per_weight']:.2f} b/w")
     for name, rows in (s.get("gemv", {}).get("result") or {}).items():
         for r in rows:
@@ -517,7 +590,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter: checks the script")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"), "gpu_check.json"))
-    ap.add_argument("--deadline", type=float, default=400.0, help="seconds after which sections are skipped")
+    ap.add_argument("--deadline", type=float, default=320.0, help="seconds after which sections are skipped")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per configuration")
     ap.add_argument("--sections", default="copy,correct,decode,gemv,e2e")

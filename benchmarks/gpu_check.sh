@@ -27,8 +27,16 @@ export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,temperature.gpu --format=csv
-# 470 s: the script's own deadline (--deadline, default 400 s) skips sections that would start later
-timeout 470 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+# 1. the kernel and GPU tests, natively (each kernel against its PyTorch reference on odd shapes;
+#    CUDA graphs and the ring against eager); skipped with GPU_CHECK_TESTS=0
+if [ "${GPU_CHECK_TESTS:-1}" = "1" ] && [ "${1:-}" != "--dry-run" ]; then
+  timeout 90 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_*.py tests/test_ring.py \
+      tests/test_stepper.py -k cuda \
+      2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+fi
+# 2. the measurements. 380 s: the script's own deadline (--deadline, default 320 s) skips sections and
+#    configurations that would start later; results are saved after each one
+timeout 380 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 rc=${PIPESTATUS[0]}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,temperature.gpu --format=csv
 exit "$rc"

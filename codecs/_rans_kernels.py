@@ -149,3 +149,46 @@ def transpose_scale(src: np.ndarray, scale: np.ndarray, out: np.ndarray, lo: int
         for c in range(cols):
             for r in range(r0, r1):
                 out[r, c] = src[c, r] * scale[r]
+
+
+@njit("void(uint8[::1], int64[::1], int64[::1], int64[::1], int64, int64, int64, int64, uint32[::1], int32[::1], "
+      "uint16[:, ::1], int64, int64)", cache=True, nogil=True)
+def encode_range(sym: np.ndarray, table_of: np.ndarray, freq: np.ndarray, cum: np.ndarray, a: int,
+                 precision_bits: int, lanes: int, n: int, states: np.ndarray, counts: np.ndarray, buf: np.ndarray,
+                 lo: int, hi: int) -> None:
+    """Encode lanes ``lo..hi-1`` (``rans.encode``'s loop, one lane at a time, last step first).
+
+    ``sym`` [n], ``table_of`` [n] table ids (empty: all table 0), ``freq``/``cum`` [T * A] (checked
+    by the caller: every coded symbol has ``freq >= 1``). Writes ``states`` [lanes] (final encoder
+    state = the decoder's initial one), ``counts`` [lanes] words emitted and ``buf`` [lanes, steps]
+    the words in emission order (the decoder reads them reversed).
+    """
+    k = precision_bits
+    has_t = table_of.shape[0] > 0
+    for j in range(lo, hi):
+        x = np.int64(_L)
+        c = 0
+        steps_j = (n - j + lanes - 1) // lanes
+        for t in range(steps_j - 1, -1, -1):
+            i = j + t * lanes
+            r = np.int64(sym[i])
+            if has_t:
+                r += table_of[i] * a
+            f = freq[r]
+            if x >= (f << (32 - k)):
+                buf[j, c] = np.uint16(x & 0xFFFF)
+                c += 1
+                x >>= 16
+            x = ((x // f) << k) + x % f + cum[r]
+        states[j] = np.uint32(x)
+        counts[j] = c
+
+
+@njit("void(uint16[:, ::1], int32[::1], int64[::1], uint16[::1], int64, int64)", cache=True, nogil=True)
+def gather_words(buf: np.ndarray, counts: np.ndarray, start: np.ndarray, words: np.ndarray, lo: int, hi: int) -> None:
+    """Lane-major stream ``words`` in read order from ``encode_range``'s ``buf`` (lanes ``lo..hi-1``)."""
+    for j in range(lo, hi):
+        c = counts[j]
+        s = start[j]
+        for q in range(c):
+            words[s + q] = buf[j, c - 1 - q]

@@ -51,7 +51,10 @@ together). tests/test_codec_cvxq.py holds floors a little below; docs/CVXQ.md ha
 
 Decode cost per weight: unpack a fixed-width field (2-3 byte ops, uniform width inside a segment),
 one table gather, one multiply-add, one scatter into the group-major output and one transpose
-copy; all in PyTorch on the payload's device (one small sort and one histogram per tensor).
+copy; all in PyTorch on the payload's device (one small sort and one histogram per tensor). On
+CUDA, ``decode`` runs the Triton kernel of ``kernels/cvxq.py`` instead (one pass over the codes,
+groups located by bit offset from per-chunk depth counts; no host sync), which also has the fused
+small-batch decode-matmul of the direct mode.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from torch import Tensor
 from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError, CorruptPayloadError
+from .kernels import kernels_available
 from .rtn import _matrix_shape, unpack_codes
 
 __all__ = ["Cvxq", "levels", "cvxq_nbytes", "group_layout", "group_stats", "cvxq_decode_reference",
@@ -285,10 +289,20 @@ class Cvxq(Codec, name="cvxq", version=1):
 
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
-               device: torch.device, dtype: torch.dtype, fused: bool | None = None) -> Tensor:
+               device: torch.device, dtype: torch.dtype, fused: bool | None = None,
+               fast: bool | None = None) -> Tensor:
         """Per-depth segments, one vectorised pass each (the reference); ``fused`` (default: on
         CUDA) decodes every group in one pass instead, which launches ~20 kernels per tensor
-        rather than ~10 per depth present -- the GPU is launch-bound on these small tensors."""
+        rather than ~10 per depth present -- the GPU is launch-bound on these small tensors.
+        ``fast`` (default: on CUDA when Triton imports) runs the Triton kernel
+        (``kernels/cvxq.py``: 3 launches, no host sync, no depth-histogram check) instead."""
+        dev = torch.device(device)
+        if fast is None:
+            fast = dev.type == "cuda" and kernels_available(dev)
+        if fast and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            from .kernels import cvxq as _kernels
+
+            return _kernels.decode(Encoded(cls.checked_fields(enc, spec, dev), enc.params), spec, dtype)
         f = cls.checked_fields(enc, spec, device)
         counts = enc.params["counts"]
         m, n, g, r = group_layout(tuple(spec.shape), enc.params["group_rows"])

@@ -50,7 +50,9 @@ Decode cost per weight: unpack 1-2 bit planes (uint8 shifts / one int16 read), o
 ``[K, dim]`` float32 table (``closed_form=True`` computes ``(k*z) mod K / K`` instead, bit-identical)
 and one fused ``x * scale + offset``. Measured on 2 CPU cores over SmolLM2-135M (134.5 M weights,
 to float32): 3.1 ns/weight for the 4.5 bpw checkpoint, 5.7 ns/weight with 11-bit 2-D indices
-(``rtn`` b4: 1.4 ns/weight). Details and the rate-distortion results: docs/HYPERC.md.
+(``rtn`` b4: 1.4 ns/weight). On CUDA ``decode`` runs one Triton kernel (``kernels/hyperc.py``, the
+closed form; ``fast=False`` keeps this reference), and 1-D payloads have a fused small-batch
+decode-matmul there. Details and the rate-distortion results: docs/HYPERC.md.
 """
 
 from __future__ import annotations
@@ -403,9 +405,23 @@ class HyperC(Codec, name="hyperc", version=1):
 
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
-               device: torch.device, dtype: torch.dtype, closed_form: bool = False) -> Tensor:
+               device: torch.device, dtype: torch.dtype, closed_form: bool = False,
+               fast: bool | None = None) -> Tensor:
+        """Decode to ``dtype`` on ``device``. On CUDA with Triton (``fast`` None or True) one kernel
+        (``kernels.hyperc.decode``, closed form in fp32 FMA); ``fast=False`` or ``closed_form=True``
+        keep this pure-PyTorch reference (the table, or the closed form), which the CPU always runs."""
         f = cls.checked_fields(enc, spec, device)
         p = enc.params
+        dev = torch.device(device)
+        if fast is None:
+            fast = dev.type == "cuda" and not closed_form
+        if fast and dev.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            from .kernels import kernels_available
+
+            if kernels_available(dev):
+                from .kernels import hyperc as khyperc
+
+                return khyperc.decode(Encoded(f, p), spec, dtype)
         dim, B, K, z, g = p["dim"], p["index_bits"], p["points"], p["generator"], p["group_size"]
         m, n = _matrix_shape(tuple(spec.shape))
         V = -(-n // dim)

@@ -32,7 +32,8 @@ Quality floor: exact (SQNR = inf). Rate on MiniLM-L6's 2-D fp32 weights (22.7 M)
 Decode cost per weight: one rANS step plus ~6 integer ops to reassemble the bits. On the CPU both
 run compiled (``rans_numba``: the rANS lanes, then the float32 reassembly, on the same GIL-free
 threads): the whole SmolLM2-135M (134.5 M fp32 weights) in ~1.3 s on 2 loaded cores, ~420 MB/s
-(``benchmarks/decode_speed.py``); the pure-PyTorch reference took 11.1 s on 1 thread.
+(``benchmarks/decode_speed.py``); the pure-PyTorch reference took 11.1 s on 1 thread. On CUDA with
+Triton, one kernel decodes the exponent lanes and assembles the floats (``kernels.lossless``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, Tensor
                    check_nonfinite_flag, check_param)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
+from .kernels import kernels_available
 
 __all__ = ["Lossless"]
 
@@ -158,8 +160,13 @@ class Lossless(Codec, name="lossless", version=1):
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype, entropy_on_cpu: bool | None = None,
-               rans_backend: str = "auto") -> Tensor:
-        """``entropy_on_cpu`` (default: when decoding on a GPU): decode the rANS exponent stream on
+               rans_backend: str = "auto", fast: bool | None = None) -> Tensor:
+        """``fast`` (default: on CUDA when the Triton kernels are available and neither
+        ``entropy_on_cpu`` nor ``rans_backend`` asks otherwise): the one-pass Triton kernel
+        (``kernels.lossless``: exponent lanes fused with the float assembly, same bits); ``False``
+        keeps the path below, the reference.
+
+        ``entropy_on_cpu`` (default: when decoding on a GPU without the kernel): decode the rANS exponent stream on
         the host, then assemble the bits on the device. rANS is a loop of small sequential steps
         that a GPU runs slower than a CPU (H200: 0.40 s vs 0.19 s on 16 host threads for 3.5 M
         weights, with the torch reference on both); the exponents are identical either way.
@@ -167,6 +174,14 @@ class Lossless(Codec, name="lossless", version=1):
         then float32 bits are reassembled by a compiled kernel too; ``torch``: the pure-PyTorch
         reference for both)."""
         dev = torch.device(device)
+        if fast is None:
+            fast = (dev.type == "cuda" and not entropy_on_cpu and rans_backend == "auto"
+                    and dtype in _LAYOUT and kernels_available(dev))
+        if fast:
+            from .kernels import lossless as klossless
+
+            _layout(spec)
+            return klossless.decode(enc.to(dev), spec, dtype)
         f = cls.checked_fields(enc, spec, dev)
         idt, ebits, mbits = _layout(spec)
         p = enc.params

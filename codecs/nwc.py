@@ -27,8 +27,9 @@ Shared state (once per file, ``__codec__.nwc.<id>.<param>``): the decoder networ
 ``dec.b2`` [H], ``dec.w3`` [H, 16], ``dec.b3`` [16] (float32) and, for every rate index ``k`` the
 file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**precision_bits``).
 
-Decode: rANS over all lanes at once (``rans.decode``: compiled on the CPU when numba imports, else
-the torch reference on the payload's device; on a GPU the lanes run on the host by default), then
+Decode: rANS over all lanes at once (on CUDA with Triton: the lane decoder ``kernels.rans`` on the
+device, then the MLP as batched matmuls, ``kernels.nwc``; otherwise ``rans.decode``: compiled on
+the CPU when numba imports, else the torch reference on the payload's device), then
 the decoder MLP over columns grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks on the
 decode device (``nwc_net.decode_columns``; on a CPU on ``torch.get_num_threads()`` threads), then
 the row scales. Decoding is integer-exact up to
@@ -54,6 +55,7 @@ from torch import Tensor
 from . import rans, rans_numba
 from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
 from .errors import CodecError, CorruptPayloadError
+from .kernels import kernels_available
 from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, rate_index
 
 __all__ = ["Nwc", "load_network", "NetworkFile", "column_levels"]
@@ -323,16 +325,38 @@ class Nwc(Codec, name="nwc", version=1):
         return dec, tables.view(-1, ALPHABET)
 
     @classmethod
+    def levels_used(cls, f: dict[str, Tensor], spec: TensorSpec, params: Mapping[str, Any]) -> tuple[Tensor, list[int]]:
+        """The per-column rate levels (int64) and the sorted distinct ones, checked against the grid
+        (one small host sync: the distinct levels pick the tables). Shared with the GPU kernel."""
+        lv = f["levels"].long()
+        used = torch.unique(lv).tolist()
+        if used[-1] >= params["grid"]:
+            raise CorruptPayloadError(f"tensor {spec.name!r}: nwc field 'levels' holds rate index {used[-1]} but the "
+                                      f"grid has {params['grid']}; the payload is damaged")
+        return lv, used
+
+    @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype, entropy_on_cpu: bool | None = None,
-               rans_backend: str = "auto") -> Tensor:
-        """``entropy_on_cpu`` (default: when decoding on a GPU): run the rANS lanes on the host and
+               rans_backend: str = "auto", fast: bool | None = None) -> Tensor:
+        """``fast`` (default: on CUDA when the Triton kernels are available and neither
+        ``entropy_on_cpu`` nor ``rans_backend`` asks otherwise): the rANS lanes in the Triton lane
+        decoder on the device and the MLP as batched matmuls (``kernels.nwc``; same symbols, values
+        to float round-off); ``False`` keeps the path below, the reference.
+
+        ``entropy_on_cpu`` (default: when decoding on a GPU without the kernel): run the rANS lanes on the host and
         only the decoder MLP on the device. rANS is a loop of small sequential steps, which a GPU
         runs slower than a CPU (H200 vs 16 host threads, torch reference on both: 6.0 s vs 2.4 s for
         10.6 M weights); the symbols are identical either way (integer arithmetic), so only the
         speed changes. ``rans_backend``: ``rans.decode``'s (``auto``: compiled on the CPU when numba
         imports; ``torch``: the pure-PyTorch reference)."""
         dev = torch.device(device)
+        if fast is None:
+            fast = dev.type == "cuda" and not entropy_on_cpu and rans_backend == "auto" and kernels_available(dev)
+        if fast:
+            from .kernels import nwc as knwc
+
+            return knwc.decode(enc.to(dev), spec, dtype, shared=shared)
         f = cls.checked_fields(enc, spec, dev)
         if entropy_on_cpu is None:
             entropy_on_cpu = dev.type != "cpu"
@@ -340,11 +364,7 @@ class Nwc(Codec, name="nwc", version=1):
         prm = enc.params
         rows, cols = prm["rows"], prm["cols"]
         p = -(-rows // CHUNK) * CHUNK
-        lv = f["levels"].long()
-        used = torch.unique(lv).tolist()
-        if used[-1] >= prm["grid"]:
-            raise CorruptPayloadError(f"tensor {spec.name!r}: nwc field 'levels' holds rate index {used[-1]} but the "
-                                      f"grid has {prm['grid']}; the payload is damaged")
+        lv, used = cls.levels_used(f, spec, prm)
         dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
         # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
         if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy

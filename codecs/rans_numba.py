@@ -33,7 +33,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "used_tables", "decode_lanes", "assemble_f32", "transpose_scale"]
+__all__ = ["available", "used_tables", "decode_lanes", "encode_lanes", "assemble_f32", "transpose_scale"]
 
 MIN_SYMBOLS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
 MAX_TABLES = (1 << 15) - 1  # table ids travel as int16
@@ -102,6 +102,35 @@ def decode_lanes(states: Tensor, words: Tensor, lane_words: Tensor, tables: Tens
     _in_threads(run, len(bounds) - 1)
     tot = bad.sum(0)
     return torch.from_numpy(out), int(tot[0]), int(tot[1])
+
+
+def encode_lanes(sym: Tensor, table_of: Tensor | None, freq: Tensor, cum: Tensor, alphabet: int,
+                 precision_bits: int, lanes: int, threads: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``rans.encode``'s loop compiled, lanes split over threads -> (states [lanes] int32, words [W]
+    int16, lane_words [lanes] int32), identical to the torch loop. Inputs checked by the caller:
+    ``sym`` [n] uint8, ``table_of`` [n] int64 ids or None, ``freq``/``cum`` [T * A] int64 with every
+    coded symbol's frequency >= 1."""
+    k = _kernels()
+    s = sym.detach().reshape(-1).to(torch.uint8).contiguous().numpy()
+    n = s.shape[0]
+    tid = (np.zeros(0, dtype=np.int64) if table_of is None
+           else table_of.detach().reshape(-1).to(torch.int64).contiguous().numpy())
+    f = freq.detach().to(torch.int64).contiguous().numpy()
+    c = cum.detach().to(torch.int64).contiguous().numpy()
+    steps = -(-n // lanes)
+    states = np.empty(lanes, dtype=np.uint32)
+    counts = np.empty(lanes, dtype=np.int32)
+    buf = np.empty((lanes, steps), dtype=np.uint16)
+    bounds = _bounds(lanes, n, threads)
+    _in_threads(lambda i: k.encode_range(s, tid, f, c, alphabet, precision_bits, lanes, n, states, counts, buf,
+                                         bounds[i], bounds[i + 1]), len(bounds) - 1)
+    end = np.cumsum(counts, dtype=np.int64)
+    start = end - counts
+    words = np.empty(int(end[-1]) if lanes else 0, dtype=np.uint16)
+    _in_threads(lambda i: k.gather_words(buf, counts, start, words, bounds[i], bounds[i + 1]), len(bounds) - 1)
+    # an empty numpy array becomes a tensor with stride 0, which the file writer cannot view as bytes
+    wt = torch.from_numpy(words.view(np.int16)) if words.size else torch.zeros(0, dtype=torch.int16)
+    return torch.from_numpy(states.view(np.int32)), wt, torch.from_numpy(counts)
 
 
 def assemble_f32(exp: Tensor, rest: Tensor, threads: int | None = None) -> Tensor:

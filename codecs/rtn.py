@@ -49,6 +49,7 @@ from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, Tensor
                    check_param, row_ids)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
+from .kernels import kernels_available
 
 __all__ = ["Rtn", "rtn_decode_reference", "unpack_codes"]
 
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 MIN_BITS, MAX_BITS = 2, 8
 MAX_GROUP = 1 << 20
 F16_MAX = 65504.0
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what kernels/rtn.py writes
 # HQQ's solver settings (Badri & Shaji 2023, "Half-Quadratic Quantization of Large ML Models").
 HQQ_P, HQQ_BETA, HQQ_KAPPA = 0.7, 10.0, 1.01
 
@@ -140,8 +142,16 @@ class Rtn(Codec, name="rtn", version=1):
 
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
-               device: torch.device, dtype: torch.dtype) -> Tensor:
+               device: torch.device, dtype: torch.dtype, *, fast: bool | None = None) -> Tensor:
+        """``fast``: the Triton kernel (``kernels/rtn.py``); ``None`` picks it on CUDA when Triton
+        imports, ``False`` keeps this pure-PyTorch reference (the CPU path, interpreter or not)."""
         f = cls.checked_fields(enc, spec, device)
+        if fast is None:
+            fast = torch.device(device).type == "cuda" and dtype in _KERNEL_DTYPES and kernels_available(device)
+        if fast:
+            from .kernels.rtn import decode as kernel_decode
+
+            return kernel_decode(Encoded(f, enc.params), spec, dtype)
         codes, scale, offset = f["codes"], f["scale"], f["offset"]
         bits, g = enc.params["bits"], enc.params["group_size"]
         m, n = _matrix_shape(tuple(spec.shape))

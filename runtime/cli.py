@@ -37,6 +37,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct", default="auto", choices=["auto", "on", "off"],
                    help="run linears from their packed codes (fused decode-matmul; CPU: rtn <=4 bits, CUDA: rtn, "
                         "cvxq, hyperc through Triton): auto = wherever a kernel runs (default), off = decode every weight")
+    p.add_argument("--kernels", default="auto", choices=["auto", "off"],
+                   help="CUDA only: the Triton kernels (decoders, fused matmuls); off = the PyTorch decoders "
+                        "(an escape hatch: the kernels are tested against them, docs/GPU.md)")
     p.add_argument("--ring", default="auto", choices=["auto", "on", "off"],
                    help="under a cache budget, stream decoder layers through a ring of slots (hook-free, CUDA-graph "
                         "capturable) with the other weights resident: auto = on CUDA (default), on, off = per-weight hooks")
@@ -227,7 +230,7 @@ def _runtime_config(args: argparse.Namespace):
 
     return RuntimeConfig(device=args.device, dtype=args.dtype, cache_budget=parse_budget(args.cache_budget),
                          prefetch_layers=args.prefetch, rowwise_embedding=args.rowwise_embedding,
-                         direct=args.direct, compile=args.compile, ring=args.ring)
+                         direct=args.direct, compile=args.compile, ring=args.ring, kernels=args.kernels)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from thawed.codecs import get_codec
 
 from .checkpoint import Checkpoint
 from .direct import direct_unsupported_reason
+from .direct_gpu import KERNEL_CODECS
 
 __all__ = ["inspect_checkpoint", "format_inspect"]
 
@@ -19,16 +20,20 @@ def _bpw(nbytes: int, numel: int) -> float:
     return nbytes * 8 / numel if numel else 0.0
 
 
-def execution_mode(entry) -> str:
-    """How the runtime runs this tensor on the CPU with default settings (runtime/model.py
-    ``plan_modes``): ``direct`` (matmul from packed codes), ``rowwise`` (embedding rows decoded per
-    token; a tied head that cannot run direct makes it ``decoded`` at load), ``decoded`` (resident,
-    or streamed under a small ``--cache-budget``) or ``raw``."""
+def execution_mode(entry, device: str = "cpu") -> str:
+    """How the runtime runs this tensor on ``device`` ("cpu" or "cuda") with default settings
+    (runtime/model.py ``plan_modes``): ``direct`` (matmul from packed codes: torch's int4 kernel on
+    the CPU, the codec's Triton kernel on CUDA), ``rowwise`` (embedding rows decoded per token; a
+    tied head that cannot run direct makes it ``decoded`` at load), ``decoded`` (resident, or
+    streamed -- through the ring on CUDA -- under a small ``--cache-budget``) or ``raw``."""
     if entry.codec == "raw":
         return "raw"
-    if entry.role in ("linear", "lm_head") and direct_unsupported_reason(
-            entry.codec, entry.params, tuple(entry.shape), torch.device("cpu")) is None:
-        return "direct"
+    if entry.role in ("linear", "lm_head"):
+        if device == "cuda":
+            if entry.codec in KERNEL_CODECS and len(entry.shape) == 2:
+                return "direct"
+        elif direct_unsupported_reason(entry.codec, entry.params, tuple(entry.shape), torch.device("cpu")) is None:
+            return "direct"
     if entry.role == "embedding" and hasattr(get_codec(entry.codec), "decode_rows"):
         return "rowwise"
     return "decoded"
@@ -48,7 +53,8 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         numel = e.spec.numel
         rows.append({"name": name, "codec": e.codec, "role": e.role, "shape": list(e.shape),
                      "dtype": str(e.dtype).replace("torch.", ""), "bytes": e.nbytes,
-                     "bpw": round(_bpw(e.nbytes, numel), 4), "params": e.params, "mode": execution_mode(e)})
+                     "bpw": round(_bpw(e.nbytes, numel), 4), "params": e.params, "mode": execution_mode(e),
+                     "mode_cuda": execution_mode(e, "cuda")})
         all_bytes += e.nbytes
         all_numel += numel
         if e.role in ("linear",):
@@ -76,11 +82,11 @@ def format_inspect(report: dict[str, Any], show_tensors: bool = True) -> str:
     lines = []
     if show_tensors:
         w = max([len(r["name"]) for r in report["tensors"]] + [6])
-        lines.append(f"{'tensor':<{w}}  {'codec':<9} {'role':<9} {'shape':<14} {'bytes':>11} {'bpw':>7}  mode (cpu)")
+        lines.append(f"{'tensor':<{w}}  {'codec':<9} {'role':<9} {'shape':<14} {'bytes':>11} {'bpw':>7}  {'mode (cpu)':<10}  mode (cuda)")
         for r in report["tensors"]:
             shape = "x".join(map(str, r["shape"]))
             lines.append(f"{r['name']:<{w}}  {r['codec']:<9} {r['role']:<9} {shape:<14} {r['bytes']:>11,} {r['bpw']:>7.3f}"
-                         f"  {r['mode']}")
+                         f"  {r['mode']:<10}  {r['mode_cuda']}")
         lines.append("")
     lin, tot = report["linear"], report["total"]
     lines.append(f"linear layers: {lin['weights']:,} weights, {lin['bytes']:,} bytes, {lin['bpw']:.3f} bits/weight")

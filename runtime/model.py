@@ -8,6 +8,7 @@ its weights (on the GPU when the model runs there); the prefetcher decodes the n
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import threading
@@ -70,6 +71,10 @@ class RuntimeConfig:
     ring: str = "auto"
     # With two or more ring slots, decode layer i+1 on a side CUDA stream while layer i computes.
     stream_overlap: bool = True
+    # The Triton kernels on CUDA (codecs/kernels: decoders, fused matmuls, the ring's decodes).
+    # "off": the codecs' PyTorch decoders only -- the escape hatch while the kernels have not yet
+    # run on a GPU of this project (docs/GPU.md). No effect on the CPU.
+    kernels: str = "auto"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,7 +187,9 @@ def plan_modes(weights: list[tuple[str, nn.Module, str, str]], index, config: Ru
         raise ThawedError(f"--direct {config.direct!r} is not one of auto, on, off")
     if config.rowwise_embedding not in ("auto", "on", "off"):
         raise ThawedError(f"--rowwise-embedding {config.rowwise_embedding!r} is not one of auto, on, off")
-    use_direct = config.direct in ("on", "auto")
+    if config.kernels not in ("auto", "off"):
+        raise ThawedError(f"--kernels {config.kernels!r} is not one of auto, off")
+    use_direct = config.direct in ("on", "auto") and not (device.type == "cuda" and config.kernels == "off")
     plan: list[str] = []
     for mname, mod, pname, key in weights:
         entry = index[key]
@@ -212,6 +219,8 @@ def plan_modes(weights: list[tuple[str, nn.Module, str, str]], index, config: Ru
 def use_ring(config: RuntimeConfig, device: torch.device) -> bool:
     if config.ring not in ("auto", "on", "off"):
         raise ThawedError(f"--ring {config.ring!r} is not one of auto, on, off")
+    if device.type == "cuda" and config.kernels == "off":
+        return config.ring == "on"
     return config.ring == "on" or (config.ring == "auto" and device.type == "cuda" and kernels_available(device))
 
 
@@ -256,6 +265,15 @@ def direct_reason(codec: str, params, shape: tuple[int, ...], device: torch.devi
     return direct_unsupported_reason(codec, params, shape, device)
 
 
+def decode_with(codec_name: str, enc, spec, shared, device: torch.device, dtype: torch.dtype,
+                kernels: bool) -> torch.Tensor:
+    """``Codec.decode``, with its Triton kernel turned off on CUDA when ``kernels`` is False."""
+    codec = get_codec(codec_name)
+    if not kernels and device.type == "cuda" and "fast" in inspect.signature(codec.decode).parameters:
+        return codec.decode(enc, spec, shared, device, dtype, fast=False)
+    return codec.decode(enc, spec, shared, device, dtype)
+
+
 def _build_ring(weights, plan, index, config: RuntimeConfig, device: torch.device, dtype: torch.dtype,
                 elem: int, budget: int | None, payload, shared_cache, ckpt) -> LayerRing:
     """The ring of ``plan``'s "ring" weights: as many slots as the budget leaves after the
@@ -274,11 +292,11 @@ def _build_ring(weights, plan, index, config: RuntimeConfig, device: torch.devic
         entry = index[key]
         enc = payload(key)
         shared = shared_cache[entry.codec]
-        fast = kernel_decoder(entry.codec, device)
+        fast = kernel_decoder(entry.codec, device) if config.kernels != "off" else None
         if key in validated and fast is not None:  # checked once below; from then on sync-free
             fast(enc, entry.spec, shared, dtype, out)
             return
-        w = get_codec(entry.codec).decode(enc, entry.spec, shared, device, dtype)
+        w = decode_with(entry.codec, enc, entry.spec, shared, device, dtype, config.kernels != "off")
         check_finite(ckpt.payload_path, entry, w)
         out.copy_(w.view(out.shape))
         validated.add(key)
@@ -378,7 +396,8 @@ class LazyModel:
         def decode(key: str):
             entry = index[key]
             enc = payload(key)
-            weight = get_codec(entry.codec).decode(enc, entry.spec, shared_cache[entry.codec], device, dtype)
+            weight = decode_with(entry.codec, enc, entry.spec, shared_cache[entry.codec], device, dtype,
+                                 config.kernels != "off")
             check_finite(ckpt.payload_path, entry, weight)
             ready = None
             if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
@@ -431,7 +450,18 @@ class LazyModel:
                 extra = codec.decode_output_bias(gpu_enc, entry.spec, device, dtype)  # cvxq's bias correction
                 if extra is not None:
                     bias = extra if bias is None else bias + extra
-                return KernelLinear.from_payload(entry.codec, gpu_enc, entry.spec, bias)
+                try:
+                    return KernelLinear.from_payload(entry.codec, gpu_enc, entry.spec, bias)
+                except (NotImplementedError, ValueError) as exc:  # a layout the kernel does not take
+                    log.warning("%s runs decoded, not direct: %s", key, exc)
+                    w = codec.decode(gpu_enc, entry.spec, shared_cache.get(entry.codec) or
+                                     {k: v.to(device) for k, v in ckpt.shared(entry.codec).items()}, device, dtype)
+                    check_finite(ckpt.payload_path, entry, w)
+                    lin = nn.Linear(entry.shape[1], entry.shape[0], bias=bias is not None, device="meta")
+                    lin.weight = nn.Parameter(w, requires_grad=False)
+                    if bias is not None:
+                        lin.bias = nn.Parameter(bias, requires_grad=False)
+                    return lin
             lin = DirectLinear.from_rtn(enc.fields["codes"], enc.fields["scale"], enc.fields["offset"], enc.params,
                                         tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device)
             check_finite(ckpt.payload_path, entry, lin.scale_zero)  # codes are integers: scales carry any NaN
@@ -446,7 +476,10 @@ class LazyModel:
                 mname = weights[i][0]
                 parent, _, child = mname.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, lin)
-                direct_nbytes += lin.nbytes
+                if isinstance(lin, (DirectLinear, KernelLinear)):
+                    direct_nbytes += lin.nbytes
+                else:
+                    modes[f"{mname}.{weights[i][2]}"] = "resident"
 
         cache = WeightCache(decode, cache_budget, size_of=lambda key: index[key].spec.numel * elem)
         lazy_keys = [key for _, _, key in lazy_modules]

@@ -99,12 +99,15 @@ class Stepper:
         self._fast_norm = all(type(n).__name__ in _RMS_NORMS and hasattr(n, "variance_epsilon")
                               for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm))
         self._compiled = None
+        self._graph_fn = None
         # CUDA graphs of the decode step (runtime/cuda_graphs.py): on by default on a GPU. On CUDA
         # they take the place of torch.compile: capture costs well under a second, no compiler.
         self.graphs: GraphedDecode | None = None
         if graphs is None:
             graphs = self.device.type == "cuda"
         if graphs and self.device.type == "cuda":
+            # with compile: inductor fuses the step's small ops first, and the graph replays that
+            self._graph_fn = compile_step(self._decode_static, False) if compile else None
             self.graphs = GraphedDecode(self._graph_step, int(cfg.hidden_size), self.dtype, self.device)
         elif compile:
             self._compiled = compile_step(self._decode_static, dynamic)
@@ -253,7 +256,8 @@ class Stepper:
         return self.graphs(self.embed(ids), list(pos0), self.capacity, (self._version, self.capacity))  # scratch
 
     def _graph_step(self, h: Tensor, pos: Tensor) -> Tensor:
-        return self._decode_static(h, pos, self.k, self.v, self._cos, self._sin)
+        fn = self._graph_fn or self._decode_static
+        return fn(h, pos, self.k, self.v, self._cos, self._sin)
 
     def _decode_static(self, h: Tensor, pos: Tensor, ks: list[Tensor], vs: list[Tensor], cos_t: Tensor,
                        sin_t: Tensor) -> Tensor:

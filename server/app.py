@@ -98,7 +98,8 @@ def _default_loader(settings: Settings):
         raise ThawedError("no checkpoint given: pass CKPT to `thawed serve` or set THAWED_CHECKPOINT")
     config = RuntimeConfig(device=settings.device, dtype=settings.dtype,
                            cache_budget=parse_budget(settings.cache_budget), prefetch_layers=settings.prefetch,
-                           direct=settings.direct, compile=settings.compile, ring=settings.ring)
+                           direct=settings.direct, compile=settings.compile, ring=settings.ring,
+                           kernels=settings.kernels)
     loaded = load_for_inference(settings.checkpoint, config)
     if settings.preload and loaded.lazy is not None:
         t0 = time.perf_counter()

@@ -40,6 +40,8 @@ _SERVE_FLAGS = [
     ("--direct", "direct", str,
      "auto | on | off: run linears from packed codes where a fused kernel runs (CPU: rtn <=4 bits; CUDA: rtn, "
      "cvxq, hyperc) [THAWED_DIRECT]"),
+    ("--kernels", "kernels", str,
+     "auto | off: the Triton kernels on CUDA (off = the PyTorch decoders) [THAWED_KERNELS]"),
     ("--ring", "ring", str,
      "auto | on | off: under a budget, stream decoder layers through a ring of slots (auto = on CUDA) [THAWED_RING]"),
     ("--prefill-chunk", "prefill_chunk", int, "prompt tokens per prefill forward (default 512) [THAWED_PREFILL_CHUNK]"),

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     batching: bool = Field(True, description="decode running sequences together in one forward (continuous batching)")
     max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's")
     direct: Literal["auto", "on", "off"] = Field("auto", description="run linears from their packed codes where a fused kernel runs (CPU: rtn <=4 bits; CUDA: rtn, cvxq, hyperc)")
+    kernels: Literal["auto", "off"] = Field("auto", description="the Triton kernels on CUDA (off: the PyTorch decoders)")
     ring: Literal["auto", "on", "off"] = Field("auto", description="under a budget, stream decoder layers through a ring of slots (auto: on CUDA)")
     compile: bool = Field(False, description="torch.compile the batched decode step (a compile on first use)")
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens prefilled per forward (long prompts go in chunks)")

@@ -142,8 +142,9 @@ def test_decode_on_cuda() -> None:
     for dtype in FLOATS:
         w = _special_values(dtype)
         enc, spec = _encode(w)
-        for entropy_on_cpu in (None, False):  # default on CUDA: exponents decoded on the host; all on the GPU
-            out = Lossless.decode(enc.to("cuda"), spec, {}, torch.device("cuda"), dtype, entropy_on_cpu=entropy_on_cpu)
+        # default on CUDA: the Triton kernel; exponents on the host; the torch path all on the GPU
+        for kw in ({}, {"entropy_on_cpu": True}, {"fast": False, "entropy_on_cpu": False}):
+            out = Lossless.decode(enc.to("cuda"), spec, {}, torch.device("cuda"), dtype, **kw)
             assert out.device.type == "cuda" and torch.equal(_bits(out.cpu()), _bits(w))
 
 

@@ -216,6 +216,26 @@ def test_numba_equals_reference_on_odd_sizes(n: int, lanes: int, threads: int) -
 
 
 @needs_numba
+@pytest.mark.parametrize("n,lanes,tables", [(1, 1, 1), (7, 3, 1), (1000, 31, 1), (5, 9, 1), (50_001, 97, 40),
+                                            (2047, 2047, 3)])
+def test_numba_encoder_equals_torch_encoder(n: int, lanes: int, tables: int) -> None:
+    """The compiled encoder writes the torch loop's stream bit for bit (states, words, word counts),
+    one table and many, ragged last steps, more lanes than symbols."""
+    g = torch.Generator().manual_seed(n + lanes)
+    tabs = _tables(tables, 12, n)
+    tid = torch.randint(0, tables, (n,), generator=g) if tables > 1 else None
+    probs = tabs[tid].double() if tid is not None else tabs[0].double().expand(n, -1)
+    sym = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    args = (sym, tabs if tables > 1 else tabs[0], 12)
+    a = rans.encode(*args, table_of=tid, lanes=lanes, backend="numba")
+    b = rans.encode(*args, table_of=tid, lanes=lanes, backend="torch")
+    for x, y in ((a.states, b.states), (a.words, b.words), (a.lane_words, b.lane_words)):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+    assert (a.n, a.lanes) == (b.n, b.lanes)
+    assert all(t.stride() == (1,) for t in (a.states, a.words, a.lane_words))  # even when empty (the writer views bytes)
+
+
+@needs_numba
 def test_numba_flags_the_same_damaged_lanes(stream: tuple[torch.Tensor, Coded]) -> None:
     """A damaged stream fails the same end-of-stream check on both decoders, with the same counts
     of bad lanes (so they read the same words, also past a lane's end)."""

@@ -43,8 +43,6 @@ def triton_missing_reason() -> str | None:
 def kernels_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run for tensors on ``device``."""
     dev = torch.device(device)
-    if triton_missing_reason() is not None:
-        return False
-    if dev.type == "cuda":
-        return True
-    return dev.type == "cpu" and interpreting()
+    if not (dev.type == "cuda" or (dev.type == "cpu" and interpreting())):
+        return False  # decided before importing Triton: a CPU run never pays for that import
+    return triton_missing_reason() is None
