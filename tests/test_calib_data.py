@@ -52,8 +52,29 @@ def test_calib_text_file_is_used(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert data.flat() == ids[:50] and data.record["source"] == "file" and data.record["path"] == str(text)
 
 
+def test_compress_records_the_calibration_it_used(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from thawed.runtime.checkpoint import Checkpoint
+
+    monkeypatch.setenv("THAWED_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "mine.txt"
+    text.write_text("paris is the capital of france and london is the capital of england " * 30)
+    out = tmp_path / "ck"
+    assert main(["compress", str(tiny_llama_dir), str(out), "--codec", "rtn:bits=4,group_size=32,gptq=true",
+                 "--calib-text", str(text), "--calib-tokens", "200", "--no-progress"]) == 0
+    with Checkpoint.open(out) as ck:
+        settings = ck.metadata["settings"]
+    assert settings["calibration"]["source"] == "file" and settings["calibration"]["path"] == str(text)
+    assert settings["calibration"]["tokens"] == 200 and settings["input_stats"]["tokens"] == 200
+    out2 = tmp_path / "ck2"  # default: self-generated, cached under $THAWED_CACHE/calib
+    assert main(["compress", str(tiny_llama_dir), str(out2), "--codec", "rtn:bits=4,group_size=32,gptq=true",
+                 "--calib-tokens", "300", "--no-progress"]) == 0
+    with Checkpoint.open(out2) as ck:
+        cal = ck.metadata["settings"]["calibration"]
+    assert cal["source"] == "self" and cal["tokens"] == 300 and cal["cache"].startswith(str(tmp_path / "cache"))
+
+
 def test_bad_calibration_choices_fail_clearly(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
-    assert main(["compress", str(tiny_llama_dir), str(tmp_path / "x"), "--codec", "rtn",
+    assert main(["compress", str(tiny_llama_dir), str(tmp_path / "x"), "--codec", "rtn:gptq=true",
                  "--calib-text", str(tmp_path / "missing.txt")]) == 2
     assert "--calib-text" in capsys.readouterr().err
     with pytest.raises(ThawedError, match="drop --calib"):
