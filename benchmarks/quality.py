@@ -5,8 +5,8 @@
 
 Every row is compressed from the dense model (``runtime/compress.py``, calibration as the row
 says: ``self`` = text the model generates itself, the default; ``ptb`` = Penn Treebank train),
-checked (file bpw from the checkpoint; rtn and rtn+gptq files must be the same size: GPTQ changes
-codes, not the format), then evaluated with ``thawed eval``'s protocol (``runtime/eval.py``: first
+checked (file bpw from the checkpoint; rtn and rtn+gptq tensors must take the same bytes: GPTQ
+changes codes, not the format; the header differs by the calibration record), then evaluated with ``thawed eval``'s protocol (``runtime/eval.py``: first
 ``--tokens`` tokens, no BOS, window 1024, stride 512) on each corpus; dense is measured in the same
 run. No row is calibrated or tuned on an evaluated corpus. One JSON line per result goes to
 ``--json-out`` (a partial run keeps its figures); a Markdown table is printed at the end.
@@ -48,7 +48,7 @@ def _bpw(path: Path) -> dict:
     with Checkpoint.open(path) as ck:
         rep = inspect_checkpoint(ck)
     return {"linear_bpw": round(rep["linear"]["bpw"], 4), "file_bpw": round(rep["total"]["bpw"], 4),
-            "file_bytes": rep["total"]["file_bytes"]}
+            "file_bytes": rep["total"]["file_bytes"], "tensor_bytes": rep["total"]["tensor_bytes"]}
 
 
 def _compress(src: Path, work: Path, row: str, calib_tokens: int, seed: int) -> tuple[Path, dict]:
@@ -100,7 +100,7 @@ def _row(row: str, src: Path, work: Path, corpora: list[str], args, command: str
         path, info = src, {"file_bpw": 32.0}
     else:
         path, info = _compress(src, work, row, args.calib_tokens, args.seed)
-        size = info["file_bytes"]
+        size = info["tensor_bytes"]  # the header differs (it records the calibration), the tensors must not
         emit(out, {"row": row, "stage": "compress", "command": command} | info)
     ppl = {}
     for corpus in corpora:
