@@ -4,7 +4,8 @@
                               [--calib-tokens 2048] [--work DIR] [--json-out FILE]
 
 Stages (each appends one JSON line per result to ``--json-out`` so a partial run keeps its figures):
-- calib:   gradient sensitivities on PTB train (``runtime/calibrate.py``), timed, saved in --work.
+- calib:   gradient sensitivities on the default calibration text (``runtime/calibrate.py``; self-generated
+           since issue 15, PTB train before: docs/CVXQ.md's figures), timed, saved in --work.
 - targets: ``compress --codec cvxq --target-bpw T`` for T in 2.5 3.0 3.5 4.0 4.5 (and 3.25 4.25 for
            the ppl stage), each checked with ``inspect``: linear-layer and whole-file bpw.
 - ppl:     perplexity (``thawed eval`` protocol: PTB test, first --tokens tokens, window 1024,

@@ -4,7 +4,7 @@ line per codec, dense as a horizontal line, one panel per evaluation domain.
     python benchmarks/plot_rd.py out/quality.json --out docs/img/rd_smollm2.png [--bpw file|linear]
 
 Input, either of:
-- the JSON ``benchmarks/quality.py --json-out`` writes here (``rows`` of label, codec, bpw_linear,
+- the JSON ``benchmarks/quality_ckpts.py --json-out`` writes here (``rows`` of label, codec, bpw_linear,
   bpw_file, domain, perplexity; the dense rows have codec ``dense``);
 - JSON lines, one result per line, as the two-domain quality benchmark of the calibration work
   writes them (``{"row": "cvxq4.25-self", "corpus": "pydoc", "file_bpw": .., "perplexity": ..,
@@ -28,7 +28,8 @@ COLOURS = {"rtn": "#c44e52", "nwc": "#4c72b0", "cvxq": "#55a868", "hyperc": "#81
 
 
 def _from_json_lines(p: Path, text: str) -> dict:
-    """The JSON-lines records of a per-result benchmark, as a ``quality.py`` document."""
+    """The JSON-lines records of ``benchmarks/quality.py`` (one line per row and corpus), as a
+    ``quality_ckpts.py`` document."""
     recs = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -62,8 +63,8 @@ def load_rows(paths: list[Path]) -> tuple[list[dict], dict[str, str], list[str]]
         if isinstance(doc, dict) and "row" in doc:  # a JSON-lines file of one line
             doc = _from_json_lines(p, text)
         if not isinstance(doc, dict) or "rows" not in doc or "domains" not in doc:
-            raise SystemExit(f"{p}: not the JSON of benchmarks/quality.py (no 'rows'/'domains') nor its JSON lines; "
-                             "run `python benchmarks/quality.py ... --json-out FILE` first")
+            raise SystemExit(f"{p}: not the JSON of benchmarks/quality_ckpts.py (no 'rows'/'domains') nor the JSON lines of "
+                             "benchmarks/quality.py; run either with --json-out FILE first")
         for d, proto in doc["domains"].items():
             if protocols.setdefault(d, proto) != proto:
                 raise SystemExit(f"{p}: domain {d!r} was measured with another protocol ({proto!r} vs "

@@ -1,19 +1,15 @@
-"""Quality of checkpoints against their dense source, on two evaluation domains, as one JSON file
-for ``benchmarks/plot_rd.py``.
+"""Two-domain quality on the real SmolLM2-135M: calibrated codecs under different calibration text.
 
-    python benchmarks/quality.py --ckpt rtn4=out/rtn4 --ckpt nwc425=out/nwc425 [--ckpt LABEL=DIR ...]
-                                 [--src DIR] [--domains ptb-test,code-stdlib] [--tokens 4096] [--no-dense]
-                                 [--json-out out/quality.json]
+    python benchmarks/quality.py [--rows dense,rtn4,rtn4-gptq,cvxq4.25-self,cvxq4.25-ptb] [--tokens 8192]
+                                 [--corpora ptb-test,pydoc] [--calib-tokens 2048] [--work DIR] [--json-out FILE]
 
-Domains: ``ptb-test`` (Penn Treebank test, English news) and ``code-stdlib`` (Python source from
-the standard library: argparse, difflib, textwrap). Protocol per domain: ``thawed eval``'s (first
---tokens tokens, no BOS, window 1024, stride 512), dense measured in the same run with the same
-code. Bits per weight come from the files (``thawed inspect``: linear layers, and the whole file
-with header and shared codec state).
-
-Correctness first: every checkpoint must have been compressed from --src (each coded tensor's
-shape matches, and the first coded tensor decodes within 5 dB SQNR of the source, which rules out a
-checkpoint of another model), and every perplexity must be finite.
+Every row is compressed from the dense model (``runtime/compress.py``, calibration as the row
+says: ``self`` = text the model generates itself, the default; ``ptb`` = Penn Treebank train),
+checked (file bpw from the checkpoint; rtn and rtn+gptq tensors must take the same bytes: GPTQ
+changes codes, not the format; the header differs by the calibration record), then evaluated with ``thawed eval``'s protocol (``runtime/eval.py``: first
+``--tokens`` tokens, no BOS, window 1024, stride 512) on each corpus; dense is measured in the same
+run. No row is calibrated or tuned on an evaluated corpus. One JSON line per result goes to
+``--json-out`` (a partial run keeps its figures); a Markdown table is printed at the end.
 """
 
 from __future__ import annotations
@@ -21,115 +17,157 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import shlex
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+ROWS = {  # name -> (codec, target bpw or None, calibration source)
+    "dense": (None, None, None),
+    "rtn4": ("rtn:bits=4,group_size=128", None, None),
+    "rtn4-gptq": ("rtn:bits=4,group_size=128,gptq=true", None, "self"),
+    "rtn4-gptq-ptb": ("rtn:bits=4,group_size=128,gptq=true", None, "ptb-train"),
+    "cvxq4.25-self": ("cvxq", 4.25, "self"),
+    "cvxq4.25-ptb": ("cvxq", 4.25, "ptb-train"),
+    "nwc4.25": ("nwc:target_bpw=4.25", None, "self"),
+    "nwc4.25-gptq": ("nwc:target_bpw=4.25,ec=true", None, "self"),
+    "nwc4.25-ec-inorder": ("nwc:target_bpw=4.25,ec=true,act_order=false", None, "self"),
+}
 
 
-def check_checkpoint(path: Path, src: Path) -> dict:
+def emit(out: Path, rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _bpw(path: Path) -> dict:
     from thawed.runtime.checkpoint import Checkpoint
     from thawed.runtime.inspection import inspect_checkpoint
-    from thawed.runtime.report import sqnr_db
-    from thawed.runtime.source import SourceModel
 
-    with Checkpoint.open(path) as ckpt, SourceModel(src) as source:
-        rep = inspect_checkpoint(ckpt)
-        coded = [n for n, e in ckpt.index.items() if e.codec != "raw"]
-        assert coded, f"{path}: no coded tensor"
-        for n in coded:
-            shape, _ = source.shape_dtype(n)
-            assert tuple(shape) == tuple(ckpt.index[n].shape), f"{path}: {n} shape differs from {src}"
-        probe = next(n for n in coded if ckpt.index[n].role == "linear")
-        sqnr = sqnr_db(source.get(probe), ckpt.decode(probe, "cpu", torch.float32))
-        assert sqnr > 5.0, f"{path}: {probe} is {sqnr:.1f} dB from {src}: not compressed from this source"
-        codecs = {}
-        for r in rep["tensors"]:
-            if r["codec"] != "raw":
-                codecs[r["codec"]] = codecs.get(r["codec"], 0) + 1
-    return {"codec": max(codecs, key=codecs.get), "codecs": codecs, "bpw_linear": rep["linear"]["bpw"],
-            "bpw_file": rep["total"]["bpw"], "probe": probe, "probe_sqnr_db": round(sqnr, 2),
-            "settings": ckpt.metadata.get("settings", {}).get("plan")}
+    with Checkpoint.open(path) as ck:
+        rep = inspect_checkpoint(ck)
+    return {"linear_bpw": round(rep["linear"]["bpw"], 4), "file_bpw": round(rep["total"]["bpw"], 4),
+            "file_bytes": rep["total"]["file_bytes"], "tensor_bytes": rep["total"]["tensor_bytes"]}
 
 
-def evaluate(model: Path, domains: dict[str, list[int]], ctx: int) -> dict[str, dict]:
-    from thawed.runtime.eval import perplexity
+def _compress(src: Path, work: Path, row: str, calib_tokens: int, seed: int) -> tuple[Path, dict]:
+    from thawed.runtime.calib_data import CalibSpec
+    from thawed.runtime.compress import compress
+    from thawed.runtime.plan import Plan, parse_codec_choice
+
+    codec, target, calib = ROWS[row]
+    path = work / row
+    info: dict = {}
+    if not (path / "model.thawed.safetensors").is_file() and not any(path.glob("*.safetensors")):
+        if path.exists():
+            shutil.rmtree(path)
+        t0 = time.perf_counter()
+        rep = compress(src, path, Plan(parse_codec_choice(codec)), progress=False, seed=seed, target_bpw=target,
+                       calib_tokens=calib_tokens, calib=CalibSpec(calib or "self", seed=seed))
+        info["compress_seconds"] = round(rep.seconds, 1)
+        info["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    from thawed.runtime.checkpoint import Checkpoint
+
+    with Checkpoint.open(path) as ck:
+        settings = ck.metadata["settings"]
+    info["calibration"] = settings.get("calibration")
+    return path, info | _bpw(path)
+
+
+def _ppl(model_path: Path, corpus: str, tokens: int) -> dict:
+    from thawed.runtime.eval import load_corpus, perplexity
     from thawed.runtime.loading import load_for_inference
     from thawed.runtime.model import RuntimeConfig
 
-    loaded = load_for_inference(model, RuntimeConfig(device="cpu"))
+    name, text = load_corpus(corpus)
+    loaded = load_for_inference(model_path, RuntimeConfig(device="cpu"))
     try:
-        out = {}
-        for name, ids in domains.items():
-            res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=ctx, corpus=name)
-            assert math.isfinite(res.perplexity) and res.perplexity > 1, f"{model} on {name}: {res.perplexity}"
-            out[name] = {"perplexity": round(res.perplexity, 4), "scored_tokens": res.scored_tokens,
-                         "seconds": round(res.seconds, 1), "protocol": res.protocol}
-        return out
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+        res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=1024, corpus=name)
     finally:
         loaded.close()
+    assert math.isfinite(res.perplexity) and res.scored_tokens == len(ids) - 1, res
+    return {"perplexity": round(res.perplexity, 3), "protocol": res.protocol, "eval_seconds": round(res.seconds, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", action="append", default=[], metavar="LABEL=DIR", help="checkpoint to measure")
-    ap.add_argument("--src", default=None, help="the dense source (default: thawed demo-model)")
-    ap.add_argument("--domains", default="ptb-test,code-stdlib")
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--no-dense", action="store_true",
-                    help="skip the dense rows (a second run to pool with a first one that has them)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json-out", default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _row(row: str, src: Path, work: Path, corpora: list[str], args, command: str, out: Path):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    size = None
+    if row == "dense":
+        path, info = src, {"file_bpw": 32.0}
+    else:
+        path, info = _compress(src, work, row, args.calib_tokens, args.seed)
+        size = info["tensor_bytes"]  # the header differs (it records the calibration), the tensors must not
+        emit(out, {"row": row, "stage": "compress", "command": command} | info)
+    ppl = {}
+    for corpus in corpora:
+        res = _ppl(path, corpus, args.tokens)
+        ppl[corpus] = res["perplexity"]
+        emit(out, {"row": row, "corpus": corpus, "file_bpw": info["file_bpw"], "command": command} | res)
+    return row, size, ppl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="dense,rtn4,rtn4-gptq,cvxq4.25-self,cvxq4.25-ptb")
+    ap.add_argument("--corpora", default="ptb-test,pydoc")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="rows measured in parallel processes (default 1)")
+    ap.add_argument("--work", default="out/quality")
+    ap.add_argument("--json-out", default="out/quality/results.jsonl")
+    ap.add_argument("--src", default=None, help="dense HF directory (default: thawed demo-model)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     from thawed.runtime.demo_model import demo_model_dir
-    from thawed.runtime.eval import load_corpus
-    from thawed.runtime.loading import load_tokenizer
 
-    src = Path(args.src) if args.src else Path(demo_model_dir())
-    ckpts = []
-    for item in args.ckpt:
-        label, sep, path = item.partition("=")
-        if not sep or not Path(path).is_dir():
-            ap.error(f"--ckpt {item!r}: give LABEL=DIR with an existing checkpoint directory")
-        ckpts.append((label, Path(path)))
-    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(f"# {command}", flush=True)
+    src = Path(args.src) if args.src else demo_model_dir()
+    work, out = Path(args.work), Path(args.json_out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    corpora = [c for c in args.corpora.split(",") if c]
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    results: dict = {}
+    sizes: dict = {}
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
 
-    checks = {label: check_checkpoint(path, src) for label, path in ckpts}  # correctness first
-    for label, c in checks.items():
-        print(f"  ok {label}: {c['codec']}, probe {c['probe']} {c['probe_sqnr_db']} dB", flush=True)
-
-    tok = load_tokenizer(src)
-    domains = {}
-    for d in args.domains.split(","):
-        _, text = load_corpus(d)
-        domains[d] = tok(text, add_special_tokens=False)["input_ids"][: args.tokens]
-    rows = []
-    t0 = time.perf_counter()
-    dense = [] if args.no_dense else [("dense", src, {"codec": "dense", "bpw_linear": 32.0, "bpw_file": 32.0})]
-    for label, path, info in dense + [(lbl, p, checks[lbl]) for lbl, p in ckpts]:
-        res = evaluate(path, domains, args.ctx)
-        for d, r in res.items():
-            rows.append({"label": label, "path": str(path), "domain": d, **{k: info[k] for k in
-                         ("codec", "bpw_linear", "bpw_file")}, **r})
-            print(f"  {label:<12} {info['codec']:<6} file {info['bpw_file']:6.3f} bpw  {d:<12} perplexity "
-                  f"{r['perplexity']:9.3f}  ({r['seconds']:.0f}s)", flush=True)
-    result = {"command": command, "source": str(src), "tokens": args.tokens, "ctx": args.ctx,
-              "domains": {d: next(r["protocol"] for r in rows if r["domain"] == d) for d in domains},
-              "python": platform.python_version(), "torch": torch.__version__,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "seconds": round(time.perf_counter() - t0, 1), "checks": checks, "rows": rows}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json_out}")
-    return 0
+        with ProcessPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(_row, row, src, work, corpora, args, command, out) for row in rows]
+            outcomes = [f.result() for f in futures]
+    else:
+        outcomes = [_row(row, src, work, corpora, args, command, out) for row in rows]
+    for row, size, ppl in outcomes:
+        if size is not None:
+            sizes[row] = size
+        results.update({(row, c): p for c, p in ppl.items()})
+    if "rtn4" in sizes and "rtn4-gptq" in sizes:  # GPTQ changes codes, never the format
+        assert sizes["rtn4"] == sizes["rtn4-gptq"], sizes
+    print(f"\n{command}\n")
+    head = "| row | file bpw | " + " | ".join(f"{c} ppl | × dense" for c in corpora) + " |"
+    print(head)
+    print("|" + "---|" * (2 + 2 * len(corpora)))
+    for row in rows:
+        cells = []
+        for c in corpora:
+            p, d = results.get((row, c)), results.get(("dense", c))
+            cells += [f"{p:.3f}" if p else "—", f"×{p / d:.3f}" if p and d else "—"]
+        bpw = "32" if row == "dense" else f"{_bpw(work / row)['file_bpw']:.3f}"
+        print(f"| {row} | {bpw} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

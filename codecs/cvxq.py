@@ -41,6 +41,11 @@ text. It cannot be folded into the per-group locations, so the runtime adds it t
 bias (``Codec.decode_output_bias``), creating one on bias-less layers; its 16 bits per output row
 count in the tensor's bpw and in the planner's budget.
 
+``gptq=true`` (linear layers with an input Hessian from calibration): depths, locations and scales
+are fitted as above on the original weights, then the codes are chosen by the shared GPTQ stage
+(``codecs/gptq.py``), one input column (= ``R`` groups) at a time with error feedback; the format
+and size do not change; the bias correction is computed from the result.
+
 bpw of a tensor = ``(sum_k G*B_k + 16 K + 16 (K - c_0) + 4 K) / (m n)`` (for ``G`` a multiple of 8
 and ``m`` a multiple of ``G``): at ``G = 192`` the side information costs 0.104-0.188 bpw.
 
@@ -157,7 +162,8 @@ def group_stats(weight: Tensor, group_rows: int, sens: Tensor | None = None) -> 
 class Cvxq(Codec, name="cvxq", version=1):
     """Per-group bit depth 0..8 (``G`` output rows x 1 input column), Laplace-companded levels."""
 
-    def __init__(self, group_rows: int = 192, bits: int = 4, bias: bool = True) -> None:
+    def __init__(self, group_rows: int = 192, bits: int = 4, bias: bool = True, gptq: bool = False,
+                 damp: float = 0.01, act_order: bool = True) -> None:
         if isinstance(group_rows, bool) or not isinstance(group_rows, int) or not 1 <= group_rows <= MAX_GROUP_ROWS:
             raise CodecError(
                 f"codec 'cvxq' option 'group_rows' must be an integer in 1..{MAX_GROUP_ROWS}, got {group_rows!r} "
@@ -167,9 +173,21 @@ class Cvxq(Codec, name="cvxq", version=1):
             raise CodecError(f"codec 'cvxq' option 'bits' must be an integer in 0..{MAX_DEPTH}, got {bits!r}")
         if not isinstance(bias, bool):
             raise CodecError(f"codec 'cvxq' option 'bias' must be true or false, got {bias!r}")
+        if not isinstance(gptq, bool) or not isinstance(act_order, bool):
+            raise CodecError(f"codec 'cvxq' options 'gptq' and 'act_order' must be true or false, got {gptq!r}, "
+                             f"{act_order!r}")
+        from .gptq import GptqConfig
+
+        self._gptq_config = GptqConfig(damp=float(damp), act_order=act_order)  # checks damp
         self.group_rows = group_rows
         self.bits = bits
         self.bias = bias
+        self.gptq, self.damp, self.act_order = gptq, damp, act_order
+
+    @property
+    def needs_input_grams(self) -> bool:
+        """The compression pipeline calibrates layer inputs (``runtime/input_stats.py``) when True."""
+        return self.gptq
 
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
@@ -213,7 +231,8 @@ class Cvxq(Codec, name="cvxq", version=1):
         loc = torch.zeros(k, dtype=torch.float16)
         order = torch.argsort(depth, stable=True)
         scales: list[Tensor] = []
-        segments: list[Tensor] = []
+        codes: list[tuple[int, Tensor, Tensor]] = []  # (depth, group ids, codes [c, G])
+        sc_all = torch.zeros(k, dtype=torch.float16)
         start = 0
         for b, c in enumerate(counts):
             idx = order[start:start + c]
@@ -227,8 +246,13 @@ class Cvxq(Codec, name="cvxq", version=1):
                 continue
             q, lo16, sc16 = _quantise_groups(x, mk, b)
             loc[idx] = lo16
+            sc_all[idx] = sc16
             scales.append(sc16)
-            segments.append(pack_bits(q.reshape(-1), b))
+            codes.append((b, idx, q))
+        gram = ctx.extras.get("input_gram") if self.gptq else None
+        if gram is not None and k and spec.role == "linear" and len(spec.shape) == 2:
+            codes = self._gptq_codes(w, depth, loc, sc_all, codes, gram, spec.name)
+        segments = [pack_bits(q.reshape(-1), b) for b, _, q in codes]
         fields = {
             "depth": pack_bits(depth, 4),  # [ceil(K/8)*4] uint8
             "loc": loc.view(r, n).contiguous(),  # [R, n] f16
@@ -247,6 +271,41 @@ class Cvxq(Codec, name="cvxq", version=1):
             fields["bias"] = corr.clamp(-F16_MAX, F16_MAX).to(torch.float16).contiguous()  # [m] f16
             params["bias"] = True
         return Encoded(fields, params)
+
+    def _gptq_codes(self, w: Tensor, depth: Tensor, loc16: Tensor, sc16: Tensor,
+                    codes: list[tuple[int, Tensor, Tensor]], gram: Tensor, name: str) -> list[tuple[int, Tensor, Tensor]]:
+        """GPTQ (``codecs/gptq.py``) on the fixed groups: depths, locations and scales stay as planned
+        and fitted on the original weights; only the codes change. Column ``j`` holds the ``R``
+        groups ``r * n + j``, each quantised to its depth's levels."""
+        from .gptq import gptq
+
+        m, n = w.shape
+        g = self.group_rows
+        r = -(-m // g)
+        rows = torch.arange(m)
+        grp_of_row = rows // g  # [m]
+        pos_in_grp = rows % g
+        dep = depth.view(r, n)
+        lo = loc16.float().view(r, n)
+        sc = sc16.float().view(r, n)
+        tables = [levels(b) for b in range(MAX_DEPTH + 1)]
+        q_all = torch.zeros(r * n, g, dtype=torch.int64)
+
+        def column(j: int, col: Tensor) -> Tensor:
+            out = lo[grp_of_row, j].clone()
+            for b in torch.unique(dep[:, j]).tolist():
+                if b == 0:
+                    continue
+                sel = (dep[grp_of_row, j] == b)
+                rr = grp_of_row[sel]
+                z = (col[sel] - lo[rr, j]) / sc[rr, j]
+                q = _nearest(z, tables[b])
+                out[sel] = tables[b][q] * sc[rr, j] + lo[rr, j]
+                q_all[rr * n + j, pos_in_grp[sel]] = q
+            return out
+
+        gptq(w, gram, column, self._gptq_config, name=name)
+        return [(b, idx, q_all[idx]) for b, idx, _ in codes]
 
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod

@@ -35,9 +35,9 @@ decode device (``nwc_net.decode_columns``; on a CPU on ``torch.get_num_threads()
 the row scales. Decoding is integer-exact up to
 the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
 input Gram matrix from calibration in ``ctx.extras["input_gram"]``; off by default because on SmolLM2
-it measured worse, docs/NWC.md): GPTQ/LDLQ-style error feedback,
-columns encoded in order, each column's error pushed onto the not-yet-encoded columns through the
-Cholesky factor of the inverse Hessian. Quality floor and speed: docs/NWC.md.
+it measured worse, docs/NWC.md): the shared GPTQ stage (``codecs/gptq.py``: dampening ``damp``,
+lazy block updates, ``act_order``) with the network as its per-column quantiser, each column's
+error pushed onto the not-yet-encoded columns through the Cholesky factor of the inverse Hessian. Quality floor and speed: docs/NWC.md.
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ class Nwc(Codec, name="nwc", version=1):
     roles = ("linear", "embedding", "lm_head")
 
     def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = False,
-                 levels: bool = True, network: str = "default", steps: int = 2048, damp: float = 0.01) -> None:
+                 levels: bool = True, network: str = "default", steps: int = 2048, damp: float = 0.01,
+                 act_order: bool = True) -> None:
         if lam is not None and target_bpw is not None:
             raise CodecError("codec 'nwc': give either 'lam' or 'target_bpw', not both")
         if lam is not None and not lam > 0:
@@ -141,7 +142,7 @@ class Nwc(Codec, name="nwc", version=1):
         if not 1 <= steps <= 1 << 20:
             raise CodecError(f"codec 'nwc' option 'steps' must be in [1, 2**20], got {steps!r}")
         self.lam, self.target_bpw, self.ec, self.levels = lam, target_bpw, ec, levels
-        self.network, self.steps, self.damp = network, steps, damp
+        self.network, self.steps, self.damp, self.act_order = network, steps, damp, act_order
         self._net = load_network(network)
         self._used: set[int] = set()
 
@@ -230,40 +231,25 @@ class Nwc(Codec, name="nwc", version=1):
                   "rate": round(r, 4)}
         return Encoded(fields, params)
 
-    def _encode_ec(self, w: Tensor, scale: Tensor, lv: Tensor, gram: Tensor, name: str, block: int = 128) -> Tensor:
-        """GPTQ-style error feedback; returns symbols [cols, P] uint8."""
+    def _encode_ec(self, w: Tensor, scale: Tensor, lv: Tensor, gram: Tensor, name: str) -> Tensor:
+        """GPTQ error feedback through the shared stage (``codecs/gptq.py``); symbols [cols, P] uint8."""
+        from .gptq import GptqConfig, gptq
+
         rows, cols = w.shape
-        p = -(-rows // CHUNK) * CHUNK
         if tuple(gram.shape) != (cols, cols):
             raise CodecError(f"tensor {name!r}: input Gram matrix is {list(gram.shape)}, expected [{cols}, {cols}]")
-        W = w.clone()
-        H = gram.clone().double()
-        dead = torch.diag(H) <= 0
-        H[dead, dead] = 1.0
-        H += self.damp * float(torch.diag(H).mean()) * torch.eye(cols, dtype=H.dtype)
-        try:
-            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-        except torch.linalg.LinAlgError:
-            log.warning("tensor %s: input Gram matrix not positive definite even with damping; encoding without EC", name)
-            wn_t = torch.zeros(cols, p)
-            wn_t[:, :rows] = (w / scale[:, None]).t()
-            return self._quant(wn_t, lv)[0]
+        p = -(-rows // CHUNK) * CHUNK
         sym = torch.empty(cols, p, dtype=torch.uint8)
         col = torch.zeros(1, p)
         inv_scale = 1.0 / scale
-        for i1 in range(0, cols, block):
-            i2 = min(i1 + block, cols)
-            W1 = W[:, i1:i2].clone()
-            E1 = torch.zeros_like(W1)
-            U1 = U[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col[0, :rows] = W1[:, i] * inv_scale
-                s, rec = self._quant(col, lv[i1 + i: i1 + i + 1])
-                sym[i1 + i] = s[0]
-                err = (W1[:, i] - rec[0, :rows] * scale) / U1[i, i]
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-                E1[:, i] = err
-            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+        def column(j: int, x: Tensor) -> Tensor:
+            col[0, :rows] = x * inv_scale
+            s, rec = self._quant(col, lv[j:j + 1])
+            sym[j] = s[0]
+            return rec[0, :rows] * scale
+
+        gptq(w, gram, column, GptqConfig(damp=self.damp, act_order=self.act_order), name=name)
         return sym
 
     def shared_tensors(self) -> dict[str, Tensor]:

@@ -22,7 +22,12 @@ codes are computed from those F16 values, so encode and decode agree exactly. A 
 gets scale 1 and codes 0. ``hqq=True`` adds the calibration-free half-quadratic refinement of HQQ
 (lp-norm p=0.7, beta=10, kappa=1.01): the offset of every group is re-fitted as a mean, the scale
 stays; per group the iterate with the lowest squared error (plain RTN included) is kept, so it is
-never worse than plain RTN. Decoding is identical either way.
+never worse than plain RTN. ``gptq=true`` adds GPTQ error feedback (``codecs/gptq.py``: the
+layer's input Hessian from calibration, ``damp`` dampening, lazy block updates, ``act_order``):
+the group scales and offsets are fixed first from the original weights (plain or HQQ), then the
+codes are chosen column by column with each column's rounding error pushed onto the columns not
+yet rounded. Tensors without an input Hessian (embeddings) are rounded plainly. Decoding is
+identical in every case: the stored format does not change.
 
 Quality floor (MiniLM-L6's 36 genuine fp32 encoder linear weights, SQNR
 ``20 log10(|W| / |W - W^|)``, worst tensor / all tensors together):
@@ -77,7 +82,8 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 class Rtn(Codec, name="rtn", version=1):
     """Group affine quantisation, ``bits`` 2..8 per weight plus an F16 scale and offset per group."""
 
-    def __init__(self, bits: int = 4, group_size: int = 128, hqq: bool = False, hqq_iters: int = 20) -> None:
+    def __init__(self, bits: int = 4, group_size: int = 128, hqq: bool = False, hqq_iters: int = 20,
+                 gptq: bool = False, damp: float = 0.01, act_order: bool = True) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise CodecError(f"codec 'rtn' option 'bits' must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP:
@@ -89,10 +95,22 @@ class Rtn(Codec, name="rtn", version=1):
             raise CodecError(f"codec 'rtn' option 'hqq' must be true or false, got {hqq!r}")
         if isinstance(hqq_iters, bool) or not isinstance(hqq_iters, int) or not 0 <= hqq_iters <= 1000:
             raise CodecError(f"codec 'rtn' option 'hqq_iters' must be an integer in 0..1000, got {hqq_iters!r}")
+        if not isinstance(gptq, bool) or not isinstance(act_order, bool):
+            raise CodecError(f"codec 'rtn' options 'gptq' and 'act_order' must be true or false, got {gptq!r}, "
+                             f"{act_order!r}")
+        from .gptq import GptqConfig
+
+        self._gptq_config = GptqConfig(damp=float(damp), act_order=act_order)  # checks damp
         self.bits = bits
         self.group_size = group_size
         self.hqq = hqq
         self.hqq_iters = hqq_iters
+        self.gptq, self.damp, self.act_order = gptq, damp, act_order
+
+    @property
+    def needs_input_grams(self) -> bool:
+        """The compression pipeline calibrates layer inputs (``runtime/input_stats.py``) when True."""
+        return self.gptq
 
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
@@ -119,12 +137,34 @@ class Rtn(Codec, name="rtn", version=1):
                     "use 'lossless' or 'raw'"
                 )
         q, scale, offset = quantize(w, self.bits, self.group_size, hqq=self.hqq, hqq_iters=self.hqq_iters)
+        gram = ctx.extras.get("input_gram") if self.gptq else None
+        if gram is not None and len(spec.shape) == 2 and w.numel():
+            q = self._gptq_codes(w, scale, offset, gram, spec.name)
         fields = {
             "codes": pack_bits(q, self.bits),  # [ceil(m*n/8)*bits] uint8
             "scale": scale.contiguous(),  # [m, G] f16
             "offset": offset.contiguous(),  # [m, G] f16
         }
         return Encoded(fields, {"bits": self.bits, "group_size": self.group_size})
+
+    def _gptq_codes(self, w: Tensor, scale16: Tensor, offset16: Tensor, gram: Tensor, name: str) -> Tensor:
+        """Codes [m, n] uint8 chosen by GPTQ on the fixed (static) group grid."""
+        from .gptq import gptq
+
+        m, n = w.shape
+        qmax = (1 << self.bits) - 1
+        sc, of = scale16.float(), offset16.float()
+        group = torch.arange(n) // self.group_size
+        codes = torch.empty((m, n), dtype=torch.uint8)
+
+        def column(j: int, col: Tensor) -> Tensor:
+            s, o = sc[:, group[j]], of[:, group[j]]
+            qj = ((col - o) / s).round_().clamp_(0, qmax)
+            codes[:, j] = qj.to(torch.uint8)
+            return torch.addcmul(o, qj, s)
+
+        gptq(w, gram, column, self._gptq_config, name=name)
+        return codes
 
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod

@@ -160,7 +160,8 @@ class CvxqPlan:
 def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: Callable,
               roles: dict[str, str], choose: Callable, target_bpw: float, *, calib_tokens: int = 2048,
               seed: int = 0, sensitivities: dict[str, Tensor] | None = None,
-              input_means: dict[str, Tensor] | None = None, min_depth_nonlinear: int = 0) -> CvxqPlan:
+              input_means: dict[str, Tensor] | None = None, min_depth_nonlinear: int = 0,
+              calib=None) -> CvxqPlan:
     """Calibrate, then allocate depths so linear layers and the whole file both hit ``target_bpw``.
 
     ``choose(name, role, dtype, ndim) -> CodecChoice`` is the compression plan; ``get(name)`` reads
@@ -169,6 +170,8 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
     input means (``input_means``, else one forward pass over the calibration text) go into the
     plan, and the correction's bytes into the linear budget.
     Tied parameters that the source stores once are calibrated under the stored name.
+    ``calib``: the calibration data (``runtime/calib_data.py``: a ``CalibData`` shared with other
+    stages, a ``CalibSpec``, or None for the default self-generated text).
     """
     t0 = time.perf_counter()
     if not 0 < target_bpw <= 16:
@@ -178,9 +181,10 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
     if sensitivities is None:
         from .calibrate import weight_sensitivities
 
-        cal = weight_sensitivities(src, calib_tokens, seed=seed)
+        cal = weight_sensitivities(src, calib_tokens, seed=seed, calib=calib)
         sensitivities = cal.sens
-        record.update(calib_tokens=cal.tokens, calib_windows=cal.windows, calib_seconds=round(cal.seconds, 1))
+        record.update(calib_tokens=cal.tokens, calib_windows=cal.windows, calib_seconds=round(cal.seconds, 1),
+                      calib_data=cal.data)
     lin_sets: list[GroupSet] = []
     rest_sets: list[GroupSet] = []
     fixed_lin = fixed_rest = 0  # bits of tensors the plan gives other codecs
@@ -231,7 +235,7 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
                 from .calibrate import linear_input_means
 
                 t1 = time.perf_counter()
-                input_means = linear_input_means(src, calib_tokens)
+                input_means = linear_input_means(src, calib_tokens, calib=calib)
                 record["bias_calib_seconds"] = round(time.perf_counter() - t1, 1)
             if name not in input_means:
                 log.warning("no calibration input mean for %s; it gets no bias correction", name)

@@ -1,7 +1,8 @@
 """Calibration for planned codecs: per-weight sensitivities from gradients on calibration text.
 
 ``weight_sensitivities(src, tokens=N)`` runs the dense source model (fp32, CPU by default) over
-the first ``N`` tokens of Penn Treebank ``train`` (or given text) in windows of ``seq_len`` and
+``N`` calibration tokens (``runtime/calib_data.py``: by default text the model generated itself,
+else a user's file or Penn Treebank ``train``) in windows of at most ``seq_len`` and
 accumulates, for every 2-D parameter, the squared gradient of
 
     sum_t log p(y_t | x_<=t),   y_t ~ p(. | x_<=t)   (labels sampled from the model itself)
@@ -29,6 +30,8 @@ from torch import Tensor
 
 from thawed.codecs.errors import ThawedError
 
+from .calib_data import CalibData, CalibSpec, resolve_calibration
+
 __all__ = ["Calibration", "weight_sensitivities", "calibration_ids", "linear_input_means"]
 
 log = logging.getLogger(__name__)
@@ -40,10 +43,12 @@ class Calibration:
     tokens: int
     windows: int
     seconds: float
+    data: dict | None = None  # the calibration data's record (source, tokens, generation seconds...)
 
 
 def calibration_ids(tokenizer, tokens: int, text: str | None = None) -> list[int]:
-    """The first ``tokens`` token ids of ``text`` (default: Penn Treebank ``train``), no BOS."""
+    """The first ``tokens`` token ids of ``text`` (default: Penn Treebank ``train``), no BOS.
+    (Token frequencies for ``see`` still count PTB train; the calibrated stages use ``calib_data``.)"""
     if text is None:
         from .eval import load_corpus
 
@@ -56,8 +61,9 @@ def calibration_ids(tokenizer, tokens: int, text: str | None = None) -> list[int
 
 
 def weight_sensitivities(src: str | Path, tokens: int = 4096, *, seq_len: int = 512, seed: int = 0,
-                         text: str | None = None, device: str = "cpu") -> Calibration:
-    """Accumulated squared Fisher-sampled gradients for every 2-D parameter of the model at ``src``."""
+                         calib: CalibSpec | CalibData | str | None = None, device: str = "cpu") -> Calibration:
+    """Accumulated squared Fisher-sampled gradients for every 2-D parameter of the model at ``src``;
+    ``calib``: the calibration data or where it comes from (default: self-generated, seeded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if tokens < 2:
@@ -66,17 +72,16 @@ def weight_sensitivities(src: str | Path, tokens: int = 4096, *, seq_len: int = 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device)
     model.eval()  # no dropout; gradients still flow
     tok = AutoTokenizer.from_pretrained(str(src))
-    ids = calibration_ids(tok, tokens, text)
+    data = resolve_calibration(src, tokens, calib, seq_len=seq_len, tokenizer=tok)
     params = {n: p for n, p in model.named_parameters() if p.dim() >= 2}
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     gen = torch.Generator(device=device).manual_seed(seed)
     windows = 0
-    for start in range(0, len(ids) - 1, seq_len):
-        chunk = ids[start:start + seq_len]
+    for chunk in (w[i:i + seq_len] for w in data.windows for i in range(0, len(w), seq_len)):
         if len(chunk) < 2:
-            break
+            continue
         x = torch.tensor([chunk], device=device)
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=x, use_cache=False).logits[0].float()  # [T, V]
@@ -93,12 +98,12 @@ def weight_sensitivities(src: str | Path, tokens: int = 4096, *, seq_len: int = 
     model.zero_grad(set_to_none=True)
     del model
     secs = time.perf_counter() - t0
-    log.info("calibration: %d tokens in %d windows, %.1fs", min(len(ids), tokens), windows, secs)
-    return Calibration(acc, len(ids), windows, secs)
+    log.info("calibration: %d tokens in %d windows, %.1fs", data.tokens, windows, secs)
+    return Calibration(acc, data.tokens, windows, secs, data.record)
 
 
-def linear_input_means(src: str | Path, tokens: int = 2048, *, seq_len: int = 512, text: str | None = None,
-                       device: str = "cpu") -> dict[str, Tensor]:
+def linear_input_means(src: str | Path, tokens: int = 2048, *, seq_len: int = 512,
+                       calib: CalibSpec | CalibData | str | None = None, device: str = "cpu") -> dict[str, Tensor]:
     """Mean input ``E[x]`` of every ``nn.Linear`` over the calibration tokens, keyed by the linear's
     weight name (``model.layers.0.mlp.down_proj.weight`` -> float32 ``[in_features]``).
 
@@ -112,7 +117,7 @@ def linear_input_means(src: str | Path, tokens: int = 2048, *, seq_len: int = 51
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(src))
-    ids = calibration_ids(tok, tokens, text)
+    data = resolve_calibration(src, tokens, calib, seq_len=seq_len, tokenizer=tok)
     sums: dict[str, Tensor] = {}
     count = 0
     hooks = []
@@ -128,8 +133,7 @@ def linear_input_means(src: str | Path, tokens: int = 2048, *, seq_len: int = 51
             hooks.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            for start in range(0, len(ids), seq_len):
-                chunk = ids[start:start + seq_len]
+            for chunk in (w[i:i + seq_len] for w in data.windows for i in range(0, len(w), seq_len)):
                 model(input_ids=torch.tensor([chunk], device=device), use_cache=False)
                 count += len(chunk)
     finally:

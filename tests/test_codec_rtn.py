@@ -146,7 +146,8 @@ def test_options_are_validated() -> None:
             Rtn(**kwargs)
     enc = get_codec("rtn").from_options({"bits": "3", "group_size": "64", "hqq": "true"})
     assert (enc.bits, enc.group_size, enc.hqq) == (3, 64, True)
-    assert enc.options() == {"bits": 3, "group_size": 64, "hqq": True, "hqq_iters": 20}
+    assert enc.options() == {"bits": 3, "group_size": 64, "hqq": True, "hqq_iters": 20, "gptq": False, "damp": 0.01,
+                             "act_order": True}
     with pytest.raises(CodecError, match="no option 'bitz'"):
         get_codec("rtn").from_options({"bitz": "3"})
 

@@ -14,6 +14,9 @@ from thawed.codecs import get_codec
 from thawed.codecs.cvxq import cvxq_nbytes
 from thawed.codecs.errors import ThawedError
 from thawed.runtime.allocate import GroupSet, allocate
+from thawed.runtime.calib_data import CalibSpec
+
+PTB = CalibSpec("ptb-train")  # fast and cache-free; tests/test_calib_data.py covers the self-generated default
 
 
 def _sets(seed: int = 0) -> list[GroupSet]:
@@ -83,7 +86,7 @@ def small_dir(tmp_path_factory) -> Path:
 def sens(small_dir: Path) -> dict:
     from thawed.runtime.calibrate import weight_sensitivities
 
-    cal = weight_sensitivities(small_dir, 256, seq_len=128)
+    cal = weight_sensitivities(small_dir, 256, seq_len=128, calib=PTB)
     assert cal.windows == 2 and cal.tokens == 256
     return cal.sens
 
@@ -105,6 +108,7 @@ def test_compress_hits_target(small_dir: Path, sens: dict, tmp_path: Path, targe
 
     out = tmp_path / "ck"
     compress(small_dir, out, Plan(parse_codec_choice("cvxq:group_rows=64")), target_bpw=target, sensitivities=sens,
+             calib=PTB,
              progress=False)
     with Checkpoint.open(out) as ck:
         rep = inspect_checkpoint(ck)
@@ -126,6 +130,7 @@ def test_checkpoint_round_trip_through_lazy_runtime(small_dir: Path, sens: dict,
 
     out = tmp_path / "ck"
     compress(small_dir, out, Plan(parse_codec_choice("cvxq:group_rows=64")), target_bpw=3.5, sensitivities=sens,
+             calib=PTB,
              progress=False)
     dense = AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32).eval()
     ids = torch.tensor([[3, 7, 11, 5, 9, 4]])
@@ -171,7 +176,7 @@ def test_cli_compress_with_target(small_dir: Path, tmp_path: Path, capsys) -> No
 
     out = tmp_path / "cli"
     assert main(["compress", str(small_dir), str(out), "--codec", "cvxq:group_rows=64", "--target-bpw", "3.0",
-                 "--calib-tokens", "128", "--no-progress"]) == 0
+                 "--calib-tokens", "128", "--calib", "ptb-train", "--no-progress"]) == 0
     assert main(["inspect", str(out), "--totals"]) == 0
     text = capsys.readouterr().out
     lin = float(text.split("linear layers:")[1].split("bits/weight")[0].split(",")[-1])
@@ -185,7 +190,7 @@ def test_bias_correction_is_switchable_and_counted(small_dir: Path, sens: dict, 
     from thawed.runtime.inspection import inspect_checkpoint
     from thawed.runtime.plan import Plan, parse_codec_choice
 
-    means = linear_input_means(small_dir, 256, seq_len=128)
+    means = linear_input_means(small_dir, 256, seq_len=128, calib=PTB)
     assert means["model.layers.0.mlp.down_proj.weight"].shape == (256,)
     reps = {}
     for bias in (True, False):

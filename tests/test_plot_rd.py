@@ -1,4 +1,4 @@
-"""benchmarks/quality.py (dense + checkpoints on two domains, JSON) and benchmarks/plot_rd.py (the
+"""benchmarks/quality_ckpts.py (dense + checkpoints on two domains, JSON) and benchmarks/plot_rd.py (the
 rate-distortion PNG) end to end on the tiny Llama, and the checks that make them refuse bad input."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def quality_json(tiny_llama_dir, tmp_path_factory) -> Path:
         assert main(["compress", str(tiny_llama_dir), str(work / label), "--codec", codec, "--no-progress"]) == 0
         ckpts += ["--ckpt", f"{label}={work / label}"]
     out = work / "quality.json"
-    r = run("quality.py", "--src", str(tiny_llama_dir), *ckpts, "--tokens", "96", "--ctx", "32", "--threads", "1",
+    r = run("quality_ckpts.py", "--src", str(tiny_llama_dir), *ckpts, "--tokens", "96", "--ctx", "32", "--threads", "1",
             "--json-out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     return out
@@ -39,7 +39,7 @@ def quality_json(tiny_llama_dir, tmp_path_factory) -> Path:
 def test_quality_json(quality_json, tiny_llama_dir):
     doc = json.loads(quality_json.read_text())
     assert set(doc["domains"]) == {"ptb-test", "code-stdlib"}
-    assert doc["command"].startswith("python benchmarks/quality.py") and doc["source"] == str(tiny_llama_dir)
+    assert doc["command"].startswith("python benchmarks/quality_ckpts.py") and doc["source"] == str(tiny_llama_dir)
     rows = {(r["label"], r["domain"]): r for r in doc["rows"]}
     assert len(rows) == 4 * 2
     for d in doc["domains"]:
@@ -58,7 +58,7 @@ def test_quality_refuses_a_checkpoint_of_another_model(tiny_llama_dir, tmp_path)
     other = make_tiny_llama(tmp_path / "other", seed=7)  # same shapes, other weights
     assert main(["compress", str(other), str(tmp_path / "c"), "--codec", "rtn:bits=4,group_size=32",
                  "--no-progress"]) == 0
-    r = run("quality.py", "--src", str(tiny_llama_dir), "--ckpt", f"x={tmp_path / 'c'}", "--tokens", "64",
+    r = run("quality_ckpts.py", "--src", str(tiny_llama_dir), "--ckpt", f"x={tmp_path / 'c'}", "--tokens", "64",
             "--ctx", "32")
     assert r.returncode != 0 and "not compressed from this source" in r.stderr
 
@@ -87,7 +87,7 @@ def test_plot_rd_refuses_bad_input(quality_json, tmp_path):
     assert r.returncode != 0 and "expected one dense row" in r.stderr and not (tmp_path / "a.png").exists()
     (tmp_path / "b.json").write_text(json.dumps({"rows": []}))
     r = run("plot_rd.py", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.png"))
-    assert r.returncode != 0 and "not the JSON of benchmarks/quality.py" in r.stderr
+    assert r.returncode != 0 and "not the JSON of benchmarks/quality_ckpts.py" in r.stderr
 
 
 def test_plot_rd_reads_json_lines_too(tmp_path):
@@ -95,7 +95,7 @@ def test_plot_rd_reads_json_lines_too(tmp_path):
     pytest.importorskip("matplotlib", reason="benchmarks/plot_rd.py needs the report extra: pip install -e '.[report]'")
     proto = {"ptb-test": "ptb-test: first 64 tokens, no BOS, window 32, stride 16",
              "pydoc": "pydoc: first 64 tokens, no BOS, window 32, stride 16"}
-    recs = [{"row": "rtn4", "stage": "compress", "command": "python benchmarks/quality.py --rows dense,rtn4",
+    recs = [{"row": "rtn4", "stage": "compress", "command": "python benchmarks/quality_ckpts.py --rows dense,rtn4",
              "linear_bpw": 4.27, "file_bpw": 4.29}]
     for corpus in proto:
         recs += [{"row": "dense", "corpus": corpus, "file_bpw": 32.0, "perplexity": 40.0, "protocol": proto[corpus]},
