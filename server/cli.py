@@ -74,8 +74,15 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="thawed checkpoint directory (or an HF model directory) [THAWED_CHECKPOINT]")
     for flag, dest, typ, help_ in _SERVE_FLAGS:
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
+    add_serve_switches(p)
+    return p
+
+
+def add_serve_switches(p: argparse.ArgumentParser,
+                       preload_help: str = "decode every layer before reporting ready") -> None:
+    """The on/off flags of `serve` (also used by `serve-cluster`, server/cluster/cli.py)."""
     p.add_argument("--preload", dest="preload", action="store_true", default=argparse.SUPPRESS,
-                   help="decode every layer before reporting ready [THAWED_PRELOAD]")
+                   help=f"{preload_help} [THAWED_PRELOAD]")
     p.add_argument("--no-batching", dest="batching", action="store_false", default=argparse.SUPPRESS,
                    help="decode each sequence alone through transformers' forward, without the fast path "
                         "[THAWED_BATCHING=false]")
@@ -83,7 +90,14 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="torch.compile the batched decode step (a compile on first use) [THAWED_COMPILE]")
     p.add_argument("--strict-model-name", dest="strict_model_name", action="store_true", default=argparse.SUPPRESS,
                    help="reject requests naming another model [THAWED_STRICT_MODEL_NAME]")
-    return p
+
+
+def settings_error(exc: ValidationError, command: str) -> ThawedError:
+    """A pydantic settings error as one line naming the setting, its flag and its variable."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first.get("loc", ()))
+    where = f"setting {field!r} (flag --{field.replace('_', '-')} or THAWED_{field.upper()})" if field else "settings"
+    return ThawedError(f"{command} {where}: {first.get('msg')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,10 +119,7 @@ def settings_from_args(args: argparse.Namespace):
     try:
         return Settings(**given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()))
-        raise ThawedError(f"serve setting {field!r} (flag --{field.replace('_', '-')} or THAWED_{field.upper()}): "
-                          f"{first.get('msg')}") from None
+        raise settings_error(exc, "serve") from None
 
 
 def serve(settings) -> int:

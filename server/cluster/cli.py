@@ -68,14 +68,7 @@ def add_serve_cluster_parser(sub) -> argparse.ArgumentParser:
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
     for flag, dest, typ, help_ in _CLUSTER_FLAGS:
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
-    p.add_argument("--preload", dest="preload", action="store_true", default=argparse.SUPPRESS,
-                   help="decode every layer before a replica takes traffic [THAWED_PRELOAD]")
-    p.add_argument("--no-batching", dest="batching", action="store_false", default=argparse.SUPPRESS,
-                   help="decode each sequence alone [THAWED_BATCHING=false]")
-    p.add_argument("--compile", dest="compile", action="store_true", default=argparse.SUPPRESS,
-                   help="torch.compile the batched decode step [THAWED_COMPILE]")
-    p.add_argument("--strict-model-name", dest="strict_model_name", action="store_true", default=argparse.SUPPRESS,
-                   help="reject requests naming another model [THAWED_STRICT_MODEL_NAME]")
+    server_cli.add_serve_switches(p, preload_help="decode every layer before a replica takes traffic")
     return p
 
 
@@ -93,10 +86,7 @@ def cluster_settings_from_args(args: argparse.Namespace):
     try:
         return ClusterSettings(**given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()))
-        where = f"setting {field!r} (flag --{field.replace('_', '-')} or THAWED_{field.upper()})" if field else "settings"
-        raise ThawedError(f"serve-cluster {where}: {first.get('msg')}") from None
+        raise server_cli.settings_error(exc, "serve-cluster") from None
 
 
 def _import_ray():
