@@ -43,6 +43,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring", default="auto", choices=["auto", "on", "off"],
                    help="under a cache budget, stream decoder layers through a ring of slots (hook-free, CUDA-graph "
                         "capturable) with the other weights resident: auto = on CUDA (default), on, off = per-weight hooks")
+    p.add_argument("--early-decode", default="on", choices=["on", "off"],
+                   help="CPU, unbounded cache: start decoding on a worker thread as soon as the checkpoint is open, "
+                        "while transformers imports (default on; runtime/early.py)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (costs a compile on first use; see docs/SPEED.md)")
 
@@ -241,7 +244,8 @@ def _runtime_config(args: argparse.Namespace):
 
     return RuntimeConfig(device=args.device, dtype=args.dtype, cache_budget=parse_budget(args.cache_budget),
                          prefetch_layers=args.prefetch, rowwise_embedding=args.rowwise_embedding,
-                         direct=args.direct, compile=args.compile, ring=args.ring, kernels=args.kernels)
+                         direct=args.direct, compile=args.compile, ring=args.ring, kernels=args.kernels,
+                         early_decode=args.early_decode == "on")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from thawed.codecs.rtn import unpack_codes
 
-__all__ = ["DirectLinear", "direct_unsupported_reason", "kernel_group_size"]
+__all__ = ["DirectLinear", "direct_unsupported_reason", "kernel_group_size", "pack_rtn"]
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 PACK_ROWS = 64  # _convert_weight_to_int4pack_for_cpu lays rows out in blocks of 64 (tested)
@@ -87,27 +87,13 @@ class DirectLinear(nn.Module):
 
     @classmethod
     def from_rtn(cls, codes: Tensor, scale: Tensor, offset: Tensor, params: Mapping[str, Any],
-                 shape: tuple[int, int], bias: Tensor | None, device: torch.device) -> "DirectLinear":
-        """Repack an rtn payload (codes [packed bytes] u8, scale/offset [m, G] f16) for the kernel."""
+                 shape: tuple[int, int], bias: Tensor | None, device: torch.device,
+                 packed: tuple[Tensor, Tensor, int, int] | None = None) -> "DirectLinear":
+        """Repack an rtn payload (codes [packed bytes] u8, scale/offset [m, G] f16) for the kernel;
+        ``packed``: ``pack_rtn``'s result for it, when already computed (runtime/early.py)."""
         m, n = shape
-        bits, g = int(params["bits"]), int(params["group_size"])
-        gk = kernel_group_size(n, g)
-        if gk is None or bits > 4:
-            raise ValueError(direct_unsupported_reason("rtn", params, shape, device))
-        q = unpack_codes(codes.to("cpu"), bits, m * n).view(m, n)
-        rep = g // gk  # kernel groups per stored group (the partial last group: what is left)
-        sc = scale.float().repeat_interleave(rep, dim=1)[:, : n // gk]
-        of = offset.float().repeat_interleave(rep, dim=1)[:, : n // gk]
-        zero = of + 8.0 * sc  # (q - 8) * s + z == q * s + offset
-        scale_zero = torch.stack([sc.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [n/gk, m, 2]
-        if device.type == "cuda":
-            tiles = 8 if n % 1024 == 0 else 2
-            packed = torch.ops.aten._convert_weight_to_int4pack(
-                ((q[:, ::2] << 4) | q[:, 1::2]).to(device), tiles)  # high nibble = even column (torchao)
-        else:
-            tiles = 0
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        return cls(packed, scale_zero.to(device), gk, n, m, bias, tiles)
+        packed_codes, scale_zero, gk, tiles = packed or pack_rtn(codes, scale, offset, params, shape, device)
+        return cls(packed_codes, scale_zero, gk, n, m, bias, tiles)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -124,6 +110,32 @@ class DirectLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group={self.group}, bias={self.bias is not None}, mode=direct")
+
+
+def pack_rtn(codes: Tensor, scale: Tensor, offset: Tensor, params: Mapping[str, Any], shape: tuple[int, int],
+             device: torch.device) -> tuple[Tensor, Tensor, int, int]:
+    """An rtn payload in the int4 kernel's layout: ``(packed codes, scale_zero [n/gk, m, 2] bf16,
+    kernel group gk, inner_k_tiles)`` (tiles 0 on the CPU). Pure: no module state, so the early
+    decoder can run it before the model exists."""
+    m, n = shape
+    bits, g = int(params["bits"]), int(params["group_size"])
+    gk = kernel_group_size(n, g)
+    if gk is None or bits > 4:
+        raise ValueError(direct_unsupported_reason("rtn", params, shape, device))
+    q = unpack_codes(codes.to("cpu"), bits, m * n).view(m, n)
+    rep = g // gk  # kernel groups per stored group (the partial last group: what is left)
+    sc = scale.float().repeat_interleave(rep, dim=1)[:, : n // gk]
+    of = offset.float().repeat_interleave(rep, dim=1)[:, : n // gk]
+    zero = of + 8.0 * sc  # (q - 8) * s + z == q * s + offset
+    scale_zero = torch.stack([sc.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [n/gk, m, 2]
+    if device.type == "cuda":
+        tiles = 8 if n % 1024 == 0 else 2
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            ((q[:, ::2] << 4) | q[:, 1::2]).to(device), tiles)  # high nibble = even column (torchao)
+    else:
+        tiles = 0
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return packed, scale_zero.to(device), gk, tiles
 
 
 def fuse_direct(mods: list[nn.Module]) -> DirectLinear | None:

@@ -27,6 +27,7 @@ from thawed.codecs.kernels import kernels_available
 from .cache import WeightCache
 from .checkpoint import Checkpoint
 from .direct import DirectLinear, direct_unsupported_reason
+from .early import EarlyDecode
 from .direct_gpu import KernelLinear, kernel_decoder, kernel_unsupported_reason
 from .ring import ALIGN, LayerRing
 from .lazy import ResidentWeightHandle, attach_lazy_weight, attach_resident_weight
@@ -75,6 +76,10 @@ class RuntimeConfig:
     # "off": the codecs' PyTorch decoders only -- the escape hatch while the kernels have not yet
     # run on a GPU of this project (docs/GPU.md). No effect on the CPU.
     kernels: str = "auto"
+    # On the CPU with an unbounded cache, decode (or repack for direct mode) on a worker thread
+    # from the moment the checkpoint is open, while transformers imports and the model is built
+    # (runtime/early.py). Off: every weight decodes when the load or the first forward needs it.
+    early_decode: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -318,8 +323,9 @@ class LazyModel:
                  prefetcher: Prefetcher, device: torch.device, dtype: torch.dtype,
                  decoded_nbytes: int, lazy_keys: list[str], load_seconds: float, *,
                  modes: dict[str, str] | None = None, residents: list | None = None,
-                 direct_nbytes: int = 0) -> None:
+                 direct_nbytes: int = 0, early: EarlyDecode | None = None) -> None:
         self.checkpoint = checkpoint
+        self._early = early  # decodes still under way from the load (runtime/early.py)
         self.model = model
         self.cache = cache
         self.prefetcher = prefetcher
@@ -345,15 +351,20 @@ class LazyModel:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         ckpt = Checkpoint.open(path)
+        early = None
         try:
-            return cls._build(ckpt, config, device, dtype, t0)
+            if config.early_decode and config.cache_budget is None:
+                early = EarlyDecode.start(ckpt, device, dtype, config.direct in ("auto", "on"))
+            return cls._build(ckpt, config, device, dtype, t0, early)
         except BaseException:
+            if early is not None:
+                early.close()  # before the mapping goes: the worker may be reading it
             ckpt.close()
             raise
 
     @classmethod
     def _build(cls, ckpt: Checkpoint, config: RuntimeConfig, device: torch.device,
-               dtype: torch.dtype, t0: float) -> "LazyModel":
+               dtype: torch.dtype, t0: float, early: EarlyDecode | None = None) -> "LazyModel":
         hf_config = load_config(ckpt.config_dir)
         check_config(hf_config, ckpt.index, ckpt.config_dir)
         model = build_skeleton(hf_config, dtype)
@@ -395,6 +406,10 @@ class LazyModel:
 
         def decode(key: str):
             entry = index[key]
+            if early is not None:
+                weight = early.take_decoded(key)
+                if weight is not None:
+                    return weight, entry.codec, None
             enc = payload(key)
             weight = decode_with(entry.codec, enc, entry.spec, shared_cache[entry.codec], device, dtype,
                                  config.kernels != "off")
@@ -463,11 +478,15 @@ class LazyModel:
                         lin.bias = nn.Parameter(bias, requires_grad=False)
                     return lin
             lin = DirectLinear.from_rtn(enc.fields["codes"], enc.fields["scale"], enc.fields["offset"], enc.params,
-                                        tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device)
+                                        tuple(entry.shape), None if mod.bias is None else mod.bias.detach(), device,
+                                        packed=early.take_packed(key) if early is not None else None)
             check_finite(ckpt.payload_path, entry, lin.scale_zero)  # codes are integers: scales carry any NaN
             return lin
 
         todo = [i for i, m in enumerate(plan) if m == "direct"]
+        if early is not None:
+            early.retain({weights[i][3] for i, m in enumerate(plan) if m == "resident"},
+                         {weights[i][3] for i in todo})
         # torch ops release the GIL: repack on every intra-op thread (SmolLM2: 211 tensors, ~3 s alone)
         # (on CUDA one at a time: the kernels' repacks are GPU work already)
         workers = 1 if device.type == "cuda" else max(1, torch.get_num_threads())
@@ -525,7 +544,8 @@ class LazyModel:
         log.info("execution modes: %s", ", ".join(f"{n} {m}" for m, n in sorted(_count(modes).items())))
         model.to(device)  # buffers (RoPE inv_freq) and raw parameters
         return cls(ckpt, model, cache, prefetcher, device, dtype, decoded_nbytes, lazy_keys,
-                   time.perf_counter() - t0, modes=modes, residents=residents, direct_nbytes=direct_nbytes)
+                   time.perf_counter() - t0, modes=modes, residents=residents, direct_nbytes=direct_nbytes,
+                   early=early)
 
     @property
     def ring(self) -> "LayerRing | None":
@@ -543,6 +563,8 @@ class LazyModel:
         return self.model(*args, **kwargs)
 
     def close(self) -> None:
+        if self._early is not None:
+            self._early.close()
         self.prefetcher.close()
         self.cache.clear()
         self.checkpoint.close()
