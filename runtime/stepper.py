@@ -100,6 +100,7 @@ class Stepper:
                               for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm))
         self._compiled = None
         self._graph_fn = None
+        self._hook_free = False
         # CUDA graphs of the decode step (runtime/cuda_graphs.py): on by default on a GPU. On CUDA
         # they take the place of torch.compile: capture costs well under a second, no compiler.
         self.graphs: GraphedDecode | None = None
@@ -247,8 +248,10 @@ class Stepper:
 
     def _graphed(self, ids: Tensor, pos0: Sequence[int]) -> Tensor | None:
         """The decode step on a CUDA graph, or None (eager) while weights still run hooks."""
-        if hooks_left([*self.layers, self.norm, self.head]):
-            return None  # streamed weights decode in hooks; resident ones bind on first use
+        if not self._hook_free:
+            if hooks_left([*self.layers, self.norm, self.head]):
+                return None  # streamed weights decode in hooks; resident ones bind on first use
+            self._hook_free = True  # hooks are only ever taken off after load: no need to look again
         size = self.graphs.padded(ids.shape[0])
         if size is None:
             return None
