@@ -4,7 +4,7 @@
                               [--calib-tokens 2048] [--work DIR] [--json-out FILE]
 
 Stages (each appends one JSON line per result to ``--json-out`` so a partial run keeps its figures):
-- calib:   gradient sensitivities on the default calibration text (``runtime/calibrate.py``; self-generated
+- calib:   gradient sensitivities on the default calibration text (``runtime/compress/calibrate.py``; self-generated
            since issue 15, PTB train before: docs/CVXQ.md's figures), timed, saved in --work.
 - targets: ``compress --codec cvxq --target-bpw T`` for T in 2.5 3.0 3.5 4.0 4.5 (and 3.25 4.25 for
            the ppl stage), each checked with ``inspect``: linear-layer and whole-file bpw.
@@ -43,7 +43,7 @@ def emit(out: Path, rec: dict) -> None:
 
 
 def stage_calib(src: Path, work: Path, tokens: int, out: Path) -> None:
-    from thawed.runtime.calibrate import weight_sensitivities
+    from thawed.runtime.compress.calibrate import weight_sensitivities
 
     cal = weight_sensitivities(src, tokens)
     torch.save(cal.sens, work / f"sens-{tokens}.pt")
@@ -67,8 +67,8 @@ def _inspect(path: Path) -> dict:
 def stage_targets(src: Path, work: Path, tokens: int, out: Path, rates: tuple[float, ...]) -> None:
     import shutil
 
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     sens = _sens(work, tokens)
     for t in rates:
@@ -125,9 +125,9 @@ def _hqq_dense(src: Path, nbits: int, group: int):
 
 
 def stage_ppl(src: Path, work: Path, tokens: int, out: Path) -> None:
-    from thawed.runtime.compress import compress
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
     from thawed.runtime.loading import load_tokenizer
-    from thawed.runtime.plan import Plan, parse_codec_choice
 
     emit(out, {"stage": "ppl", "model": "dense", **_eval_path(src, tokens)})
     for t in PPL_RATES:
@@ -221,9 +221,9 @@ def stage_bias(src: Path, work: Path, tokens: int, calib_tokens: int, out: Path)
     """cvxq at 3.25 / 4.25 bpw with and without bias correction, same sensitivities, dense in this run."""
     import shutil
 
-    from thawed.runtime.calibrate import linear_input_means
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.calibrate import linear_input_means
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     sens = _sens(work, calib_tokens)
     t0 = time.perf_counter()

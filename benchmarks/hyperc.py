@@ -57,7 +57,7 @@ def _hqq_dequant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 def _codec_roundtrip(spec_text: str, name: str, w: torch.Tensor) -> tuple[torch.Tensor, int]:
     from thawed.codecs import EncodeContext, TensorSpec, get_codec
-    from thawed.runtime.plan import parse_codec_choice
+    from thawed.runtime.compress.plan import parse_codec_choice
 
     choice = parse_codec_choice(spec_text)
     codec = choice.build()
@@ -165,8 +165,8 @@ SMOL_SPECS = ["rtn:bits=4,group_size=64", "hqq:4,64", "hyperc:target_bpw=4.5", "
 def _compress(src: Path, work: Path, label: str, spec_text: str) -> tuple[Path, float]:
     import shutil
 
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     path = work / label
     stamp = path / "compress_seconds.json"

@@ -36,9 +36,9 @@ from torch import Tensor
 from thawed.codecs.base import ROLES, Encoded, TensorSpec, get_codec
 from thawed.codecs.errors import CodecError, UnknownCodecError
 
-from .errors import WriterError
-from .files import public_mode, special_file_problem
-from .format import (
+from ..errors import WriterError
+from ..files import public_mode, special_file_problem
+from ..format import (
     DTYPE_TO_CODE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -64,7 +64,7 @@ from .format import (
     shared_digest_seed,
     shared_key,
 )
-from .marker import marker_text
+from ..marker import marker_text
 
 __all__ = ["CheckpointWriter", "check_output_path", "is_weight_file", "partial_folders", "WEIGHT_SUFFIXES"]
 
