@@ -187,9 +187,9 @@ def main() -> None:
         worker(args.worker[0], args.worker[1], args.tokens, args.budget, args.t_start)
         return
 
-    from thawed.runtime.compress import compress
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
     from thawed.runtime.demo_model import default_cache_dir, demo_model_dir
-    from thawed.runtime.plan import Plan, parse_codec_choice
 
     src = demo_model_dir()
     work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench"

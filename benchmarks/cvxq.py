@@ -4,14 +4,14 @@
                               [--calib-tokens 2048] [--work DIR] [--json-out FILE]
 
 Stages (each appends one JSON line per result to ``--json-out`` so a partial run keeps its figures):
-- calib:   gradient sensitivities on the default calibration text (``runtime/calibrate.py``; self-generated
+- calib:   gradient sensitivities on the default calibration text (``runtime/compress/calibrate.py``; self-generated
            since issue 15, PTB train before: docs/CVXQ.md's figures), timed, saved in --work.
 - targets: ``compress --codec cvxq --target-bpw T`` for T in 2.5 3.0 3.5 4.0 4.5 (and 3.25 4.25 for
            the ppl stage), each checked with ``inspect``: linear-layer and whole-file bpw.
 - ppl:     perplexity (``thawed eval`` protocol: PTB test, first --tokens tokens, window 1024,
-           stride 512, no BOS) of dense, cvxq 3.25 / 4.25, rtn b3/b4 g128 and HQQ b3/b4 g128 (the
-           ``hqq`` PyPI package, default settings, every linear layer and the tied embedding,
-           dequantised into the dense model), all measured in this run.
+           stride 512, no BOS) of dense, cvxq 3.25 / 4.25, rtn b3/b4 g128 and HQQ b3/b4 g128
+           (benchmarks/hqq_baseline.py: the ``hqq`` PyPI package at its defaults, every linear layer
+           and the tied embedding, dequantised into the dense model), all measured in this run.
 - bias:    cvxq 3.25 / 4.25 with and without bias correction (``cvxq:bias=false``), same calibration,
            dense in the same run.
 - sqnr:    weight SQNR on MiniLM-L6's 36 genuine fp32 linear weights: cvxq at 3.0/3.25/4.0/4.25 bpw
@@ -43,7 +43,7 @@ def emit(out: Path, rec: dict) -> None:
 
 
 def stage_calib(src: Path, work: Path, tokens: int, out: Path) -> None:
-    from thawed.runtime.calibrate import weight_sensitivities
+    from thawed.runtime.compress.calibrate import weight_sensitivities
 
     cal = weight_sensitivities(src, tokens)
     torch.save(cal.sens, work / f"sens-{tokens}.pt")
@@ -67,8 +67,8 @@ def _inspect(path: Path) -> dict:
 def stage_targets(src: Path, work: Path, tokens: int, out: Path, rates: tuple[float, ...]) -> None:
     import shutil
 
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     sens = _sens(work, tokens)
     for t in rates:
@@ -105,29 +105,21 @@ def _eval_path(path: Path, tokens: int) -> dict:
 
 
 def _hqq_dense(src: Path, nbits: int, group: int):
-    """The dense model with every linear weight and the tied embedding HQQ-quantised and dequantised."""
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    """The dense model with every linear weight and the tied embedding HQQ-quantised and dequantised
+    (benchmarks/hqq_baseline.py, the benchmarks' one HQQ harness)."""
     from transformers import AutoModelForCausalLM
 
+    from hqq_baseline import hqq_bpw, hqq_model
+
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    cfg = BaseQuantizeConfig(nbits=nbits, group_size=group)
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
-    mats.append(model.model.embed_tokens.weight)  # tied with lm_head
-    numel = 0
-    for w in mats:
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        lin.weight.data = w.data.clone()
-        h = HQQLinear(lin, cfg, compute_dtype=torch.float32, device="cpu")
-        with torch.no_grad():
-            w.copy_(h.dequantize().to(torch.float32).view_as(w))
-        numel += w.numel()
-    return model, nbits + 32 / group  # fp16 scale + fp16 zero per group of `group`
+    hqq_model(model, nbits, group)
+    return model, hqq_bpw(nbits, group)
 
 
 def stage_ppl(src: Path, work: Path, tokens: int, out: Path) -> None:
-    from thawed.runtime.compress import compress
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
     from thawed.runtime.loading import load_tokenizer
-    from thawed.runtime.plan import Plan, parse_codec_choice
 
     emit(out, {"stage": "ppl", "model": "dense", **_eval_path(src, tokens)})
     for t in PPL_RATES:
@@ -221,9 +213,9 @@ def stage_bias(src: Path, work: Path, tokens: int, calib_tokens: int, out: Path)
     """cvxq at 3.25 / 4.25 bpw with and without bias correction, same sensitivities, dense in this run."""
     import shutil
 
-    from thawed.runtime.calibrate import linear_input_means
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.calibrate import linear_input_means
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     sens = _sens(work, calib_tokens)
     t0 = time.perf_counter()

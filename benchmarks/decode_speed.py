@@ -30,7 +30,7 @@ import torch
 
 from thawed.codecs import get_codec
 from thawed.runtime.checkpoint import Checkpoint
-from thawed.runtime.writer import CheckpointWriter
+from thawed.runtime.compress.writer import CheckpointWriter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXACT = ("raw", "lossless")

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 from checkpoint_mutants import FAMILIES, make_mutants, reference_logits, run_mutant, summarise  # noqa: E402
 
-from thawed.runtime.compress import compress  # noqa: E402
-from thawed.runtime.plan import Plan, parse_codec_choice  # noqa: E402
+from thawed.runtime.compress.pipeline import compress  # noqa: E402
+from thawed.runtime.compress.plan import Plan, parse_codec_choice  # noqa: E402
 
 
 def _bases(work: Path, real: bool) -> tuple[list[Path], torch.Tensor]:

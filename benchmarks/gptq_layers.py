@@ -5,7 +5,7 @@
 
 For each chosen linear weight ``W`` and codec variant, the relative output error
 ``tr(dW H dW^T) / tr(W H W^T)`` (dB, lower is better) under three input second moments ``H``:
-``cal`` -- the calibration inputs the feedback saw (self-generated text, ``runtime/calib_data``),
+``cal`` -- the calibration inputs the feedback saw (self-generated text, ``runtime/compress/calib_data``),
 ``ptb-train`` -- PTB train (the former calibration text), ``held`` -- PTB *valid* (held out: the
 diagnosis may look at it, no codec is calibrated on it). Variants: rtn b4 g128 with and without
 GPTQ; nwc at a fixed rate (lam 256) plain, with feedback in column order (the former ``ec=true``)
@@ -42,11 +42,11 @@ def main() -> None:
     from thawed.codecs import EncodeContext, TensorSpec
     from thawed.codecs.nwc import Nwc
     from thawed.codecs.rtn import Rtn
-    from thawed.runtime.calib_data import CalibSpec
+    from thawed.runtime.compress.calib_data import CalibSpec
+    from thawed.runtime.compress.input_stats import input_grams
+    from thawed.runtime.compress.source import SourceModel
     from thawed.runtime.demo_model import demo_model_dir
     from thawed.runtime.eval import load_corpus
-    from thawed.runtime.input_stats import input_grams
-    from thawed.runtime.source import SourceModel
 
     src = demo_model_dir()
     t0 = time.perf_counter()

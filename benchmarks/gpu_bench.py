@@ -344,8 +344,8 @@ class Bench:
         out["model"] = {"params": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers,
                         "weights": "random normal(0, 0.05), seed 0: speed does not depend on the values"}
         t = time.perf_counter()
-        from thawed.runtime.compress import compress
-        from thawed.runtime.plan import Plan, parse_codec_choice
+        from thawed.runtime.compress.pipeline import compress
+        from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
         ckpts = {}
         for codec in self.args.e2e_codecs.split(","):

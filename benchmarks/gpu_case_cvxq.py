@@ -2,7 +2,7 @@
 
 Weights: random normal with a log-normal scale per input column (sigma 0.5), so the group variances
 spread the way real linear layers' do and the allocator hands out mixed depths (mostly 3..6, some
-0..2 and 7..8). Depths: the project's allocator (``runtime/allocate.allocate``) on the group
+0..2 and 7..8). Depths: the project's allocator (``runtime/compress/allocate.allocate``) on the group
 variances alone (no gradient sensitivities, as docs/CVXQ.md's SQNR floors do) at a 4.25 bpw budget
 that counts every stored byte (codes, depths, locations, scales). Group rows 192 (the default).
 
@@ -22,7 +22,7 @@ import torch
 from thawed.codecs import Encoded, SharedState, TensorSpec
 from thawed.codecs.bitpack import pack_bits
 from thawed.codecs.cvxq import F16_MAX, F16_TINY, MAX_DEPTH, SCALE_CENTRE, Cvxq, group_layout, levels
-from thawed.runtime.allocate import GroupSet, allocate
+from thawed.runtime.compress.allocate import GroupSet, allocate
 
 NAME = "cvxq"
 GROUP_ROWS = 192

@@ -8,11 +8,11 @@ Checks correctness first (every hyperc tensor of each checkpoint decodes identic
 table fast path, the closed form and the straightforward reference), then prints tables and one
 JSON line. Perplexity: ``thawed.runtime.eval.perplexity`` -- the protocol of ``thawed eval MODEL
 --corpus ptb-test --tokens N --ctx 1024`` -- on the thawed checkpoint loaded lazily (hyperc, rtn)
-or on the dense model (dense; HQQ, whose dequantised weights from the ``hqq`` package replace
-exactly the tensors the codecs compress). Dense is measured in the same run. bpw is read from the
-checkpoint files (every byte); HQQ's is ``nbits + 32/group_size`` (F16 scale and zero per group,
-the same side information as ``rtn``), and its whole-file figure is that of ``rtn`` at the same
-bits and group size, whose layout it shares.
+or on the dense model (dense; HQQ: benchmarks/hqq_baseline.py, the ``hqq`` package at its defaults,
+whose dequantised weights replace exactly the tensors the codecs compress). Dense is measured in the
+same run. bpw is read from the checkpoint files (every byte); HQQ's is ``nbits + 32/group_size`` (F16
+scale and zero per group, the same side information as ``rtn``), and its whole-file figure is that
+of ``rtn`` at the same bits and group size, whose layout it shares.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hqq_baseline import hqq_bpw, hqq_dequantize, hqq_model  # noqa: E402  (the one HQQ harness)
 
 RTN_AT = {3.5: (3, 64), 4.5: (4, 64), 5.5: (5, 64), 4.25: (4, 128), 3.25: (3, 128)}
 REFERENCE = "hyperc:dim=2,index_bits=11,points=1600,generator=40,group_size=0,clip_search=false"
@@ -43,21 +46,9 @@ def _minilm() -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k.startswith("encoder.") and k.endswith(".weight") and v.dim() == 2}
 
 
-def _hqq_dequant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """HQQ (the ``hqq`` package, calibration-free, default optimiser) with F16 scale/zero, dequantised."""
-    from hqq.core.quantize import Quantizer
-
-    w2 = w.reshape(-1, w.shape[-1]).float()
-    wq, meta = Quantizer.quantize(w2, nbits=bits, group_size=group_size, optimize=True, axis=1, device="cpu",
-                                  compute_dtype=torch.float32)
-    meta["scale"] = meta["scale"].half().float()  # stored as F16, as counted in the bpw
-    meta["zero"] = meta["zero"].half().float()
-    return Quantizer.dequantize(wq, meta).float().reshape(w.shape)
-
-
 def _codec_roundtrip(spec_text: str, name: str, w: torch.Tensor) -> tuple[torch.Tensor, int]:
     from thawed.codecs import EncodeContext, TensorSpec, get_codec
-    from thawed.runtime.plan import parse_codec_choice
+    from thawed.runtime.compress.plan import parse_codec_choice
 
     choice = parse_codec_choice(spec_text)
     codec = choice.build()
@@ -83,8 +74,7 @@ def part_sqnr(rates: list[float]) -> list[dict]:
         for name, w in lin.items():
             if text.startswith("hqq:"):
                 b, g = map(int, text[4:].split(","))
-                out = _hqq_dequant(w, b, g)
-                nb = (w.numel() * b + (w.numel() // g) * 32) // 8
+                out, nb = hqq_dequantize(w, b, g), int(w.numel() * hqq_bpw(b, g)) // 8
             else:
                 out, nb = _codec_roundtrip(text, name, w)
             s, e = float(w.square().sum()), float((w - out).square().sum())
@@ -146,7 +136,7 @@ def part_smol_sqnr(specs: list[str]) -> list[dict]:
             w = sd[k].float()
             if text.startswith("hqq:"):
                 b, g = map(int, text[4:].split(","))
-                out, nb = _hqq_dequant(w, b, g), (w.numel() * b + (w.numel() // g) * 32) // 8
+                out, nb = hqq_dequantize(w, b, g), int(w.numel() * hqq_bpw(b, g)) // 8
             else:
                 out, nb = _codec_roundtrip(text, k, w)
             sig, noise = sig + float(w.square().sum()), noise + float((w - out).square().sum())
@@ -165,8 +155,8 @@ SMOL_SPECS = ["rtn:bits=4,group_size=64", "hqq:4,64", "hyperc:target_bpw=4.5", "
 def _compress(src: Path, work: Path, label: str, spec_text: str) -> tuple[Path, float]:
     import shutil
 
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     path = work / label
     stamp = path / "compress_seconds.json"
@@ -212,8 +202,9 @@ def check_correctness(path: Path) -> str:
     return f"{n} hyperc tensors: table == closed form (bit-exact) == reference (assert_close)"
 
 
-def _ppl(model_path: Path, ids: list[int], ctx: int,
-         hqq: tuple[int, int, list[str]] | None = None) -> tuple[float, str]:
+def _ppl(model_path: Path, ids: list[int], ctx: int, hqq: tuple[int, int] | None = None) -> tuple[float, str]:
+    """Perplexity of a checkpoint or dense model; ``hqq=(bits, group_size)``: the dense model with HQQ
+    (benchmarks/hqq_baseline.py) in place of every linear and embedding weight."""
     from thawed.runtime.eval import perplexity
     from thawed.runtime.loading import load_for_inference
     from thawed.runtime.model import RuntimeConfig
@@ -221,13 +212,7 @@ def _ppl(model_path: Path, ids: list[int], ctx: int,
     loaded = load_for_inference(model_path, RuntimeConfig(device="cpu"))
     try:
         if hqq is not None:
-            bits, g, names = hqq
-            params = dict(loaded.model.named_parameters())
-            with torch.no_grad():
-                for name in names:
-                    p = params.get(name)
-                    if p is not None:
-                        p.copy_(_hqq_dequant(p.detach(), bits, g))
+            hqq_model(loaded.model, *hqq)
         res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=ctx,
                          corpus="ptb-test", device=loaded.device)
     finally:
@@ -264,14 +249,13 @@ def part_rd(rates: list[float], tokens: int, ctx: int, work: Path, skip_hqq: boo
         if only and label not in only:
             continue
         t0 = time.perf_counter()
-        if spec_text is None:  # HQQ: the tensors rtn compresses at this rate, dequantised in the dense model
+        if spec_text is None:  # HQQ in the dense model; its file bpw is that of rtn at this rate
             b, g = RTN_AT[rate]
             rtn_path = work / f"rtn-b{b}-g{g}"
             with Checkpoint.open(rtn_path) as ckpt:
-                names = [k for k, e in ckpt.index.items() if e.codec != "raw"]
                 rep = inspect_checkpoint(ckpt)
-            ppl, _ = _ppl(src, ids, ctx, hqq=(b, g, names))
-            row = {"config": label, "rate": rate, "bpw_linear": b + 32 / g, "bpw_file": rep["total"]["bpw"],
+            ppl, _ = _ppl(src, ids, ctx, hqq=(b, g))
+            row = {"config": label, "rate": rate, "bpw_linear": hqq_bpw(b, g), "bpw_file": rep["total"]["bpw"],
                    "ppl": ppl, "compress_s": None}
         else:
             path, secs = _compress(src, work, label, spec_text)

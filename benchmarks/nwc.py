@@ -7,11 +7,11 @@ weights vs ``rtn`` at equal bpw, and decode throughput.
 
 Perplexity: ``thawed.runtime.eval.perplexity`` (the protocol of ``thawed eval MODEL --corpus ptb-test
 --tokens N --ctx 1024``; window 1024, stride 512) on the checkpoint loaded lazily (nwc, rtn) or on
-the dense model (dense; HQQ's dequantised weights replace exactly the tensors rtn compresses);
-dense is measured in the same run. bpw is read from the checkpoint files (every byte, the shared
-network and tables included). HQQ's linear bpw is ``bits + 32/group_size`` and its file bpw that of
-``rtn`` at the same setting. Helpers (MiniLM loading, HQQ, perplexity, compression with a cache)
-come from ``benchmarks/hyperc.py``.
+the dense model (dense; HQQ, benchmarks/hqq_baseline.py, whose dequantised weights replace exactly
+the tensors rtn compresses); dense is measured in the same run. bpw is read from the checkpoint
+files (every byte, the shared network and tables included). HQQ's linear bpw is
+``bits + 32/group_size`` and its file bpw that of ``rtn`` at the same setting. Helpers (MiniLM
+loading, perplexity, compression with a cache) come from ``benchmarks/hyperc.py``.
 
 GPU decode (the lead measures it): ``python benchmarks/nwc.py --part speed --device cuda``.
 """
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hyperc as hb  # noqa: E402  (shared benchmark helpers)
+from hqq_baseline import hqq_bpw  # noqa: E402  (the one HQQ harness)
 
 RTN_AT = hb.RTN_AT
 
@@ -178,10 +179,10 @@ def part_rd(rates: list[float], tokens: int, ctx: int, work: Path, only: list[st
             if spec_text is None:
                 rtn_path, _ = hb._compress(src, work, f"rtn-b{b}-g{g}", f"rtn:bits={b},group_size={g}")
                 with Checkpoint.open(rtn_path) as ckpt:
-                    names = [k for k, e in ckpt.index.items() if e.codec != "raw"]
                     rep = inspect_checkpoint(ckpt)
-                ppl, _ = hb._ppl(src, ids, ctx, hqq=(b, g, names))
-                row = {"config": label, "rate": r, "bpw_linear": b + 32 / g, "bpw_file": rep["total"]["bpw"], "ppl": ppl}
+                ppl, _ = hb._ppl(src, ids, ctx, hqq=(b, g))
+                row = {"config": label, "rate": r, "bpw_linear": hqq_bpw(b, g), "bpw_file": rep["total"]["bpw"],
+                       "ppl": ppl}
             else:
                 path, secs = hb._compress(src, work, label, spec_text)
                 if spec_text.startswith("nwc"):

@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--rows dense,rtn4,rtn4-gptq,cvxq4.25-self,cvxq4.25-ptb] [--tokens 8192]
                                  [--corpora ptb-test,pydoc] [--calib-tokens 2048] [--work DIR] [--json-out FILE]
 
-Every row is compressed from the dense model (``runtime/compress.py``, calibration as the row
+Every row is compressed from the dense model (``runtime/compress/pipeline.py``, calibration as the row
 says: ``self`` = text the model generates itself, the default; ``ptb`` = Penn Treebank train),
 checked (file bpw from the checkpoint; rtn and rtn+gptq tensors must take the same bytes: GPTQ
 changes codes, not the format; the header differs by the calibration record), then evaluated with ``thawed eval``'s protocol (``runtime/eval.py``: first
@@ -53,9 +53,9 @@ def _bpw(path: Path) -> dict:
 
 
 def _compress(src: Path, work: Path, row: str, calib_tokens: int, seed: int) -> tuple[Path, dict]:
-    from thawed.runtime.calib_data import CalibSpec
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.calib_data import CalibSpec
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     codec, target, calib = ROWS[row]
     path = work / row

@@ -32,9 +32,9 @@ import torch
 
 def check_checkpoint(path: Path, src: Path) -> dict:
     from thawed.runtime.checkpoint import Checkpoint
+    from thawed.runtime.compress.source import SourceModel
     from thawed.runtime.inspection import inspect_checkpoint
     from thawed.runtime.report import sqnr_db
-    from thawed.runtime.source import SourceModel
 
     with Checkpoint.open(path) as ckpt, SourceModel(src) as source:
         rep = inspect_checkpoint(ckpt)

@@ -67,8 +67,8 @@ def _work(args) -> Path:
 def _compress(src: Path, work: Path, label: str, default: str, *overrides: str) -> tuple[Path, float]:
     import shutil
 
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice, parse_override
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice, parse_override
 
     path = work / label
     stamp = path / "compress_seconds.json"
@@ -247,7 +247,7 @@ def _emb_payload(work: Path, label: str, spec_text: str):
     encoded here from the demo model's table (so ``--part speed`` runs on a fresh machine)."""
     from thawed.codecs import EncodeContext, TensorSpec
     from thawed.runtime.checkpoint import Checkpoint
-    from thawed.runtime.plan import parse_codec_choice
+    from thawed.runtime.compress.plan import parse_codec_choice
 
     path = work / label
     if (path / "model.thawed.safetensors").is_file():
@@ -255,8 +255,8 @@ def _emb_payload(work: Path, label: str, spec_text: str):
             return ckpt.index[EMB].spec, ckpt.encoded(EMB)
     from safetensors import safe_open
 
+    from thawed.runtime.compress.token_freq import token_frequencies
     from thawed.runtime.demo_model import demo_model_dir
-    from thawed.runtime.token_freq import token_frequencies
 
     src = Path(demo_model_dir())
     with safe_open(str(src / "model.safetensors"), "pt") as f:

@@ -31,7 +31,7 @@ offset is therefore ``start_b + rank * G * b`` (its rank among the depth-``b`` g
 per-group offsets into the variable-depth stream are implied by the depths, not stored. Params:
 ``{"group_rows": G, "counts": [c_0, ..., c_8]}`` (data-dependent sizes are params, so the reader
 checks every field size before reading). Depths come from the compression plan
-(``EncodeContext.extras["cvxq_depth"]``: a ``[R, n]`` integer tensor, see ``runtime/allocate.py``);
+(``EncodeContext.extras["cvxq_depth"]``: a ``[R, n]`` integer tensor, see ``runtime/compress/allocate.py``);
 without a plan every group gets the encoder option ``bits``.
 
 Bias correction (encoder option ``bias``, on by default, linear layers only, when the planning step
@@ -134,7 +134,7 @@ def group_stats(weight: Tensor, group_rows: int, sens: Tensor | None = None) -> 
     """Per-group ``(variance, mean sensitivity, valid count)`` as float64 [R*n] tensors.
 
     ``sens`` is a per-weight sensitivity of the weight's shape (e.g. accumulated squared
-    gradients); ``None`` means 1 everywhere. Used by the planner (``runtime/allocate.py``).
+    gradients); ``None`` means 1 everywhere. Used by the planner (``runtime/compress/allocate.py``).
     """
     m, n, g, r = group_layout(tuple(weight.shape), group_rows)
     w = weight.detach().to("cpu", torch.float32).reshape(m, n)
@@ -186,7 +186,7 @@ class Cvxq(Codec, name="cvxq", version=1):
 
     @property
     def needs_input_grams(self) -> bool:
-        """The compression pipeline calibrates layer inputs (``runtime/input_stats.py``) when True."""
+        """The compression pipeline calibrates layer inputs (``runtime/compress/input_stats.py``) when True."""
         return self.gptq
 
     # ---- encoding -----------------------------------------------------------------------------

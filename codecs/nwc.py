@@ -148,7 +148,7 @@ class Nwc(Codec, name="nwc", version=1):
 
     @property
     def needs_input_grams(self) -> bool:
-        """The compression pipeline calibrates layer inputs (``runtime/input_stats.py``) when True."""
+        """The compression pipeline calibrates layer inputs (``runtime/compress/input_stats.py``) when True."""
         return self.ec or self.levels
 
     # ---- encoding -----------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class Rtn(Codec, name="rtn", version=1):
 
     @property
     def needs_input_grams(self) -> bool:
-        """The compression pipeline calibrates layer inputs (``runtime/input_stats.py``) when True."""
+        """The compression pipeline calibrates layer inputs (``runtime/compress/input_stats.py``) when True."""
         return self.gptq
 
     # ---- encoding -----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""thawed.runtime: the checkpoint format, the compression pipeline, the lazy model, cache and generation.
+"""thawed.runtime: the checkpoint format, the lazy model, cache and generation -- the serving path.
 
-Import the submodules you need (``thawed.runtime.checkpoint``, ``thawed.runtime.writer``, ...);
-this package imports nothing heavy on its own.
+The offline side (the compression pipeline, planning, calibration, the checkpoint writer) lives in
+``thawed.runtime.compress``, which nothing on the serving path imports. Import the submodules you
+need (``thawed.runtime.checkpoint``, ``thawed.runtime.compress.pipeline``, ...); this package
+imports nothing heavy on its own.
 """

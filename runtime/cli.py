@@ -164,11 +164,11 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from .compress import compress
-    from .plan import Plan, parse_codec_choice, parse_override
+    from .compress.pipeline import compress
+    from .compress.plan import Plan, parse_codec_choice, parse_override
 
     if not sys.stderr.isatty():  # no progress bar: the progress log lines are shown instead
-        logging.getLogger("thawed.runtime.compress").setLevel(logging.INFO)
+        logging.getLogger("thawed.runtime.compress.pipeline").setLevel(logging.INFO)
 
     codec_text, target_bpw = args.codec, args.target_bpw
     if codec_text.partition(":")[0].strip() == "nwc":  # nwc plans its own rate per tensor
@@ -179,7 +179,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         target_bpw = None
     elif args.lam is not None:
         raise ThawedError("--lambda is an nwc option; use it with --codec nwc")
-    from .calib_data import CalibSpec
+    from .compress.calib_data import CalibSpec
 
     calib = CalibSpec.from_args(args.calib, args.calib_text, seed=args.seed)  # a missing file fails here, first
     plan = Plan(parse_codec_choice(codec_text), tuple(parse_override(o) for o in args.codec_for))
@@ -192,7 +192,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_codec(args: argparse.Namespace) -> int:
-    from .train_nwc import TrainConfig, save_network, train_nwc
+    from .compress.train_nwc import TrainConfig, save_network, train_nwc
 
     lam_min = lam_max = None
     if args.lam:

@@ -68,7 +68,7 @@ class ToyFormatCodec(Codec, name="toy-format-test", version=2):
 def build_tiny_checkpoint(out: Path, src: Path | None = None) -> Path:
     """Two raw tensors, one toy-encoded tensor and the toy codec's shared table; fixed values."""
     from thawed.codecs import get_codec
-    from thawed.runtime.writer import CheckpointWriter
+    from thawed.runtime.compress.writer import CheckpointWriter
 
     raw, toy = get_codec("raw")(), ToyFormatCodec()
     tensors = [

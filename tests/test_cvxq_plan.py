@@ -13,8 +13,8 @@ from models_fixtures import make_tokenizer
 from thawed.codecs import get_codec
 from thawed.codecs.cvxq import cvxq_nbytes
 from thawed.codecs.errors import ThawedError
-from thawed.runtime.allocate import GroupSet, allocate
-from thawed.runtime.calib_data import CalibSpec
+from thawed.runtime.compress.allocate import GroupSet, allocate
+from thawed.runtime.compress.calib_data import CalibSpec
 
 PTB = CalibSpec("ptb-train")  # fast and cache-free; tests/test_calib_data.py covers the self-generated default
 
@@ -84,7 +84,7 @@ def small_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sens(small_dir: Path) -> dict:
-    from thawed.runtime.calibrate import weight_sensitivities
+    from thawed.runtime.compress.calibrate import weight_sensitivities
 
     cal = weight_sensitivities(small_dir, 256, seq_len=128, calib=PTB)
     assert cal.windows == 2 and cal.tokens == 256
@@ -102,9 +102,9 @@ def test_calibration_gradients_are_real(small_dir: Path, sens: dict) -> None:
 @pytest.mark.parametrize("target", [2.5, 3.5, 4.5])  # 3.0 and 4.0: the CLI test and the benchmark
 def test_compress_hits_target(small_dir: Path, sens: dict, tmp_path: Path, target: float) -> None:
     from thawed.runtime.checkpoint import Checkpoint
-    from thawed.runtime.compress import compress
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
     from thawed.runtime.inspection import inspect_checkpoint
-    from thawed.runtime.plan import Plan, parse_codec_choice
 
     out = tmp_path / "ck"
     compress(small_dir, out, Plan(parse_codec_choice("cvxq:group_rows=64")), target_bpw=target, sensitivities=sens,
@@ -124,9 +124,9 @@ def test_checkpoint_round_trip_through_lazy_runtime(small_dir: Path, sens: dict,
     from transformers import AutoModelForCausalLM
 
     from thawed.runtime.checkpoint import Checkpoint
-    from thawed.runtime.compress import compress
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
     from thawed.runtime.model import LazyModel, RuntimeConfig
-    from thawed.runtime.plan import Plan, parse_codec_choice
 
     out = tmp_path / "ck"
     compress(small_dir, out, Plan(parse_codec_choice("cvxq:group_rows=64")), target_bpw=3.5, sensitivities=sens,
@@ -164,8 +164,8 @@ def test_checkpoint_round_trip_through_lazy_runtime(small_dir: Path, sens: dict,
 
 
 def test_target_needs_cvxq(small_dir: Path, tmp_path: Path) -> None:
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     with pytest.raises(ThawedError, match="--codec cvxq"):
         compress(small_dir, tmp_path / "x", Plan(parse_codec_choice("rtn")), target_bpw=3.0)
@@ -184,11 +184,11 @@ def test_cli_compress_with_target(small_dir: Path, tmp_path: Path, capsys) -> No
 
 
 def test_bias_correction_is_switchable_and_counted(small_dir: Path, sens: dict, tmp_path: Path) -> None:
-    from thawed.runtime.calibrate import linear_input_means
     from thawed.runtime.checkpoint import Checkpoint
-    from thawed.runtime.compress import compress
+    from thawed.runtime.compress.calibrate import linear_input_means
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
     from thawed.runtime.inspection import inspect_checkpoint
-    from thawed.runtime.plan import Plan, parse_codec_choice
 
     means = linear_input_means(small_dir, 256, seq_len=128, calib=PTB)
     assert means["model.layers.0.mlp.down_proj.weight"].shape == (256,)

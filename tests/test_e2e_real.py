@@ -11,11 +11,11 @@ import torch
 from models_fixtures import real_model_dir  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice
 from thawed.runtime.generate import SamplingParams, generate_tokens
 from thawed.runtime.loading import load_for_inference
 from thawed.runtime.model import RuntimeConfig
-from thawed.runtime.plan import Plan, parse_codec_choice
 
 pytestmark = pytest.mark.real
 

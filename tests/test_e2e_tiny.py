@@ -12,9 +12,9 @@ from models_fixtures import make_tiny_llama, tiny_llama_dir, tiny_llama_untied_d
 from transformers import AutoModelForCausalLM
 
 from thawed.runtime.checkpoint import Checkpoint
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice, parse_override
 from thawed.runtime.model import LazyModel, RuntimeConfig
-from thawed.runtime.plan import Plan, parse_codec_choice, parse_override
 
 IDS = torch.tensor([[1, 5, 9, 3, 17, 4, 22, 8, 11, 2, 6, 30]])
 

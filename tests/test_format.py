@@ -19,9 +19,9 @@ from safetensors import safe_open
 
 from thawed.codecs import EncodeContext, Encoded, TensorSpec, ThawedError, get_codec
 from thawed.runtime.checkpoint import Checkpoint
+from thawed.runtime.compress.writer import CheckpointWriter, is_weight_file, partial_folders
 from thawed.runtime.errors import ChecksumError, FormatError, TensorNotFoundError, WriterError
 from thawed.runtime.format import MARKER_FILE, PAYLOAD_FILE, IndexEntry, bits_per_weight, read_header
-from thawed.runtime.writer import CheckpointWriter, is_weight_file, partial_folders
 
 from conftest import build_tiny_checkpoint
 

@@ -17,8 +17,8 @@ import pytest
 from checkpoint_mutants import FAMILIES, make_mutants, reference_logits, run_mutant, summarise
 from models_fixtures import tiny_llama_dir  # noqa: F401
 
-from thawed.runtime.compress import compress
-from thawed.runtime.plan import Plan, parse_codec_choice
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
 PER_FAMILY = 52  # 6 families x 52 = 312 mutants
 SEED = 14

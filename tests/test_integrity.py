@@ -20,7 +20,9 @@ from models_fixtures import tiny_llama_dir  # noqa: F401
 from thawed.codecs import EncodeContext, Encoded, TensorSpec, ThawedError, get_codec
 from thawed.runtime.checkpoint import Checkpoint
 from thawed.runtime.cli import main
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice
+from thawed.runtime.compress.writer import CheckpointWriter
 from thawed.runtime.errors import (
     CheckpointNotFoundError,
     ChecksumError,
@@ -34,8 +36,6 @@ from thawed.runtime.errors import (
 from thawed.runtime.format import MARKER_FILE, PAYLOAD_FILE
 from thawed.runtime.loading import load_for_inference
 from thawed.runtime.model import RuntimeConfig
-from thawed.runtime.plan import Plan, parse_codec_choice
-from thawed.runtime.writer import CheckpointWriter
 
 CPU = RuntimeConfig(device="cpu", prefetch_layers=0)
 Q_PROJ = "model.layers.{}.self_attn.q_proj.weight"

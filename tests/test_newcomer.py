@@ -42,8 +42,8 @@ def test_inspect_orders_layers_naturally(tmp_path, capsys):
 
 
 def test_compress_logs_progress_without_a_terminal(tiny_llama_dir, tmp_path, caplog, monkeypatch):  # noqa: F811
-    from thawed.runtime import compress as mod
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress import pipeline as mod
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     monkeypatch.setattr(mod, "PROGRESS_EVERY", 0.001)
     slow = mod.SourceModel.get
@@ -55,7 +55,7 @@ def test_compress_logs_progress_without_a_terminal(tiny_llama_dir, tmp_path, cap
         return slow(self, name)
 
     monkeypatch.setattr(mod.SourceModel, "get", get)
-    with caplog.at_level(logging.INFO, logger="thawed.runtime.compress"):
+    with caplog.at_level(logging.INFO, logger="thawed.runtime.compress.pipeline"):
         mod.compress(tiny_llama_dir, tmp_path / "ck", Plan(parse_codec_choice("rtn:bits=4,group_size=32")),
                      progress=False)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compress: ")]

@@ -15,9 +15,9 @@ from server_fixtures import real_ckpt_dir  # noqa: F401
 from thawed.codecs.errors import ThawedError
 from thawed.runtime.checkpoint import Checkpoint
 from thawed.runtime.cli import main
+from thawed.runtime.compress.source import SourceModel
 from thawed.runtime.report import collect_report, split_layer, sqnr_db, write_report
 from thawed.runtime.report.svg import colour, heatmap
-from thawed.runtime.source import SourceModel
 
 
 @pytest.fixture(scope="module")

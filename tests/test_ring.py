@@ -9,11 +9,11 @@ import pytest
 import torch
 from models_fixtures import make_tiny_llama  # noqa: F401
 
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice
 from thawed.runtime.cuda_graphs import hooks_left
 from thawed.runtime.generate import SamplingParams, generate_tokens
 from thawed.runtime.model import LazyModel, RuntimeConfig, layer_index
-from thawed.runtime.plan import Plan, parse_codec_choice
 
 PROMPT = [1, 5, 9, 13, 4, 7]
 

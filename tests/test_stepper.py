@@ -9,11 +9,11 @@ import torch
 from models_fixtures import make_tiny_llama, tiny_llama_dir  # noqa: F401
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice
 from thawed.runtime.direct import DirectLinear
 from thawed.runtime.generate import SamplingParams, generate_tokens
 from thawed.runtime.model import LazyModel, RuntimeConfig, parse_budget
-from thawed.runtime.plan import Plan, parse_codec_choice
 from thawed.runtime.stepper import Stepper, stepper_unsupported_reason
 
 PROMPTS = [[1, 5, 9, 3, 17, 4, 22, 8, 11, 2, 6, 30], [1, 7, 7, 12], [1, 25, 3, 9, 9, 14, 2]]
@@ -136,7 +136,7 @@ def test_budget_accounting_with_mixed_modes(rtn_ckpt, tmp_path):
     src = make_tiny_llama(tmp_path / "untied", tie=False, seed=3)
     out = tmp_path / "mixed"
     compress(src, out, Plan(parse_codec_choice("rtn:bits=4,group_size=32"),
-                            ((__import__("thawed.runtime.plan", fromlist=["parse_override"])
+                            ((__import__("thawed.runtime.compress.plan", fromlist=["parse_override"])
                               .parse_override("model.embed_tokens.weight=rtn:bits=6,group_size=32")),)),
              progress=False)
     budget = 1000

@@ -20,13 +20,13 @@ from models_fixtures import tiny_llama_dir  # noqa: F401
 
 from thawed.codecs import ThawedError
 from thawed.runtime.cli import main
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
+from thawed.runtime.compress.plan import Plan, parse_codec_choice
+from thawed.runtime.compress.writer import partial_folders
 from thawed.runtime.errors import WriterError
 from thawed.runtime.format import MARKER_FILE
 from thawed.runtime.loading import load_for_inference
 from thawed.runtime.model import RuntimeConfig
-from thawed.runtime.plan import Plan, parse_codec_choice
-from thawed.runtime.writer import partial_folders
 
 CPU = RuntimeConfig(device="cpu", prefetch_layers=0)
 IDS = torch.tensor([[1, 5, 9, 3, 17]])
@@ -34,9 +34,9 @@ IDS = torch.tensor([[1, 5, 9, 3, 17]])
 # Runs compress in a child that SIGKILLs itself at one point of the writer.
 _KILLER = textwrap.dedent("""
     import os, shutil, signal, sys
-    from thawed.runtime import writer
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice
+    from thawed.runtime.compress import writer
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
     src, out, point = sys.argv[1], sys.argv[2], sys.argv[3]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -21,9 +21,9 @@ import torch
 from thawed.codecs.errors import ThawedError
 
 from ..checkpoint import Checkpoint
+from ..compress.source import SourceModel
 from ..format import PAYLOAD_FILE
 from ..inspection import inspect_checkpoint
-from ..source import SourceModel
 
 __all__ = ["TensorRow", "ReportData", "collect_report", "sqnr_db", "split_layer"]
 

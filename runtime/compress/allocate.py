@@ -2,7 +2,7 @@
 
 For a group ``k`` (``G`` output rows x 1 input column, see ``thawed.codecs.cvxq``) with weight
 variance ``var_k`` and mean sensitivity ``sens_k`` (accumulated squared gradients, from
-``runtime/calibrate.py``), the high-rate model of its output distortion at depth ``B`` is
+``runtime/compress/calibrate.py``), the high-rate model of its output distortion at depth ``B`` is
 ``D_k(B) ~ cnt_k * sens_k * var_k * 2**(-2B)``. Minimising ``sum_k D_k`` subject to a bit budget
 gives, for the dual variable ``lambda`` (distortion per bit)::
 
@@ -132,7 +132,7 @@ def estimate_header_bytes(entries: list[tuple[str, TensorSpec, str, int, dict, d
     """The payload file's header as the writer will encode it, from planned entries
     ``(name, spec, codec, codec_version, fields {name: (dtype, shape)}, params)``. Offsets and
     checksums take their final widths; the result is within a few hundred bytes."""
-    from .format import (DTYPE_TO_CODE, FORMAT_NAME, FORMAT_VERSION, HEADER_CHECKSUM_KEY, encode_header,
+    from ..format import (DTYPE_TO_CODE, FORMAT_NAME, FORMAT_VERSION, HEADER_CHECKSUM_KEY, encode_header,
                          encode_index, field_key, index_entry_dict)
 
     json_dumps = __import__("json").dumps
@@ -170,7 +170,7 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
     input means (``input_means``, else one forward pass over the calibration text) go into the
     plan, and the correction's bytes into the linear budget.
     Tied parameters that the source stores once are calibrated under the stored name.
-    ``calib``: the calibration data (``runtime/calib_data.py``: a ``CalibData`` shared with other
+    ``calib``: the calibration data (``runtime/compress/calib_data.py``: a ``CalibData`` shared with other
     stages, a ``CalibSpec``, or None for the default self-generated text).
     """
     t0 = time.perf_counter()

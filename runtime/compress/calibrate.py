@@ -1,7 +1,7 @@
 """Calibration for planned codecs: per-weight sensitivities from gradients on calibration text.
 
 ``weight_sensitivities(src, tokens=N)`` runs the dense source model (fp32, CPU by default) over
-``N`` calibration tokens (``runtime/calib_data.py``: by default text the model generated itself,
+``N`` calibration tokens (``runtime/compress/calib_data.py``: by default text the model generated itself,
 else a user's file or Penn Treebank ``train``) in windows of at most ``seq_len`` and
 accumulates, for every 2-D parameter, the squared gradient of
 
@@ -50,7 +50,7 @@ def calibration_ids(tokenizer, tokens: int, text: str | None = None) -> list[int
     """The first ``tokens`` token ids of ``text`` (default: Penn Treebank ``train``), no BOS.
     (Token frequencies for ``see`` still count PTB train; the calibrated stages use ``calib_data``.)"""
     if text is None:
-        from .eval import load_corpus
+        from ..eval import load_corpus
 
         _, text = load_corpus("ptb-train")
         text = text[: max(20_000, tokens * 8)]  # enough characters for `tokens` tokens (~5 per token)

@@ -36,9 +36,9 @@ from torch import Tensor
 from thawed.codecs.base import ROLES, Encoded, TensorSpec, get_codec
 from thawed.codecs.errors import CodecError, UnknownCodecError
 
-from .errors import WriterError
-from .files import public_mode, special_file_problem
-from .format import (
+from ..errors import WriterError
+from ..files import public_mode, special_file_problem
+from ..format import (
     DTYPE_TO_CODE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -64,7 +64,7 @@ from .format import (
     shared_digest_seed,
     shared_key,
 )
-from .marker import marker_text
+from ..marker import marker_text
 
 __all__ = ["CheckpointWriter", "check_output_path", "is_weight_file", "partial_folders", "WEIGHT_SUFFIXES"]
 
@@ -122,6 +122,17 @@ def check_output_path(out: Path) -> None:
                               "wait for it to finish or stop it")
         raise WriterError(f"{leftover} is left over from an interrupted `thawed compress` of {out} (killed before "
                           f"it finished; it is not a checkpoint); delete it (rm -r '{leftover}') and run again")
+
+
+def _storable_problem(t: object) -> str | None:
+    """Why the format cannot store ``t`` (a field or a shared-state tensor), or None."""
+    if not isinstance(t, Tensor):
+        return f"is a {type(t).__name__}, not a tensor"
+    if t.dtype not in DTYPE_TO_CODE:
+        return f"has dtype {t.dtype}, which the format cannot store (store it as {', '.join(DTYPE_TO_CODE.values())})"
+    if t.dim() > MAX_RANK:
+        return f"has {t.dim()} dimensions, more than {MAX_RANK}"
+    return None
 
 
 @dataclass
@@ -233,13 +244,7 @@ class CheckpointWriter:
 
         fields: dict[str, Tensor] = {}
         for fname, t in enc.fields.items():
-            problem = check_field_name(fname)
-            if problem is None and not isinstance(t, Tensor):
-                problem = f"is a {type(t).__name__}, not a tensor"
-            if problem is None and t.dtype not in DTYPE_TO_CODE:
-                problem = f"has dtype {t.dtype}, which the format cannot store (store it as {', '.join(DTYPE_TO_CODE.values())})"
-            if problem is None and t.dim() > MAX_RANK:
-                problem = f"has {t.dim()} dimensions, more than {MAX_RANK}"
+            problem = check_field_name(fname) or _storable_problem(t)
             if problem:
                 raise WriterError(f"{where} field {fname!r}: {problem}")
             fields[fname] = t.detach()
@@ -309,13 +314,7 @@ class CheckpointWriter:
         for key, t in tensors.items():
             sid, dot, param = key.partition(".") if isinstance(key, str) else ("", "", "")
             problem = (None if dot else "keys must look like '<id>.<param>'") or check_token(sid, "the id") \
-                or check_token(param, "the param")
-            if problem is None and not isinstance(t, Tensor):
-                problem = f"is a {type(t).__name__}, not a tensor"
-            if problem is None and t.dtype not in DTYPE_TO_CODE:
-                problem = f"has dtype {t.dtype}, which the format cannot store"
-            if problem is None and t.dim() > MAX_RANK:
-                problem = f"has {t.dim()} dimensions, more than {MAX_RANK}"
+                or check_token(param, "the param") or _storable_problem(t)
             if problem:
                 raise WriterError(f"shared state {key!r} of codec {codec!r}: {problem}")
             items.append((sid, param, t.detach()))

@@ -19,10 +19,10 @@ import torch
 from thawed.codecs import Codec, EncodeContext, TensorSpec
 from thawed.codecs.errors import ThawedError
 
+from ..skeleton import build_skeleton, load_config, tensor_roles
+from ..validate import mark_nonfinite
 from .plan import CodecChoice, Plan
-from .skeleton import build_skeleton, load_config, tensor_roles
 from .source import SourceModel
-from .validate import mark_nonfinite
 from .writer import CheckpointWriter, check_output_path
 
 __all__ = ["compress", "CompressReport"]
@@ -77,10 +77,10 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
              sensitivities: dict | None = None, input_means: dict | None = None,
              calib=None) -> CompressReport:
     """``target_bpw`` runs the cvxq planning step (calibration + bit allocation, see
-    ``runtime/allocate.py``) before the tensor loop; it needs cvxq in the plan. ``sensitivities``
-    (name -> per-weight squared gradients, from ``runtime/calibrate.py``) and ``input_means`` (linear
+    ``runtime/compress/allocate.py``) before the tensor loop; it needs cvxq in the plan. ``sensitivities``
+    (name -> per-weight squared gradients, from ``runtime/compress/calibrate.py``) and ``input_means`` (linear
     weight name -> calibration E[x], for cvxq's bias correction) reuse a calibration. ``calib``: the
-    calibration text (``runtime/calib_data.CalibSpec``; default: text the model generates itself,
+    calibration text (``runtime/compress/calib_data.CalibSpec``; default: text the model generates itself,
     seeded with ``seed``), produced once and shared by every calibrated stage."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)

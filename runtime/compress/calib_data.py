@@ -113,7 +113,7 @@ def calibration_data(src: str | Path, tokens: int, spec: CalibSpec | None = None
     if spec.source == "file":
         text = Path(spec.path).read_text(encoding="utf-8")  # type: ignore[arg-type]
     else:
-        from .eval import load_corpus
+        from ..eval import load_corpus
 
         _, text = load_corpus("ptb-train")
         text = text[: max(20_000, tokens * 8)]  # enough characters for `tokens` tokens (~5 per token)
@@ -161,7 +161,7 @@ def _model_key(src: Path) -> str:
 
 
 def _cache_path(src: Path, n_seq: int, spec: CalibSpec) -> Path:
-    from .demo_model import default_cache_dir
+    from ..demo_model import default_cache_dir
 
     base = Path(spec.cache_dir) if spec.cache_dir is not None else default_cache_dir() / "calib"
     key = f"v{SELF_VERSION}-{_model_key(src)}-n{n_seq}x{SELF_SEQ_LEN}-seed{spec.seed}-t{spec.temperature:g}"
@@ -229,7 +229,7 @@ def self_generate(model, tokenizer, n_seq: int, length: int, *, seed: int = 0,
     result does not depend on batching choices; sequence ``i`` samples from its own generator
     seeded ``seed * 1_000_003 + i``.
     """
-    from .generate import cache_kwargs, output_cache
+    from ..generate import cache_kwargs, output_cache
 
     first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if first is None:

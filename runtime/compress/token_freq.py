@@ -22,8 +22,8 @@ FREQ_TOKENS = 250_000  # the first 250k tokens of Penn Treebank train (about a q
 def token_frequencies(src: str | Path, vocab: int, tokens: int = FREQ_TOKENS, text: str | None = None) -> Tensor:
     """Counts ``[vocab]`` (float32) of each token id in the first ``tokens`` tokens of the
     calibration text (default PTB train, tokenised with the model's own tokenizer, no BOS)."""
+    from ..loading import load_tokenizer
     from .calibrate import calibration_ids
-    from .loading import load_tokenizer
 
     t0 = time.perf_counter()
     ids = torch.tensor(calibration_ids(load_tokenizer(src), tokens, text), dtype=torch.int64)
