@@ -12,11 +12,11 @@ from models_fixtures import tiny_llama_dir  # noqa: F401
 
 from thawed.runtime.errors import ChecksumError
 from thawed.runtime.checkpoint import Checkpoint
-from thawed.runtime.compress import compress
+from thawed.runtime.compress.pipeline import compress
 from thawed.runtime.early import EarlyDecode
 from thawed.runtime.format import PAYLOAD_FILE
 from thawed.runtime.model import LazyModel, RuntimeConfig
-from thawed.runtime.plan import Plan, parse_codec_choice, parse_override
+from thawed.runtime.compress.plan import Plan, parse_codec_choice, parse_override
 
 IDS = torch.tensor([[1, 5, 9, 3, 17, 4, 22, 8]])
 CPU = torch.device("cpu")
