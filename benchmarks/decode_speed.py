@@ -1,7 +1,7 @@
 """Decode throughput of every codec in one or more checkpoints, per device (CPU, and CUDA when present).
 
     python benchmarks/decode_speed.py CKPT [CKPT ...] [--devices cpu,cuda] [--dtype fp32|bf16]
-                                      [--repeats 3] [--match REGEX] [--threads N] [--json-out FILE]
+                                      [--repeats 3] [--match REGEX] [--threads N] [--workers N] [--json-out FILE]
     python benchmarks/decode_speed.py --subset OUT --match 'layers\\.(0|1|2)\\.' CKPT
 
 Correctness first: every tensor decoded on each device must equal the CPU fp32 decode (bit-exact
@@ -24,12 +24,14 @@ import re
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from thawed.codecs import get_codec
 from thawed.runtime.checkpoint import Checkpoint
+from thawed.runtime.threads import set_omp_threads
 from thawed.runtime.compress.writer import CheckpointWriter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,8 +60,25 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _timed_pass(group, decode_one, dev: torch.device, workers: int) -> float:
+    """Seconds to decode every tensor of ``group`` once: one after another (each op on torch's
+    threads), or on the CPU with ``workers`` > 0 on that many threads at once, each running its ops
+    on one OpenMP thread -- how the runtime decodes a whole model (runtime/threads.py, early.py)."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    if workers > 0 and dev.type == "cpu":
+        with ThreadPoolExecutor(workers, initializer=set_omp_threads, initargs=(1,)) as pool:
+            for _ in pool.map(decode_one, group):
+                pass
+    else:
+        for n in group:
+            decode_one(n)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
 def measure(path: Path, devices: list[str], dtype: torch.dtype, repeats: int,
-            pattern: re.Pattern[str] | None) -> list[dict]:
+            pattern: re.Pattern[str] | None, workers: int = 0) -> list[dict]:
     rows: list[dict] = []
     with Checkpoint.open(path) as ckpt:
         names = [n for n, e in ckpt.index.items() if e.codec != "raw" and (pattern is None or pattern.search(n))]
@@ -89,15 +108,12 @@ def measure(path: Path, devices: list[str], dtype: torch.dtype, repeats: int,
                     if not ok:
                         err = float((got - want).abs().max())
                         raise SystemExit(f"FAIL {path.name} {n} on {dev_name}: differs from the CPU decode (max |diff| {err:.3g})")
-                secs = []
-                for _ in range(repeats + (1 if dev.type == "cuda" else 0)):
-                    _sync(dev)
-                    t0 = time.perf_counter()
-                    for n in group:
-                        e = ckpt.index[n]
-                        cls.decode(payloads[n], e.spec, shared, dev, dtype)
-                    _sync(dev)
-                    secs.append(time.perf_counter() - t0)
+                def decode_one(n: str) -> None:
+                    e = ckpt.index[n]
+                    cls.decode(payloads[n], e.spec, shared, dev, dtype)
+
+                w = workers if dev.type == "cpu" else 0
+                secs = [_timed_pass(group, decode_one, dev, w) for _ in range(repeats + (1 if dev.type == "cuda" else 0))]
                 if dev.type == "cuda":
                     secs = secs[1:]
                 s = statistics.median(secs)
@@ -108,6 +124,7 @@ def measure(path: Path, devices: list[str], dtype: torch.dtype, repeats: int,
                     "weights": numel, "payload_MB": sum(ckpt.index[n].nbytes for n in group) / 1e6,
                     "decoded_MB": out_bytes / 1e6, "seconds": s, "GB_per_s": out_bytes / s / 1e9,
                     "Mweights_per_s": numel / s / 1e6, "dtype": str(dtype).removeprefix("torch."),
+                    "mode": f"{w} tensors at once, 1 thread each" if w else f"ops on {torch.get_num_threads()} threads",
                 })
                 del payloads, shared
     return rows
@@ -121,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--match", default=None, help="regex on tensor names")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="CPU: decode this many tensors at once, each on one OpenMP thread (the runtime's way); "
+                         "0 = one tensor at a time on --threads")
     ap.add_argument("--subset", type=Path, default=None, help="write the matching tensors of one checkpoint here and exit")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -136,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for path in args.checkpoints:
-        rows += measure(path, devices, DTYPES[args.dtype], args.repeats, pattern)
+        rows += measure(path, devices, DTYPES[args.dtype], args.repeats, pattern, args.workers)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print(f"{'checkpoint':<22} {'device':<6} {'codec':<9} {'tensors':>7} {'Mweights':>9} {'payload MB':>10} "
-          f"{'seconds':>9} {'GB/s':>8} {'Mweights/s':>11}")
+          f"{'seconds':>9} {'GB/s':>8} {'Mweights/s':>11}  mode")
     for r in rows:
         print(f"{r['checkpoint']:<22} {r['device']:<6} {r['codec']:<9} {r['tensors']:>7} {r['weights'] / 1e6:>9.2f} "
-              f"{r['payload_MB']:>10.2f} {r['seconds']:>9.4f} {r['GB_per_s']:>8.2f} {r['Mweights_per_s']:>11.1f}")
+              f"{r['payload_MB']:>10.2f} {r['seconds']:>9.4f} {r['GB_per_s']:>8.2f} {r['Mweights_per_s']:>11.1f}  {r['mode']}")
     line = json.dumps({"decode_speed": rows})
     print(line)
     if args.json_out:

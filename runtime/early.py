@@ -26,9 +26,7 @@ the budget, and on CUDA decoding is fast enough not to matter against the import
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +38,7 @@ from thawed.codecs import get_codec
 
 from .checkpoint import Checkpoint
 from .direct import direct_unsupported_reason, pack_rtn
+from .threads import set_omp_threads
 from .validate import check_finite
 
 __all__ = ["EarlyDecode"]
@@ -66,7 +65,7 @@ class EarlyDecode:
 
     def __init__(self, jobs: list[tuple[str, str, Callable[[], Any]]]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thawed-early",
-                                        initializer=_one_omp_thread)
+                                        initializer=set_omp_threads, initargs=(1,))
         self._futures: dict[tuple[str, str], Future] = {}
         self._lock = threading.Lock()
         for kind, key, fn in jobs:
@@ -150,21 +149,6 @@ class EarlyDecode:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.submitted:
             log.debug("early decode: %d of %d results used", self.taken, self.submitted)
-
-
-def _one_omp_thread() -> None:
-    """Make the worker's torch ops run on the worker thread alone.
-
-    ``torch.set_num_threads`` is process-wide; OpenMP's own ``omp_set_num_threads`` sets the
-    calling thread's team size only. With a team of two per thread, the worker's OpenMP threads
-    and the main thread's oversubscribed the 2 cores: measured on cvxq 4.25, time to first token
-    1.5x longer with them than with one thread here. Without torch's bundled libgomp (another
-    OpenMP runtime) this does nothing."""
-    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-    try:
-        ctypes.CDLL(path).omp_set_num_threads(1)
-    except (OSError, AttributeError):
-        log.debug("no %s: the early decoder keeps OpenMP's default team size", path)
 
 
 def _pack(ckpt: Checkpoint, key: str) -> tuple:

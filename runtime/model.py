@@ -8,6 +8,7 @@ its weights (on the GPU when the model runs there); the prefetcher decodes the n
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -34,6 +35,7 @@ from .lazy import ResidentWeightHandle, attach_lazy_weight, attach_resident_weig
 from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher
 from .rowwise import attach_rowwise_embedding
+from .threads import one_omp_thread, set_omp_threads
 from .skeleton import build_skeleton, load_config, tied_sources
 from .validate import check_config, check_entries_used, check_finite
 
@@ -411,8 +413,11 @@ class LazyModel:
                 if weight is not None:
                     return weight, entry.codec, None
             enc = payload(key)
-            weight = decode_with(entry.codec, enc, entry.spec, shared_cache[entry.codec], device, dtype,
-                                 config.kernels != "off")
+            # CPU: one OpenMP thread per decoding thread (runtime/threads.py); the early decoder or
+            # the prefetcher decodes beside this one
+            with one_omp_thread() if device.type == "cpu" else contextlib.nullcontext():
+                weight = decode_with(entry.codec, enc, entry.spec, shared_cache[entry.codec], device, dtype,
+                                     config.kernels != "off")
             check_finite(ckpt.payload_path, entry, weight)
             ready = None
             if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
@@ -490,7 +495,8 @@ class LazyModel:
         # torch ops release the GIL: repack on every intra-op thread (SmolLM2: 211 tensors, ~3 s alone)
         # (on CUDA one at a time: the kernels' repacks are GPU work already)
         workers = 1 if device.type == "cuda" else max(1, torch.get_num_threads())
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        single = (set_omp_threads, (1,)) if device.type == "cpu" else (None, ())  # runtime/threads.py
+        with ThreadPoolExecutor(max_workers=workers, initializer=single[0], initargs=single[1]) as pool:
             for i, lin in zip(todo, pool.map(repack, todo)):
                 mname = weights[i][0]
                 parent, _, child = mname.rpartition(".")
