@@ -1,0 +1,153 @@
+"""The rate-distortion table of issue 15: every codec at 2.5, 3.25 and 4.25 bits per weight on the
+real SmolLM2-135M, perplexity on PTB test and pydoc with dense in the same run, plus weight SQNR on
+MiniLM's genuine fp32 linears.
+
+    python benchmarks/rd_table.py [--codecs rtn,rtn-gptq,hqq,cvxq,nwc,hyperc] [--rates 2.5,3.25,4.25]
+                                  [--tokens 20000] [--corpora ptb-test,pydoc] [--jobs 1] [--threads 2]
+                                  [--no-minilm] [--work out/rd] [--json-out out/rd/results.jsonl]
+
+Rows and protocol are ``benchmarks/quality.py``'s (compress from the dense model with the row's
+calibration -- ``self``: text the model generates itself, never an evaluated corpus -- then the
+first ``--tokens`` tokens of each corpus, no BOS, window 1024, stride 512). Each (codec, rate):
+
+| codec | 2.5 | 3.25 | 4.25 | calibration |
+|---|---|---|---|---|
+| rtn | b2 g64 | b3 g128 | b4 g128 | none |
+| rtn-gptq | the same + ``gptq=true`` | | | self |
+| hqq | the same + ``hqq=true`` (thawed's HQQ refinement of scale and zero) | | | none |
+| cvxq | ``target_bpw`` | | | self (sensitivities, bias means) |
+| nwc | ``target_bpw`` | | | self (importance levels) |
+| hyperc | ``target_bpw`` | | | none |
+
+rtn's bpw is ``bits + 32 / group`` (f16 scale and offset per group); SmolLM2's 576-wide rows end in
+a partial group of 64 at g128, so rtn and hqq sit slightly above their nominal rate: the table
+prints every row's measured file bpw next to its nominal one.
+
+MiniLM SQNR (``--no-minilm`` skips it): the calibration-free codecs (rtn, hqq, hyperc, nwc without
+importance) encode each of all-MiniLM-L6-v2's 36 encoder linears alone; SQNR over all of them
+together. cvxq and GPTQ need calibration inputs of a causal LM and are not measured there.
+Correctness first: every compressed row's checkpoint is read back (bpw from ``thawed inspect``'s
+counting), and every perplexity must be finite over exactly the scored tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import quality  # noqa: E402  (benchmarks/quality.py: compress + evaluate one row)
+
+RTN_AT = {2.5: (2, 64), 3.25: (3, 128), 4.25: (4, 128)}
+CODECS = ("rtn", "rtn-gptq", "hqq", "cvxq", "nwc", "hyperc")
+
+
+def row_spec(codec: str, rate: float) -> tuple[str, float | None, str | None]:
+    """(codec choice, cvxq file target or None, calibration) of one table cell."""
+    if codec in ("rtn", "rtn-gptq", "hqq"):
+        if rate not in RTN_AT:
+            raise SystemExit(f"rtn-family rows exist at {sorted(RTN_AT)} bpw, not {rate}")
+        b, g = RTN_AT[rate]
+        base = f"rtn:bits={b},group_size={g}"
+        return {"rtn": (base, None, None), "rtn-gptq": (base + ",gptq=true", None, "self"),
+                "hqq": (base + ",hqq=true", None, None)}[codec]
+    if codec == "cvxq":
+        return ("cvxq", rate, "self")
+    if codec == "nwc":
+        return (f"nwc:target_bpw={rate}", None, "self")
+    if codec == "hyperc":
+        return (f"hyperc:target_bpw={rate}", None, None)
+    raise SystemExit(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
+
+
+def minilm_sqnr(codecs: list[str], rates: list[float]) -> list[dict]:
+    import torch
+
+    from thawed.codecs import EncodeContext, TensorSpec, get_codec
+    from thawed.runtime.compress.plan import parse_codec_choice
+
+    sys.path.insert(0, str(HERE))
+    from hyperc import _minilm  # the 36 encoder linears of the bundled all-MiniLM-L6-v2
+
+    lin = _minilm()
+    numel = sum(w.numel() for w in lin.values())
+    rows = []
+    for codec in codecs:
+        if codec in ("cvxq", "rtn-gptq"):
+            continue
+        for rate in rates:
+            text = row_spec(codec, rate)[0]
+            choice = parse_codec_choice(text)
+            enc_codec = choice.build()
+            sig = noise = 0.0
+            nbytes = 0
+            t0 = time.perf_counter()
+            for name, w in lin.items():
+                spec = TensorSpec(name, tuple(w.shape), w.dtype, "linear")
+                enc = enc_codec.encode(w, spec, EncodeContext(name))
+                shared = enc_codec.shared_tensors() if hasattr(enc_codec, "shared_tensors") else {}
+                out = get_codec(choice.name).decode(enc, spec, shared, torch.device("cpu"), torch.float32)
+                assert torch.isfinite(out).all(), (codec, rate, name)
+                sig += float(w.double().square().sum())
+                noise += float((w.double() - out.double()).square().sum())
+                nbytes += enc.nbytes
+            row = {"part": "minilm_sqnr", "codec": codec, "rate": rate, "spec": text, "bpw": nbytes * 8 / numel,
+                   "sqnr_db": 10 * math.log10(sig / noise), "seconds": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--rates", default="2.5,3.25,4.25")
+    ap.add_argument("--corpora", default="ptb-test,pydoc")
+    ap.add_argument("--tokens", type=int, default=20000)
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--work", default="out/rd")
+    ap.add_argument("--json-out", default="out/rd/results.jsonl")
+    ap.add_argument("--src", default=None)
+    args = ap.parse_args()
+    codecs = [c for c in args.codecs.split(",") if c]
+    rates = [float(r) for r in args.rates.split(",") if r]
+    cells = {f"{c}@{r}": (c, r) for c in codecs for r in rates}
+    for name, (c, r) in cells.items():
+        quality.ROWS[name] = row_spec(c, r)
+    command = "python benchmarks/rd_table.py " + " ".join(sys.argv[1:])
+    qargs = ["--rows", ",".join(["dense", *cells]), "--corpora", args.corpora, "--tokens", str(args.tokens),
+             "--calib-tokens", str(args.calib_tokens), "--seed", str(args.seed), "--threads", str(args.threads),
+             "--jobs", str(args.jobs), "--work", args.work, "--json-out", args.json_out]
+    if args.src:
+        qargs += ["--src", args.src]
+    print(command, flush=True)
+    sys.argv = ["benchmarks/quality.py", *qargs]
+    quality.main()  # prints the perplexity table (rows "codec@rate"), each row measured with dense
+    if not args.no_minilm:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        rows = minilm_sqnr(codecs, rates)
+        with open(args.json_out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r | {"command": command}) + "\n")
+        print("\n| codec | rate | bpw (MiniLM) | SQNR dB |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['codec']} | {r['rate']} | {r['bpw']:.3f} | {r['sqnr_db']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
