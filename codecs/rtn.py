@@ -43,6 +43,7 @@ bfloat16; 3-bit 0.45 s (3.3 ns/weight).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Mapping
@@ -183,9 +184,11 @@ class Rtn(Codec, name="rtn", version=1):
     @classmethod
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype, *, fast: bool | None = None) -> Tensor:
-        """``fast``: the Triton kernel (``kernels/rtn.py``); ``None`` picks it on CUDA when Triton
-        imports, ``False`` keeps this pure-PyTorch reference (the CPU path, interpreter or not)."""
+        """``fast``: the Triton kernel (``kernels/rtn.py``) on CUDA when Triton imports, and on the
+        CPU the numba pass (``_rtn_kernels.py``) for widths that do not divide 8; ``False`` keeps
+        this pure-PyTorch reference."""
         f = cls.checked_fields(enc, spec, device)
+        compiled_cpu = fast is None  # the numba pass below, when the payload is on the CPU
         if fast is None:
             fast = torch.device(device).type == "cuda" and dtype in _KERNEL_DTYPES and kernels_available(device)
         if fast:
@@ -195,6 +198,13 @@ class Rtn(Codec, name="rtn", version=1):
         codes, scale, offset = f["codes"], f["scale"], f["offset"]
         bits, g = enc.params["bits"], enc.params["group_size"]
         m, n = _matrix_shape(tuple(spec.shape))
+        if compiled_cpu and codes.device.type == "cpu" and 8 % bits:
+            kernel = _cpu_kernel()
+            if kernel is not None:  # codes spanning bytes: one compiled pass (_rtn_kernels.py), equal to the code below
+                out = torch.empty((m, n), dtype=torch.float32)
+                kernel.decode(codes.contiguous().numpy(), scale.to(torch.float32).contiguous().numpy(),
+                              offset.to(torch.float32).contiguous().numpy(), bits, g, out.numpy())
+                return out.to(dtype).view(spec.shape)
         q = unpack_codes(codes, bits, m * n).view(m, n)
         sc = scale.to(torch.float32)
         of = offset.to(torch.float32)
@@ -250,6 +260,17 @@ def _tables(bits: int, device: torch.device) -> tuple[Tensor, ...]:
             t = (lo.to(device), hi.to(device), (start % 8).to(torch.int16).to(device))
         _SHIFT_CACHE[key] = t
     return t
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_kernel():
+    """The compiled CPU decoder (``codecs/_rtn_kernels.py``), or None without numba (then the
+    PyTorch path below runs; rans_numba logs numba's absence once)."""
+    try:
+        from . import _rtn_kernels
+    except Exception:  # noqa: BLE001 - ImportError, or numba failing to initialise here
+        return None
+    return _rtn_kernels
 
 
 def unpack_codes(packed: Tensor, bits: int, count: int) -> Tensor:

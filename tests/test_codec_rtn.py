@@ -218,3 +218,22 @@ def test_sqnr_floor_on_minilm(minilm_linears: dict[str, torch.Tensor], bits: int
           f"{nbytes * 8 / numel:.3f} bpw")
     floor_worst, floor_all = FLOORS[(bits, hqq)]
     assert worst >= floor_worst and total >= floor_all
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("shape,group_size", [((1, 7), 1), ((17, 100), 32), ((33, 257), 100), ((5, 576), 128)],
+                         ids=str)
+def test_compiled_cpu_decode_is_bit_exact(bits: int, shape: tuple[int, int], group_size: int) -> None:
+    """The numba pass for widths whose codes span bytes (codecs/_rtn_kernels.py) equals the
+    PyTorch path bit for bit, and is the one taken by default on the CPU."""
+    from thawed.codecs import rtn as rtn_module
+
+    assert rtn_module._cpu_kernel() is not None
+    gen = torch.Generator().manual_seed(bits * 1000 + shape[1])
+    w = torch.randn(shape, generator=gen) * 0.05
+    enc, spec = _encode(w, bits=bits, group_size=group_size)
+    compiled = Rtn.decode(enc, spec, {}, CPU, torch.float32)
+    reference = Rtn.decode(enc, spec, {}, CPU, torch.float32, fast=False)
+    assert torch.equal(compiled, reference)
+    assert torch.equal(Rtn.decode(enc, spec, {}, CPU, torch.bfloat16), reference.to(torch.bfloat16))
