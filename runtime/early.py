@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -70,6 +71,13 @@ class EarlyDecode:
         self._lock = threading.Lock()
         for kind, key, fn in jobs:
             self._futures[(kind, key)] = self._pool.submit(fn)
+        # At interpreter exit, concurrent.futures joins its workers after they run every queued job:
+        # a process that exits without close() would first decode the rest of the model. Cancel
+        # what has not started instead (callbacks registered later run first).
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            ref = weakref.ref(self)
+            register(lambda: (lambda me: me is not None and me._cancel_pending())(ref()))
         self.taken = 0
         self.submitted = len(jobs)
 
@@ -140,12 +148,15 @@ class EarlyDecode:
         with self._lock:
             return len(self._futures)
 
-    def close(self) -> None:
-        """Cancel what has not started, wait for the running job, and drop every result."""
+    def _cancel_pending(self) -> None:
         with self._lock:
             futures, self._futures = list(self._futures.values()), {}
         for fut in futures:
             fut.cancel()
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for the running job, and drop every result."""
+        self._cancel_pending()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.submitted:
             log.debug("early decode: %d of %d results used", self.taken, self.submitted)
