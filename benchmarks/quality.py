@@ -32,6 +32,9 @@ ROWS = {  # name -> (codec, target bpw or None, calibration source)
     "cvxq4.25-ptb": ("cvxq", 4.25, "ptb-train"),
     "nwc4.25": ("nwc:target_bpw=4.25", None, "self"),  # alloc=global: one slope, the whole file at 4.25
     "nwc4.25-tensor": ("nwc:target_bpw=4.25,alloc=tensor", None, "self"),  # every tensor at 4.25 (the former default)
+    "nwc4.25-s0.5": ("nwc:target_bpw=4.25,spread=0.5", None, "self"),  # global, every tensor within +-0.5 bpw
+    "nwc4.25-s1": ("nwc:target_bpw=4.25,spread=1", None, "self"),
+    "nwc4.25-kl": ("nwc:target_bpw=4.25,sens=kl", None, "self"),  # global, measured per-tensor KL
     "nwc3.25": ("nwc:target_bpw=3.25", None, "self"),
     "nwc3.25-tensor": ("nwc:target_bpw=3.25,alloc=tensor", None, "self"),
     "nwc4.25-gptq": ("nwc:target_bpw=4.25,ec=true", None, "self"),

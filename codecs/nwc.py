@@ -70,6 +70,7 @@ DECODE_BLOCK_CPU, DECODE_BLOCK_GPU = 500, 1 << 17
 LEVEL_BONUS = ((0.001, 6), (0.01, 4), (0.1, 2))  # (top fraction of columns by importance, extra grid steps)
 DEFAULT_LAM = 256.0
 ALLOC_MODES = ("global", "tensor")  # target_bpw: one slope across the checkpoint, or every tensor at the target
+SENS_MODES = ("fisher", "kl")  # how alloc=global weighs a tensor's error (runtime/compress/nwc_plan.py)
 SAMPLE_COLS = 64  # columns on which rates and errors are measured at every rate index
 _MAX_DIM = 1 << 24
 
@@ -147,7 +148,8 @@ class Nwc(Codec, name="nwc", version=1):
 
     def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = False,
                  levels: bool = True, network: str = "default", steps: int = 2048, damp: float = 0.01,
-                 act_order: bool = True, alloc: str = "global") -> None:
+                 act_order: bool = True, alloc: str = "global", spread: float | None = None,
+                 sens: str = "fisher") -> None:
         if lam is not None and target_bpw is not None:
             raise CodecError("codec 'nwc': give either 'lam' or 'target_bpw', not both")
         if lam is not None and not lam > 0:
@@ -162,7 +164,12 @@ class Nwc(Codec, name="nwc", version=1):
                              "at target_bpw)")
         self.lam, self.target_bpw, self.ec, self.levels = lam, target_bpw, ec, levels
         self.network, self.steps, self.damp, self.act_order = network, steps, damp, act_order
-        self.alloc = alloc
+        if spread is not None and not 0 < spread <= 8:
+            raise CodecError(f"codec 'nwc' option 'spread' must be in (0, 8] bits per weight, got {spread!r}")
+        if sens not in SENS_MODES:
+            raise CodecError(f"codec 'nwc' option 'sens' must be one of {', '.join(SENS_MODES)}, got {sens!r} "
+                             "('fisher': squared calibration gradients; 'kl': measured KL of each tensor's noise)")
+        self.alloc, self.spread, self.sens = alloc, spread, sens
         self._net = load_network(network)
         self._used: set[int] = set()
 

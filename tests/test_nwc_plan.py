@@ -13,7 +13,7 @@ from thawed.codecs import CodecError, TensorSpec
 from thawed.codecs.errors import ThawedError
 from thawed.codecs.nwc import WEIGHTS_DIR, Nwc
 from thawed.runtime.compress.calib_data import CalibSpec
-from thawed.runtime.compress.nwc_plan import SharedCost, allocate_rates, tensor_curve
+from thawed.runtime.compress.nwc_plan import SharedCost, allocate_rates, fisher_weights, kl_weights, tensor_curve
 
 PTB = CalibSpec("ptb-train")  # fast and cache-free; tests/test_calib_data.py covers the self-generated default
 
@@ -30,11 +30,16 @@ def _spec(name: str, w: torch.Tensor) -> TensorSpec:
     return TensorSpec(name, tuple(w.shape), w.dtype, "linear")
 
 
+def _curve(codec: Nwc, w: torch.Tensor, name: str, sens: torch.Tensor | None):
+    prof = codec.rate_profile(w, _spec(name, w))
+    return tensor_curve(codec, prof, name, None, fisher_weights(prof, sens, name))
+
+
 def test_more_sensitive_tensor_gets_at_least_the_rate(tiny_net: str) -> None:
     codec = Nwc(target_bpw=4.0, network=str(tiny_net))
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1)) * 0.03
     sens = torch.rand(64, 96, generator=torch.Generator().manual_seed(2))
-    curves = [tensor_curve(codec, w, _spec(f"t{i}", w), None, sens * f) for i, f in enumerate((1.0, 30.0))]
+    curves = [_curve(codec, w, f"t{i}", sens * f) for i, f in enumerate((1.0, 30.0))]
     assert torch.all(curves[0].bits[1:] >= curves[0].bits[:-1])  # rate rises along the grid
     assert torch.all(curves[0].dist[1:] <= curves[0].dist[:-1] * (1 + 1e-9))  # distortion falls
     numel = 2 * w.numel()
@@ -56,7 +61,7 @@ def test_allocation_fills_the_budget_and_refuses_an_impossible_one(tiny_net: str
     codec = Nwc(target_bpw=4.0, network=str(tiny_net))
     g = torch.Generator().manual_seed(3)
     ws = [torch.randn(r, c, generator=g) * s for r, c, s in ((64, 96, 0.02), (33, 40, 0.1), (128, 17, 0.05))]
-    curves = [tensor_curve(codec, w, _spec(f"t{i}", w), None, torch.rand(w.shape, generator=g) * (i + 1))
+    curves = [_curve(codec, w, f"t{i}", torch.rand(w.shape, generator=g) * (i + 1))
               for i, w in enumerate(ws)]
     numel = sum(w.numel() for w in ws)
     for target in (3.0, 4.25):
@@ -83,7 +88,11 @@ def test_bad_options_fail_clearly(tiny_net: str) -> None:
     with pytest.raises(CodecError, match="planned nwc rate 99.0 is outside the grid"):
         codec.encode(w, _spec("x.weight", w), EncodeContext("x.weight", extras={"nwc_rate": 99.0}))
     with pytest.raises(ThawedError, match="sensitivity of 'x.weight' has shape"):
-        tensor_curve(codec, w, _spec("x.weight", w), None, torch.ones(8, 16))
+        _curve(codec, w, "x.weight", torch.ones(8, 16))
+    with pytest.raises(CodecError, match="'sens' must be one of fisher, kl"):
+        Nwc(target_bpw=4.0, sens="hessian", network=str(tiny_net))
+    with pytest.raises(CodecError, match="'spread' must be in"):
+        Nwc(target_bpw=4.0, spread=0.0, network=str(tiny_net))
 
 
 # ---- the whole pipeline on a tiny random Llama ------------------------------------------------------
@@ -164,3 +173,28 @@ def test_global_plan_and_cvxq_target_do_not_mix(small_dir: Path, tmp_path: Path,
     plan = Plan(parse_codec_choice("cvxq"), (("*.mlp.*", parse_codec_choice(f"nwc:target_bpw=4,network={tiny_net}")),))
     with pytest.raises(ThawedError, match="one file has one budget"):
         compress(small_dir, tmp_path / "x", plan, target_bpw=4.0, calib=PTB, progress=False)
+
+
+def test_kl_sensitivities_are_measured(small_dir: Path) -> None:
+    from thawed.runtime.compress.calibrate import tensor_kl_sensitivities
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    small = tensor_kl_sensitivities(small_dir, {name: 0.05, "model.embed_tokens.weight": 0.05}, 128, calib=PTB)
+    big = tensor_kl_sensitivities(small_dir, {name: 0.2}, 128, calib=PTB)
+    assert all(v > 0 and v == v for v in small.values())
+    assert big[name] > 4 * small[name]  # ~16x for a quadratic response: 4x the noise
+    with pytest.raises(ThawedError, match="no parameter 'nope.weight'"):
+        tensor_kl_sensitivities(small_dir, {"nope.weight": 0.1}, 128, calib=PTB)
+
+
+def test_kl_mode_hits_the_file_target(small_dir: Path, sens: dict, tmp_path: Path, tiny_net: str) -> None:
+    rep = _compress(small_dir, tmp_path / "kl", f"nwc:target_bpw=4.25,sens=kl,network={tiny_net}", sens)
+    plan = rep["settings"]["nwc_plan"]
+    assert plan["sensitivity"] == ["kl"] and plan["kl_tokens"] > 0
+    assert abs(rep["total"]["bpw"] - 4.25) <= 0.01, (rep["total"], plan)
+    from thawed.codecs.nwc import RateProfile
+
+    prof = RateProfile(2, 5, torch.ones(3), torch.ones(3), torch.ones(2), 0.0)
+    a = kl_weights(prof, 2.0, 0.01, torch.tensor([1.0, 1, 1, 1, 6]))
+    assert torch.allclose(a.sum() * 0.01, torch.tensor(2.0, dtype=torch.float64))  # uniform noise rho2 costs kl
+    assert float(a[4]) == pytest.approx(6 * float(a[0]))

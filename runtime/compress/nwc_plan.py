@@ -39,13 +39,14 @@ from torch import Tensor
 from thawed.codecs import EncodeContext, TensorSpec
 from thawed.codecs.errors import ThawedError
 
-__all__ = ["TensorCurve", "tensor_curve", "SharedCost", "allocate_rates", "plan_nwc", "NwcPlan", "STEP"]
+__all__ = ["TensorCurve", "tensor_curve", "fisher_weights", "kl_weights", "probe_noise", "SharedCost", "allocate_rates", "plan_nwc", "NwcPlan", "STEP"]
 
 log = logging.getLogger(__name__)
 
 STEP = 0.05  # grid positions between candidate rates (~0.0125 bit per weight)
 SHARED_ENTRY_BYTES = 100
-FILL_REACH = 8  # candidate steps a budget-filling move may jump  # header bytes per shared-state tensor (name, dtype, shape, offsets, checksum)
+FILL_REACH = 8
+KL_TOKENS = 512  # calibration tokens of each per-tensor KL probe (sens=kl)  # candidate steps a budget-filling move may jump  # header bytes per shared-state tensor (name, dtype, shape, offsets, checksum)
 
 
 @dataclass
@@ -60,20 +61,44 @@ class TensorCurve:
     used: list[int]  # [C]: bit k set when some column uses rate index k
 
 
-def tensor_curve(codec, weight: Tensor, spec: TensorSpec, importance: Tensor | None,
-                 sens: Tensor | None, step: float = STEP) -> TensorCurve:
-    """Candidate positions ``0, step, ..., grid - 1`` of ``codec`` (an ``Nwc``) for one tensor.
-    ``sens``: per-weight sensitivity of the tensor's shape (None: every weight counts 1)."""
-    prof = codec.rate_profile(weight, spec)
-    rows, cols = prof.rows, prof.cols
+def fisher_weights(prof, sens: Tensor | None, name: str) -> Tensor:
+    """Column weights ``a_j = sum_i F_ij s_i**2`` [cols] float64 from per-weight Fisher sensitivities
+    (None: every weight counts 1)."""
     s2 = prof.row_scale.double().square()  # [rows]
     if sens is None:
-        a = s2.sum().expand(cols).clone()
-    else:
-        if tuple(sens.shape) != (rows, cols):
-            raise ThawedError(f"calibration sensitivity of {spec.name!r} has shape {list(sens.shape)}, "
-                              f"expected {[rows, cols]}")
-        a = s2 @ sens.double()  # [cols]
+        return s2.sum().expand(prof.cols).clone()
+    if tuple(sens.shape) != (prof.rows, prof.cols):
+        raise ThawedError(f"calibration sensitivity of {name!r} has shape {list(sens.shape)}, "
+                          f"expected {[prof.rows, prof.cols]}")
+    return s2 @ sens.double()
+
+
+def kl_weights(prof, kl: float, rho2: float, importance: Tensor | None) -> Tensor:
+    """Column weights [cols] float64 from a measured KL: the tensor's output error grows with
+    ``sum_j m_j q(k_j)`` (``m_j`` = the column's input second moment, 1 without calibration), and
+    noise of normalised variance ``rho2`` on every weight cost ``kl``, so ``a_j = kl m_j / (rho2 sum m)``."""
+    m = torch.ones(prof.cols, dtype=torch.float64) if importance is None else \
+        importance.detach().to("cpu", torch.float64).reshape(-1).clamp_min(0)
+    tot = float(m.sum())
+    if tot <= 0:
+        m, tot = torch.ones(prof.cols, dtype=torch.float64), float(prof.cols)
+    return m * (max(kl, 0.0) / (rho2 * tot))
+
+
+def probe_noise(prof, target_bpw: float) -> float:
+    """Normalised error variance of the codec near ``target_bpw`` for this tensor (every column at
+    the rate index whose bits come closest): the noise a KL probe should add."""
+    bpw = (prof.bits_per_col * prof.cols + prof.side_bits) / (prof.rows * prof.cols)
+    return float(prof.mse[int(torch.argmin((bpw - target_bpw).abs()))])
+
+
+def tensor_curve(codec, prof, name: str, importance: Tensor | None, a: Tensor, step: float = STEP,
+                 spread: float | None = None) -> TensorCurve:
+    """Candidate positions ``0, step, ..., grid - 1`` of ``codec`` (an ``Nwc``) for one tensor with
+    rate profile ``prof`` (``Nwc.rate_profile``) and column weights ``a`` [cols] (``fisher_weights``,
+    ``kl_weights``). ``spread``: keep only the positions whose estimated bpw is within ``spread``
+    of the codec's ``target_bpw`` (the nearest one when none is)."""
+    rows, cols = prof.rows, prof.cols
     grid = codec.grid
     n = int(round((grid - 1) / step)) + 1
     rates = torch.linspace(0.0, grid - 1.0, n, dtype=torch.float64)
@@ -86,7 +111,14 @@ def tensor_curve(codec, weight: Tensor, spec: TensorSpec, importance: Tensor | N
         bits[i] = float(prof.bits_per_col[lv].sum()) + prof.side_bits
         dist[i] = float((a * prof.mse[lv]).sum())
         used.append(sum(1 << k for k in torch.unique(lv).tolist()))
-    return TensorCurve(spec.name, rows * cols, rates, bits, dist, used)
+    keep = torch.ones(n, dtype=torch.bool)
+    if spread is not None:  # a trust region around the target: every tensor within +-spread bpw of it
+        bpw = bits / (rows * cols)
+        keep = (bpw - codec.target_bpw).abs() <= spread
+        if not bool(keep.any()):
+            keep[int(torch.argmin((bpw - codec.target_bpw).abs()))] = True
+    sel = torch.nonzero(keep).flatten()
+    return TensorCurve(name, rows * cols, rates[sel], bits[sel], dist[sel], [used[int(i)] for i in sel])
 
 
 @dataclass(frozen=True)
@@ -248,8 +280,9 @@ class NwcPlan:
 
 
 def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: Callable, roles: dict[str, str],
-             choose: Callable, build: Callable, sensitivities: dict[str, Tensor],
-             importance: Callable[[str], Tensor | None], settings: dict, seed: int = 0) -> NwcPlan | None:
+             choose: Callable, build: Callable, sensitivities: dict[str, Tensor] | None,
+             importance: Callable[[str], Tensor | None], settings: dict, seed: int = 0, calib=None,
+             kl_tokens: int = KL_TOKENS) -> NwcPlan | None:
     """Rates for every tensor whose planned codec is an nwc encoder with ``alloc=global`` and a
     ``target_bpw``, so that the whole file hits that target (None when no tensor is planned so).
 
@@ -257,6 +290,8 @@ def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: 
     its encoder (the pipeline's, so the shared state the plan counts is the state it writes);
     ``get(name)`` reads a source tensor; ``importance(name)`` gives the calibration importance the
     encoder will see (None for none); ``settings`` is the record the checkpoint will carry.
+    ``sensitivities``: Fisher per weight (for ``sens=fisher``); ``sens=kl`` measures a KL per tensor
+    on ``kl_tokens`` tokens of ``calib`` (``calibrate.tensor_kl_sensitivities``).
     """
     from thawed.codecs.nwc import Nwc
 
@@ -271,6 +306,7 @@ def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: 
     numel_all = 0
     entries: list = []
     specs: dict[str, TensorSpec] = {}
+    profiles: dict = {}
     for name in names:
         shape, dtype = shape_dtype(name)
         role = roles.get(name, "other")
@@ -281,10 +317,7 @@ def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: 
         spec = specs[name] = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
         if isinstance(codec, Nwc) and codec.plans_globally:
             targets.add(float(codec.target_bpw))
-            sens = sensitivities.get(name)
-            if sens is None:
-                log.warning("no calibration sensitivity for %s; its columns count by row scale alone", name)
-            curves.append(tensor_curve(codec, get(name), spec, importance(name), sens))
+            profiles[name] = codec.rate_profile(get(name), spec)
             planned[name] = codec
             continue
         if choice.name == "raw":
@@ -299,9 +332,29 @@ def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: 
     if len(targets) > 1:
         raise ThawedError(f"nwc tensors planned globally ask for different target_bpw values {sorted(targets)}; "
                           "one file has one target: give them the same target_bpw, or alloc=tensor")
-    if not curves:
+    if not planned:
         return None
     target = targets.pop()
+    kl: dict[str, float] = {}
+    noise = {n: probe_noise(profiles[n], target) for n, c in planned.items() if c.sens == "kl"}
+    if noise:
+        from .calibrate import tensor_kl_sensitivities
+
+        t1 = time.perf_counter()
+        kl = tensor_kl_sensitivities(src, {n: math.sqrt(v) for n, v in noise.items()}, kl_tokens, seed=seed,
+                                     calib=calib)
+        kl_seconds = round(time.perf_counter() - t1, 1)
+    for name, codec in planned.items():
+        prof, imp = profiles[name], importance(name)
+        if codec.sens == "kl":
+            a = kl_weights(prof, kl[name], noise[name], imp)
+        else:
+            sens = (sensitivities or {}).get(name)
+            if sens is None:
+                log.warning("no calibration sensitivity for %s; its columns count by row scale alone", name)
+            a = fisher_weights(prof, sens, name)
+        curves.append(tensor_curve(codec, prof, name, imp, a, spread=codec.spread))
+    del profiles
     typical = [int(torch.argmin((c.bits / c.numel - target).abs())) for c in curves]
     for c, i in zip(curves, typical):  # header: field shapes at a typical rate give the digit widths
         rows, cols = specs[c.name].shape
@@ -335,6 +388,9 @@ def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: 
         predicted_file_bpw=round((plan.predicted_bits + fixed + header_bits) / numel_all, 5),
         predicted_nwc_bpw=round(nwc_bits / numel_nwc, 5), tensors=len(curves),
         rate_min=round(float(vals.min()), 4), rate_max=round(float(vals.max()), 4),
-        rate_mean=round(float(vals.mean()), 4), plan_seconds=round(time.perf_counter() - t0, 1))
+        rate_mean=round(float(vals.mean()), 4), plan_seconds=round(time.perf_counter() - t0, 1),
+        sensitivity=sorted({c.sens for c in planned.values()}))
+    if kl:
+        plan.record.update(kl_tokens=kl_tokens, kl_seconds=kl_seconds)
     log.info("nwc plan: %s", plan.record)
     return plan

@@ -138,7 +138,8 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
         if nwc_global:
             from .nwc_plan import plan_nwc  # planning only: the runtime never imports it
 
-            if sensitivities is None:
+            fisher = any(getattr(c, "plans_globally", False) and c.sens == "fisher" for c in encoders.values())
+            if sensitivities is None and fisher:
                 from .calibrate import weight_sensitivities
 
                 cal = weight_sensitivities(src, calib_tokens, seed=seed, calib=calib)
@@ -156,7 +157,7 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                 return None if gram is None else torch.diagonal(gram).clone()
 
             nplan = plan_nwc(src, names, source.shape_dtype, source.get, roles, plan.choose, build, sensitivities,
-                             importance, settings, seed=seed)
+                             importance, settings, seed=seed, calib=calib)
             if nplan is not None:
                 settings["nwc_plan"] = nplan.record
         with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer, \
