@@ -303,6 +303,7 @@ class Nwc(Codec, name="nwc", version=1):
             sym = self._encode_ec(w, scale, lv, gram.to(torch.float32), spec.name)
         else:
             sym, _ = self._quant(wn_t, lv)
+            lv, sym = self._unsaturate(wn_t, lv, sym, spec.name)
         tid = (lv[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(cols, p // CHUNK, CHUNK).reshape(-1)
         stream = rans.encode(sym.reshape(-1), self._net.tables.view(-1, ALPHABET), self._net.precision_bits,
                              table_of=tid, steps=self.steps)
@@ -313,6 +314,27 @@ class Nwc(Codec, name="nwc", version=1):
                   "precision_bits": self._net.precision_bits, "grid": self._net.grid, "dec_hidden": self._net.dec_hidden,
                   "rate": round(r, 4)}
         return Encoded(fields, params)
+
+    def _unsaturate(self, wn_t: Tensor, lv: Tensor, sym: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        """Columns whose latents hit the ends of the symbol range at their rate index (outlier
+        weights, |w| ~ 10x the row RMS, times a high index's gain) are clipped, and the error grows
+        20-100x instead of shrinking: such a column's index is lowered until nothing saturates
+        (SmolLM2's down_proj outlier columns at the top indices; found by the global allocation)."""
+        top = ALPHABET - 1
+        bad = ((sym == 0) | (sym == top)).any(1) & (lv > 0)
+        if not bool(bad.any()):
+            return lv, sym
+        lv, sym = lv.clone(), sym.clone()
+        lowered = 0
+        while bool(bad.any()):
+            idx = torch.nonzero(bad).flatten()
+            lv[idx] -= 1
+            s, _ = self._quant(wn_t[idx], lv[idx])
+            sym[idx] = s
+            bad[idx] = ((s == 0) | (s == top)).any(1) & (lv[idx] > 0)
+            lowered += len(idx)
+        log.debug("tensor %s: %d column rate steps lowered to avoid saturated latents", name, lowered)
+        return lv, sym
 
     def _encode_ec(self, w: Tensor, scale: Tensor, lv: Tensor, gram: Tensor, name: str) -> Tensor:
         """GPTQ error feedback through the shared stage (``codecs/gptq.py``); symbols [cols, P] uint8."""

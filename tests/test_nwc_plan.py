@@ -198,3 +198,20 @@ def test_kl_mode_hits_the_file_target(small_dir: Path, sens: dict, tmp_path: Pat
     a = kl_weights(prof, 2.0, 0.01, torch.tensor([1.0, 1, 1, 1, 6]))
     assert torch.allclose(a.sum() * 0.01, torch.tensor(2.0, dtype=torch.float64))  # uniform noise rho2 costs kl
     assert float(a[4]) == pytest.approx(6 * float(a[0]))
+
+
+def test_outlier_columns_are_not_clipped_at_high_rates(tiny_net: str) -> None:
+    """A column of weights 10x its rows' RMS saturates the symbol range at the top rate indices;
+    the encoder lowers that column's index instead of clipping it (found on SmolLM2's down_proj)."""
+    from thawed.codecs import EncodeContext
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 48, generator=g) * 0.02
+    w[:, 5] = torch.randn(64, generator=g).sign() * 0.2  # |w| = 10x the RMS of the other columns
+    codec = Nwc(target_bpw=4.0, network=tiny_net)
+    spec = _spec("o.weight", w)
+    enc = codec.encode(w, spec, EncodeContext("o.weight", extras={"nwc_rate": 19.0}))
+    out = Nwc.decode(enc, spec, codec.shared_tensors(), torch.device("cpu"), torch.float32)
+    assert int(enc.fields["levels"][5]) < 19 and int(enc.fields["levels"][0]) == 19
+    rel = (out[:, 5] - w[:, 5]).square().mean() / w[:, 5].square().mean()
+    assert float(rel) < 1e-3, float(rel)  # clipped at index 19 it was 3.5e-3
