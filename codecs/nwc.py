@@ -219,7 +219,9 @@ class Nwc(Codec, name="nwc", version=1):
 
     def _measure(self, wn_t: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         """Coded bits per column [grid] and mean squared error per weight of the row-normalised
-        weights [grid], at every rate index, on up to ``SAMPLE_COLS`` evenly spaced columns."""
+        weights [grid], at every rate index, on up to ``SAMPLE_COLS`` evenly spaced columns; a
+        column whose latents saturate at an index counts as the encoder stores it (``_unsaturate``:
+        at the highest index below that does not)."""
         cols, p = wn_t.shape
         g = self._net.grid
         idx = torch.linspace(0, cols - 1, min(cols, SAMPLE_COLS)).round().long()
@@ -227,12 +229,20 @@ class Nwc(Codec, name="nwc", version=1):
         flat = self._net.tables.view(-1, ALPHABET)
         per_k = torch.empty(g, dtype=torch.float64)
         mse = torch.empty(g, dtype=torch.float64)
+        good_bits = torch.zeros(len(idx), dtype=torch.float64)
+        good_err = torch.zeros(len(idx), dtype=torch.float64)
         for k in range(g):
             kk = torch.full((len(idx),), k)
             sym, rec = self._quant(sample, kk)
             tid = (kk[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(len(idx), p // CHUNK, CHUNK)
-            per_k[k] = rans.code_lengths(sym.reshape(-1), tid.reshape(-1), flat, self._net.precision_bits).sum() / len(idx)
-            mse[k] = (rec[:, :rows] - sample[:, :rows]).double().square().mean()
+            bits = rans.code_lengths(sym.reshape(-1), tid.reshape(-1), flat, self._net.precision_bits)
+            bits = bits.reshape(len(idx), -1).double().sum(1)
+            err = (rec[:, :rows] - sample[:, :rows]).double().square().mean(1)
+            ok = ~((sym == 0) | (sym == ALPHABET - 1)).any(1) | (k == 0)
+            good_bits = torch.where(ok, bits, good_bits)
+            good_err = torch.where(ok, err, good_err)
+            per_k[k] = good_bits.mean()
+            mse[k] = good_err.mean()
         return per_k, mse
 
     def _side_bits(self, rows: int, cols: int) -> float:
