@@ -6,7 +6,9 @@ F16), each input column is cut into chunks of 16 consecutive rows (rows zero-pad
 of 16), and every chunk goes through the trained network (``nwc_net``): encoder MLP -> 16 latents
 -> rounding -> symbols, coded with interleaved rANS (``rans``, one table per symbol) under the learned factorised
 prior's integer tables. Each input column ``j`` has a rate index ``levels[j]`` on the network's
-lambda grid (``lambda_k = 2**(3 + k/2)``): the base rate from ``lam`` / ``target_bpw``, raised for
+lambda grid (``lambda_k = 2**(3 + k/2)``): the base rate from ``lam`` / ``target_bpw`` (with
+``alloc=global``, the default, chosen for the whole checkpoint by ``runtime/compress/nwc_plan.py``
+and handed in as ``ctx.extras["nwc_rate"]``; ``alloc=tensor`` bisects each tensor alone), raised for
 the most important columns by calibration importance (top 0.1 % / 1 % / 10 %: +6 / +4 / +2 grid
 steps, i.e. +1.5 / +1 / +0.5 bit).
 
