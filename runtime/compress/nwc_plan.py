@@ -192,7 +192,11 @@ class _Stack:
             if best[1] < 0:
                 return idx
             idx[best[1]] += best[2]
-            used = self.total(idx)
+            b = self.total(idx)
+            if b > budget_bits:  # cannot happen while the shared cost is as modelled; never overshoot
+                idx[best[1]] -= best[2]
+                return idx
+            used = b
 
 
 def allocate_rates(curves: list[TensorCurve], budget_bits: float, shared: SharedCost = SharedCost(),
