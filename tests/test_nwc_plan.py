@@ -215,3 +215,20 @@ def test_outlier_columns_are_not_clipped_at_high_rates(tiny_net: str) -> None:
     assert int(enc.fields["levels"][5]) < 19 and int(enc.fields["levels"][0]) == 19
     rel = (out[:, 5] - w[:, 5]).square().mean() / w[:, 5].square().mean()
     assert float(rel) < 1e-3, float(rel)  # clipped at index 19 it was 3.5e-3
+
+
+def test_plan_finishes_when_written_tensors_overrun(tiny_net: str) -> None:
+    from thawed.runtime.compress.nwc_plan import NwcPlan
+
+    codec = Nwc(target_bpw=4.0, network=tiny_net)
+    g = torch.Generator().manual_seed(9)
+    ws = [torch.randn(64, 48, generator=g) * 0.02 for _ in range(3)]
+    curves = [_curve(codec, w, f"t{i}", None) for i, w in enumerate(ws)]
+    numel = sum(w.numel() for w in ws)
+    plan = NwcPlan(curves, 4.0 * numel, SharedCost(), {})
+    first = plan.rate("t0")
+    plan.encoded("t0", 3.9 * numel, [8])  # far more than planned: the rest cannot fit any more
+    assert plan.rate("t1") == plan.rate("t2") == 0.0  # their lowest rates, no exception mid-file
+    assert 0.0 < first < 19.0
+    with pytest.raises(ThawedError, match="raise target_bpw"):
+        NwcPlan(curves, 0.1 * numel, SharedCost(), {})

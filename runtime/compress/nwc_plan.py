@@ -263,7 +263,16 @@ class NwcPlan:
         if not pending:
             return
         shared = SharedCost(self._shared.fixed, self._shared.per_index, self._done_mask)
-        idx, lam, bits = allocate_rates(pending, self._budget - self._done_bits, shared, iters=60)
+        try:
+            idx, lam, bits = allocate_rates(pending, self._budget - self._done_bits, shared, iters=60)
+        except ThawedError as exc:
+            if not self._done:  # before anything is written: the target is impossible, say so
+                raise
+            # the tensors written so far came out larger than estimated: finish at the lowest rates
+            log.warning("nwc plan: %s after %d tensors; the rest get their lowest rate and the file ends "
+                        "above the target", exc, len(self._done))
+            idx = [int(torch.argmin(c.bits)) for c in pending]
+            lam, bits = math.inf, sum(float(c.bits[i]) for c, i in zip(pending, idx))
         for c, i in zip(pending, idx):
             self._rates[c.name] = float(c.rates[i])
         self.log2_lambda, self.predicted_bits = lam, bits + self._done_bits
