@@ -30,7 +30,13 @@ ROWS = {  # name -> (codec, target bpw or None, calibration source)
     "rtn4-gptq-ptb": ("rtn:bits=4,group_size=128,gptq=true", None, "ptb-train"),
     "cvxq4.25-self": ("cvxq", 4.25, "self"),
     "cvxq4.25-ptb": ("cvxq", 4.25, "ptb-train"),
-    "nwc4.25": ("nwc:target_bpw=4.25", None, "self"),
+    "nwc4.25": ("nwc:target_bpw=4.25", None, "self"),  # alloc=global: one slope, the whole file at 4.25
+    "nwc4.25-tensor": ("nwc:target_bpw=4.25,alloc=tensor", None, "self"),  # every tensor at 4.25 (the former default)
+    "nwc4.25-s0.5": ("nwc:target_bpw=4.25,spread=0.5", None, "self"),  # global, every tensor within +-0.5 bpw
+    "nwc4.25-s1": ("nwc:target_bpw=4.25,spread=1", None, "self"),
+    "nwc4.25-kl": ("nwc:target_bpw=4.25,sens=kl", None, "self"),  # global, measured per-tensor KL
+    "nwc3.25": ("nwc:target_bpw=3.25", None, "self"),
+    "nwc3.25-tensor": ("nwc:target_bpw=3.25,alloc=tensor", None, "self"),
     "nwc4.25-gptq": ("nwc:target_bpw=4.25,ec=true", None, "self"),
     "nwc4.25-ec-inorder": ("nwc:target_bpw=4.25,ec=true,act_order=false", None, "self"),
 }

@@ -6,7 +6,9 @@ F16), each input column is cut into chunks of 16 consecutive rows (rows zero-pad
 of 16), and every chunk goes through the trained network (``nwc_net``): encoder MLP -> 16 latents
 -> rounding -> symbols, coded with interleaved rANS (``rans``, one table per symbol) under the learned factorised
 prior's integer tables. Each input column ``j`` has a rate index ``levels[j]`` on the network's
-lambda grid (``lambda_k = 2**(3 + k/2)``): the base rate from ``lam`` / ``target_bpw``, raised for
+lambda grid (``lambda_k = 2**(3 + k/2)``): the base rate from ``lam`` / ``target_bpw`` (with
+``alloc=global``, the default, chosen for the whole checkpoint by ``runtime/compress/nwc_plan.py``
+and handed in as ``ctx.extras["nwc_rate"]``; ``alloc=tensor`` bisects each tensor alone), raised for
 the most important columns by calibration importance (top 0.1 % / 1 % / 10 %: +6 / +4 / +2 grid
 steps, i.e. +1.5 / +1 / +0.5 bit).
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -58,7 +61,7 @@ from .errors import CodecError, CorruptPayloadError
 from .kernels import kernels_available
 from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, rate_index
 
-__all__ = ["Nwc", "load_network", "NetworkFile", "column_levels"]
+__all__ = ["Nwc", "load_network", "NetworkFile", "column_levels", "RateProfile"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,9 @@ WEIGHTS_DIR = Path(__file__).parent / "nwc_weights"
 DECODE_BLOCK_CPU, DECODE_BLOCK_GPU = 500, 1 << 17
 LEVEL_BONUS = ((0.001, 6), (0.01, 4), (0.1, 2))  # (top fraction of columns by importance, extra grid steps)
 DEFAULT_LAM = 256.0
+ALLOC_MODES = ("global", "tensor")  # target_bpw: one slope across the checkpoint, or every tensor at the target
+SENS_MODES = ("fisher", "kl")  # how alloc=global weighs a tensor's error (runtime/compress/nwc_plan.py)
+SAMPLE_COLS = 64  # columns on which rates and errors are measured at every rate index
 _MAX_DIM = 1 << 24
 
 
@@ -125,6 +131,18 @@ def column_levels(r: float, cols: int, importance: Tensor | None, grid: int, lev
     return out.clamp_(0, grid - 1)
 
 
+@dataclass(frozen=True)
+class RateProfile:
+    """One tensor's measured rate and error at every rate index (``Nwc.rate_profile``)."""
+
+    rows: int
+    cols: int
+    bits_per_col: Tensor  # [grid] float64: coded bits of one column at each rate index (sampled mean)
+    mse: Tensor  # [grid] float64: mean squared error per weight of the row-normalised weights
+    row_scale: Tensor  # [rows] float32: the stored (F16) row scales
+    side_bits: float  # row scales, levels, rANS lane heads
+
+
 class Nwc(Codec, name="nwc", version=1):
     """Learned transform + entropy-coded latents; the decoder network and tables live in the file."""
 
@@ -132,7 +150,8 @@ class Nwc(Codec, name="nwc", version=1):
 
     def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = False,
                  levels: bool = True, network: str = "default", steps: int = 2048, damp: float = 0.01,
-                 act_order: bool = True) -> None:
+                 act_order: bool = True, alloc: str = "global", spread: float | None = None,
+                 sens: str = "fisher") -> None:
         if lam is not None and target_bpw is not None:
             raise CodecError("codec 'nwc': give either 'lam' or 'target_bpw', not both")
         if lam is not None and not lam > 0:
@@ -141,10 +160,31 @@ class Nwc(Codec, name="nwc", version=1):
             raise CodecError(f"codec 'nwc' option 'target_bpw' must be in [1, 8], got {target_bpw!r}")
         if not 1 <= steps <= 1 << 20:
             raise CodecError(f"codec 'nwc' option 'steps' must be in [1, 2**20], got {steps!r}")
+        if alloc not in ALLOC_MODES:
+            raise CodecError(f"codec 'nwc' option 'alloc' must be one of {', '.join(ALLOC_MODES)}, got {alloc!r} "
+                             "('global': one rate-distortion slope across the checkpoint; 'tensor': every tensor "
+                             "at target_bpw)")
         self.lam, self.target_bpw, self.ec, self.levels = lam, target_bpw, ec, levels
         self.network, self.steps, self.damp, self.act_order = network, steps, damp, act_order
+        if spread is not None and not 0 < spread <= 8:
+            raise CodecError(f"codec 'nwc' option 'spread' must be in (0, 8] bits per weight, got {spread!r}")
+        if sens not in SENS_MODES:
+            raise CodecError(f"codec 'nwc' option 'sens' must be one of {', '.join(SENS_MODES)}, got {sens!r} "
+                             "('fisher': squared calibration gradients; 'kl': measured KL of each tensor's noise)")
+        self.alloc, self.spread, self.sens = alloc, spread, sens
         self._net = load_network(network)
         self._used: set[int] = set()
+
+    @property
+    def plans_globally(self) -> bool:
+        """True when the compression pipeline should choose every tensor's rate
+        (``runtime/compress/nwc_plan.py``) rather than this encoder bisecting each tensor alone."""
+        return self.target_bpw is not None and self.alloc == "global"
+
+    @property
+    def grid(self) -> int:
+        """Number of rate indices of the network's lambda grid."""
+        return self._net.grid
 
     @property
     def needs_input_grams(self) -> bool:
@@ -162,21 +202,76 @@ class Nwc(Codec, name="nwc", version=1):
             rec = decode_chunks(self._net.decoder, sym, kk)
         return sym.to(torch.uint8).view(c, p), rec.view(c, p)
 
-    def _rate_for(self, wn_t: Tensor, importance: Tensor | None, rows: int, target: float, lanes_bits: float) -> float:
+    def _normalise(self, weight: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        """Checked weight -> (row scales [rows] f16, row-normalised columns [cols, P] f32, rows zero-padded)."""
+        if weight.dim() != 2:
+            raise CodecError(f"tensor {name!r}: nwc encodes 2-D weights, got {list(weight.shape)}; "
+                             "store it with 'raw' or 'rtn'")
+        rows, cols = weight.shape
+        if not (0 < rows <= _MAX_DIM and 0 < cols <= _MAX_DIM):
+            raise CodecError(f"tensor {name!r}: nwc needs 1..{_MAX_DIM} rows and columns, got {rows}x{cols}")
+        w = weight.detach().to("cpu", torch.float32)
+        if not torch.isfinite(w).all():
+            raise CodecError(f"tensor {name!r} has NaN/Inf values; nwc cannot store them, use 'lossless' or 'raw'")
+        scale16 = w.square().mean(1).sqrt().clamp(6.2e-5, 6.0e4).to(torch.float16)
+        p = -(-rows // CHUNK) * CHUNK
+        wn_t = torch.zeros(cols, p)
+        wn_t[:, :rows] = (w / scale16.float()[:, None]).t()
+        return scale16, wn_t
+
+    def _measure(self, wn_t: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """Coded bits per column [grid] and mean squared error per weight of the row-normalised
+        weights [grid], at every rate index, on up to ``SAMPLE_COLS`` evenly spaced columns; a
+        column whose latents saturate at an index counts as the encoder stores it (``_unsaturate``:
+        at the highest index below that does not)."""
+        cols, p = wn_t.shape
+        g = self._net.grid
+        idx = torch.linspace(0, cols - 1, min(cols, SAMPLE_COLS)).round().long()
+        sample = wn_t[idx]
+        flat = self._net.tables.view(-1, ALPHABET)
+        per_k = torch.empty(g, dtype=torch.float64)
+        mse = torch.empty(g, dtype=torch.float64)
+        good_bits = torch.zeros(len(idx), dtype=torch.float64)
+        good_err = torch.zeros(len(idx), dtype=torch.float64)
+        for k in range(g):
+            kk = torch.full((len(idx),), k)
+            sym, rec = self._quant(sample, kk)
+            tid = (kk[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(len(idx), p // CHUNK, CHUNK)
+            bits = rans.code_lengths(sym.reshape(-1), tid.reshape(-1), flat, self._net.precision_bits)
+            bits = bits.reshape(len(idx), -1).double().sum(1)
+            err = (rec[:, :rows] - sample[:, :rows]).double().square().mean(1)
+            ok = ~((sym == 0) | (sym == ALPHABET - 1)).any(1) | (k == 0)
+            good_bits = torch.where(ok, bits, good_bits)
+            good_err = torch.where(ok, err, good_err)
+            per_k[k] = good_bits.mean()
+            mse[k] = good_err.mean()
+        return per_k, mse
+
+    def _side_bits(self, rows: int, cols: int) -> float:
+        """Row scales, levels and the rANS lane heads (estimated lanes) in bits."""
+        p = -(-rows // CHUNK) * CHUNK
+        return rows * 16 + cols * 8 + max(1, -(-(cols * p) // self.steps)) * 64
+
+    def rate_profile(self, weight: Tensor, spec: TensorSpec) -> "RateProfile":
+        """What a planner needs to trade this tensor's bits against its error: bits per column and
+        normalised error per weight at every rate index (measured on sampled columns, as
+        ``target_bpw`` measures them), the row scales and the side bits. Offline only."""
+        scale16, wn_t = self._normalise(weight, spec.name)
+        rows, cols = weight.shape
+        per_k, mse = self._measure(wn_t, rows)
+        return RateProfile(rows, cols, per_k, mse, scale16.float(), self._side_bits(rows, cols))
+
+    def levels_at(self, r: float, cols: int, importance: Tensor | None) -> Tensor:
+        """The per-column rate indices [cols] int64 that grid position ``r`` gives (``encode``'s)."""
+        return column_levels(r, cols, importance, self._net.grid, self.levels)
+
+    def _rate_for(self, wn_t: Tensor, importance: Tensor | None, rows: int, target: float) -> float:
         """Grid position whose estimated bpw (side info included) hits ``target``: bits per column
         at every rate index measured on up to 64 sampled columns, then bisection on the position."""
         cols, p = wn_t.shape
         g = self._net.grid
-        idx = torch.linspace(0, cols - 1, min(cols, 64)).round().long()
-        sample = wn_t[idx]
-        flat = self._net.tables.view(-1, ALPHABET)
-        per_k = torch.empty(g)
-        for k in range(g):
-            kk = torch.full((len(idx),), k)
-            sym, _ = self._quant(sample, kk)
-            tid = (kk[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(len(idx), p // CHUNK, CHUNK)
-            per_k[k] = rans.code_lengths(sym.reshape(-1), tid.reshape(-1), flat, self._net.precision_bits).sum() / len(idx)
-        side = rows * 16 + cols * 8 + lanes_bits
+        per_k, _ = self._measure(wn_t, rows)
+        side = self._side_bits(rows, cols)
 
         def bpw(r: float) -> float:
             lv = column_levels(r, cols, importance, g, self.levels)
@@ -191,27 +286,27 @@ class Nwc(Codec, name="nwc", version=1):
         return lo
 
     def encode(self, weight: Tensor, spec: TensorSpec, ctx: EncodeContext) -> Encoded:
-        if weight.dim() != 2 or tuple(weight.shape) != tuple(spec.shape):
+        if tuple(weight.shape) != tuple(spec.shape):
             raise CodecError(f"tensor {spec.name!r}: nwc encodes 2-D weights matching the spec, got "
                              f"{list(weight.shape)} (spec {list(spec.shape)}); store it with 'raw' or 'rtn'")
+        scale16, wn_t = self._normalise(weight, spec.name)
         rows, cols = weight.shape
-        if not (0 < rows <= _MAX_DIM and 0 < cols <= _MAX_DIM):
-            raise CodecError(f"tensor {spec.name!r}: nwc needs 1..{_MAX_DIM} rows and columns, got {rows}x{cols}")
         w = weight.detach().to("cpu", torch.float32)
-        if not torch.isfinite(w).all():
-            raise CodecError(f"tensor {spec.name!r} has NaN/Inf values; nwc cannot store them, use 'lossless' or 'raw'")
-        scale16 = w.square().mean(1).sqrt().clamp(6.2e-5, 6.0e4).to(torch.float16)
         scale = scale16.float()
-        p = -(-rows // CHUNK) * CHUNK
+        p = wn_t.shape[1]
         imp = ctx.importance.detach().to("cpu", torch.float32).reshape(-1) if ctx.importance is not None else None
         if imp is not None and imp.numel() != cols:
             raise CodecError(f"tensor {spec.name!r}: importance has {imp.numel()} entries for {cols} input columns")
-        wn_t = torch.zeros(cols, p)
-        wn_t[:, :rows] = (w / scale[:, None]).t()
-        n = cols * p
-        lanes_est = max(1, -(-n // self.steps))
-        if self.target_bpw is not None:
-            r = self._rate_for(wn_t, imp, rows, self.target_bpw, lanes_est * 64)
+        planned = ctx.extras.get("nwc_rate")
+        if planned is not None:  # the whole-checkpoint plan (runtime/compress/nwc_plan.py) chose it
+            r = float(planned)
+            if not 0.0 <= r <= self._net.grid - 1:
+                raise CodecError(f"tensor {spec.name!r}: planned nwc rate {r} is outside the grid [0, {self._net.grid - 1}]")
+        elif self.target_bpw is not None:
+            if self.alloc == "global":
+                log.debug("tensor %s: no whole-checkpoint nwc plan (encoded outside the compression pipeline); "
+                          "its rate is bisected to target_bpw on its own", spec.name)
+            r = self._rate_for(wn_t, imp, rows, self.target_bpw)
         else:
             r = rate_index(self.lam if self.lam is not None else DEFAULT_LAM)
         lv = column_levels(r, cols, imp, self._net.grid, self.levels)
@@ -220,6 +315,7 @@ class Nwc(Codec, name="nwc", version=1):
             sym = self._encode_ec(w, scale, lv, gram.to(torch.float32), spec.name)
         else:
             sym, _ = self._quant(wn_t, lv)
+            lv, sym = self._unsaturate(wn_t, lv, sym, spec.name)
         tid = (lv[:, None, None] * CHUNK + torch.arange(CHUNK)).expand(cols, p // CHUNK, CHUNK).reshape(-1)
         stream = rans.encode(sym.reshape(-1), self._net.tables.view(-1, ALPHABET), self._net.precision_bits,
                              table_of=tid, steps=self.steps)
@@ -230,6 +326,27 @@ class Nwc(Codec, name="nwc", version=1):
                   "precision_bits": self._net.precision_bits, "grid": self._net.grid, "dec_hidden": self._net.dec_hidden,
                   "rate": round(r, 4)}
         return Encoded(fields, params)
+
+    def _unsaturate(self, wn_t: Tensor, lv: Tensor, sym: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        """Columns whose latents hit the ends of the symbol range at their rate index (outlier
+        weights, |w| ~ 10x the row RMS, times a high index's gain) are clipped, and the error grows
+        20-100x instead of shrinking: such a column's index is lowered until nothing saturates
+        (SmolLM2's down_proj outlier columns at the top indices; found by the global allocation)."""
+        top = ALPHABET - 1
+        bad = ((sym == 0) | (sym == top)).any(1) & (lv > 0)
+        if not bool(bad.any()):
+            return lv, sym
+        lv, sym = lv.clone(), sym.clone()
+        lowered = 0
+        while bool(bad.any()):
+            idx = torch.nonzero(bad).flatten()
+            lv[idx] -= 1
+            s, _ = self._quant(wn_t[idx], lv[idx])
+            sym[idx] = s
+            bad[idx] = ((s == 0) | (s == top)).any(1) & (lv[idx] > 0)
+            lowered += len(idx)
+        log.debug("tensor %s: %d column rate steps lowered to avoid saturated latents", name, lowered)
+        return lv, sym
 
     def _encode_ec(self, w: Tensor, scale: Tensor, lv: Tensor, gram: Tensor, name: str) -> Tensor:
         """GPTQ error feedback through the shared stage (``codecs/gptq.py``); symbols [cols, P] uint8."""

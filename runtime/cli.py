@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override by tensor-name glob, repeatable, later wins: '*.v_proj.weight=rtn:bits=6'")
     p.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
                    help="cvxq: calibrate and allocate per-group bit depths so the linear layers and the whole "
-                        "file hit BPW bits/weight (side information included)")
+                        "file hit BPW bits/weight (side information included); nwc: same as --codec "
+                        "nwc:target_bpw=BPW, one rate-distortion slope across tensors so the whole file hits BPW "
+                        "(alloc=tensor: every tensor at BPW instead)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
                    help="nwc: rate-distortion trade-off (larger = more bits); same as --codec nwc:lam=L")
     p.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
@@ -171,7 +173,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         logging.getLogger("thawed.runtime.compress.pipeline").setLevel(logging.INFO)
 
     codec_text, target_bpw = args.codec, args.target_bpw
-    if codec_text.partition(":")[0].strip() == "nwc":  # nwc plans its own rate per tensor
+    if codec_text.partition(":")[0].strip() == "nwc":  # nwc plans its own rates (runtime/compress/nwc_plan.py)
         extra = ([f"lam={args.lam}"] if args.lam is not None else []) + \
                 ([f"target_bpw={target_bpw}"] if target_bpw is not None else [])
         if extra:

@@ -81,7 +81,10 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
     (name -> per-weight squared gradients, from ``runtime/compress/calibrate.py``) and ``input_means`` (linear
     weight name -> calibration E[x], for cvxq's bias correction) reuse a calibration. ``calib``: the
     calibration text (``runtime/compress/calib_data.CalibSpec``; default: text the model generates itself,
-    seeded with ``seed``), produced once and shared by every calibrated stage."""
+    seeded with ``seed``), produced once and shared by every calibrated stage. An nwc encoder with
+    ``target_bpw`` and ``alloc=global`` has its tensors' rates planned together first
+    (``runtime/compress/nwc_plan.py``: Fisher sensitivities, one Lagrange multiplier, the whole
+    file at the target); ``sensitivities`` reuses a calibration there too."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     check_output_path(out)  # before any work: new or empty, no leftover of an interrupted run
@@ -103,7 +106,11 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
         for choice in {plan.default, *(c for _, c in plan.overrides)}:
             encoders.setdefault(choice, choice.build())
         needs_grams = any(getattr(c, "needs_input_grams", False) for c in encoders.values())
-        needs_calib = needs_grams or (target_bpw is not None and (sensitivities is None or input_means is None))
+        nwc_global = any(getattr(c, "plans_globally", False) for c in encoders.values())
+        if nwc_global and target_bpw is not None:
+            raise ThawedError("--target-bpw plans cvxq depths and nwc:target_bpw (alloc=global) plans nwc rates; "
+                              "one file has one budget: use one of them, or give nwc alloc=tensor")
+        needs_calib = needs_grams or nwc_global or (target_bpw is not None and (sensitivities is None or input_means is None))
         if needs_calib:
             from .calib_data import CalibData, CalibSpec, resolve_calibration  # offline only
 
@@ -127,6 +134,32 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
 
             grams = input_grams(src, tokens=calib_tokens, calib=calib)
             settings["input_stats"] = {"tokens": calib.tokens, "source": calib.record.get("source")}
+        nplan = None
+        if nwc_global:
+            from .nwc_plan import plan_nwc  # planning only: the runtime never imports it
+
+            fisher = any(getattr(c, "plans_globally", False) and c.sens == "fisher" for c in encoders.values())
+            if sensitivities is None and fisher:
+                from .calibrate import weight_sensitivities
+
+                cal = weight_sensitivities(src, calib_tokens, seed=seed, calib=calib)
+                sensitivities = cal.sens
+                settings["nwc_sensitivities"] = {"tokens": cal.tokens, "windows": cal.windows,
+                                                 "seconds": round(cal.seconds, 1)}
+
+            def build(choice: CodecChoice) -> Codec:
+                return encoders.get(choice) or encoders.setdefault(choice, choice.build())
+
+            def importance(name: str):
+                shape, dtype = source.shape_dtype(name)
+                codec = build(plan.choose(name, roles.get(name, "other"), dtype, len(shape)))
+                gram = grams.get(name) if getattr(codec, "needs_input_grams", False) else None
+                return None if gram is None else torch.diagonal(gram).clone()
+
+            nplan = plan_nwc(src, names, source.shape_dtype, source.get, roles, plan.choose, build, sensitivities,
+                             importance, settings, seed=seed, calib=calib)
+            if nplan is not None:
+                settings["nwc_plan"] = nplan.record
         with CheckpointWriter(out, source=str(src), settings=settings, source_dir=src) as writer, \
                 _Heartbeat(len(names), enabled=not progress) as beat:
             for i, name in enumerate(tqdm(names, desc="compress", unit="tensor", disable=not progress)):
@@ -142,6 +175,8 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                 spec = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
                 try:
                     extras = {"cvxq_depth": depths[name]} if name in depths else {}
+                    if nplan is not None and name in nplan:
+                        extras["nwc_rate"] = nplan.rate(name)
                     if role in ("embedding", "lm_head") and getattr(codec, "wants_token_freq", False):
                         if token_freq is None:  # once per model, only when such a codec is planned
                             from .token_freq import token_frequencies
@@ -158,6 +193,8 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
                         importance=None if gram is None else torch.diagonal(gram).clone()))
                 except ThawedError as exc:
                     raise ThawedError(f"tensor {name!r} ({choice}): {exc}") from exc
+                if "nwc_rate" in extras:  # the plan re-allocates the rest with this tensor's real size
+                    nplan.encoded(name, 8 * enc.nbytes, torch.unique(enc.fields["levels"]).tolist())
                 enc = mark_nonfinite(codec.name, weight, enc)  # a lossless copy of NaN/Inf says so
                 writer.add(spec, codec.name, codec.version, enc)
                 counts[codec.name] = counts.get(codec.name, 0) + 1
