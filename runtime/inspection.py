@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint
 from .direct import direct_unsupported_reason
 from .direct_gpu import KERNEL_CODECS
 
-__all__ = ["inspect_checkpoint", "format_inspect"]
+__all__ = ["inspect_checkpoint", "format_inspect", "healed_summary"]
 
 
 def _bpw(nbytes: int, numel: int) -> float:
@@ -88,6 +88,9 @@ def format_inspect(report: dict[str, Any], show_tensors: bool = True) -> str:
             lines.append(f"{r['name']:<{w}}  {r['codec']:<9} {r['role']:<9} {shape:<14} {r['bytes']:>11,} {r['bpw']:>7.3f}"
                          f"  {r['mode']:<10}  {r['mode_cuda']}")
         lines.append("")
+    healed = healed_summary(report.get("settings"))
+    if healed:
+        lines.append(healed)
     lin, tot = report["linear"], report["total"]
     lines.append(f"linear layers: {lin['weights']:,} weights, {lin['bytes']:,} bytes, {lin['bpw']:.3f} bits/weight")
     lines.append(
@@ -101,3 +104,25 @@ def _vs_bf16(ratio: float) -> str:
     if ratio >= 1 or ratio <= 0:
         return f"{ratio:.2f}x smaller than bf16"
     return f"{1 / ratio:.2f}x larger than bf16 (the source is wider than bf16)"
+
+
+def healed_summary(settings: dict | None) -> str | None:
+    """One line for ``thawed inspect``: how the checkpoint was healed, or None."""
+    h = (settings or {}).get("healing")
+    if not isinstance(h, dict):
+        return None
+    parts = [f"stages {'+'.join(h.get('stages', []))}"]
+    if "block_steps" in h:
+        parts.append(f"{h['block_steps']} block steps ({h.get('block_steps_per_layer', '?')}/layer)")
+    if "e2e_steps" in h:
+        parts.append(f"{h['e2e_steps']} end-to-end steps")
+    if "tokens" in h:
+        parts.append(f"{h['tokens']:,} tokens trained on ({h.get('calib_tokens', '?'):,} calibration tokens)"
+                     if isinstance(h.get("calib_tokens"), int) else f"{h['tokens']:,} tokens")
+    if "seconds" in h:
+        parts.append(f"{h['seconds']:.0f} s")
+    if "lr" in h:
+        parts.append(f"lr {h['lr']:g}/{h.get('lr_e2e', h['lr']):g}")
+    if h.get("kl_before") is not None and h.get("kl_after") is not None:
+        parts.append(f"calibration KL {h['kl_before']:.4g} -> {h['kl_after']:.4g}")
+    return "healed: " + ", ".join(parts)
