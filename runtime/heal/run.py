@@ -184,8 +184,8 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                                  Limits(config.block_steps, None, until), progress, clock, stop.event.is_set,
                                  optim_state, saver, config.log_every, on_step) if params else None
                 if res is not None:
-                    progress.block_steps += res.steps
-                    progress.block_tokens += res.steps * batches.tokens_per_batch
+                    progress.block_steps += progress.step  # the unit's steps, over every session
+                    progress.block_tokens += progress.step * batches.tokens_per_batch
                     progress.history.append(_unit_record(f"layer {u}", progress, res))
                 block.advance()
             elif u == n_layers and "e2e" in config.stages:
@@ -198,8 +198,8 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                 res = train_unit("end-to-end", tc.named_parameters(), e2e_loss, batches.tokens_per_batch,
                                  config.lr_e2e, Limits(config.steps, config.tokens, budget), progress, clock,
                                  stop.event.is_set, optim_state, saver, config.log_every, on_step)
-                progress.e2e_steps += res.steps
-                progress.e2e_tokens += res.steps * batches.tokens_per_batch
+                progress.e2e_steps += progress.step
+                progress.e2e_tokens += progress.step * batches.tokens_per_batch
                 progress.history.append(_unit_record("end-to-end", progress, res))
             progress.unit += 1
             progress.step = 0
