@@ -200,6 +200,24 @@ class Codec:
         return ()
 
     @classmethod
+    def ste_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """Discrete fields a codec lets healing update with a straight-through estimator: ``decode_train``
+        also accepts them as float code values (``ste_values``), rounds them in the forward pass and
+        passes the gradient through unchanged; ``ste_pack`` stores them back. ``()`` = none."""
+        return ()
+
+    @classmethod
+    def ste_values(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec,
+                   params: Mapping[str, Any]) -> Tensor:
+        """The STE field ``name`` as float32 code values (what ``decode_train`` accepts in its place)."""
+        raise NotImplementedError(f"codec {cls.name!r} has no straight-through field {name!r}")
+
+    @classmethod
+    def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
+        """Float code values -> the stored field (rounded and clamped to the codes' range)."""
+        raise NotImplementedError(f"codec {cls.name!r} has no straight-through field {name!r}")
+
+    @classmethod
     def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
                      shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
         """The decoded tensor as a differentiable function of ``trainable_fields``.

@@ -478,10 +478,32 @@ class See(Codec, name="see", version=1):
         return out
 
     @classmethod
+    def ste_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """``rows``: the per-token core codes (``core_bits`` each), trained straight-through when asked."""
+        return ("core",) if params.get("mode") == "rows" else ()
+
+    @classmethod
+    def ste_values(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec,
+                   params: Mapping[str, Any]) -> Tensor:
+        if name != "core" or params.get("mode") != "rows":
+            return super().ste_values(name, fields, spec, params)
+        r, half = params["rank"], 1 << (params["core_bits"] - 1)
+        return unpack_rows(fields["core"], params["core_bits"], r * r).to(torch.float32).sub_(half)  # [V, R*R]
+
+    @classmethod
+    def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
+        if name != "core" or params.get("mode") != "rows":
+            return super().ste_pack(name, values, spec, params)
+        half = 1 << (params["core_bits"] - 1)
+        codes = values.detach().round().clamp(-half, half - 1).add(half).to(torch.uint8)
+        return pack_rows(codes, params["core_bits"])
+
+    @classmethod
     def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
                      shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
         """The SEE formula with every trainable field a float tensor; unit ids, core codes and residual
-        codes are read once (``memo``)."""
+        codes are read once (``memo``). ``core`` may also be given as float code values
+        (``ste_values``): then it is rounded in the forward pass and trained straight-through."""
         dt = train_dtype(fields, cls.trainable_fields(spec, params))
         memo = {} if memo is None else memo
 
@@ -496,11 +518,17 @@ class See(Codec, name="see", version=1):
         if params["mode"] == "rows":
             v, d = spec.shape
             r, p, q = params["rank"], params["p"], params["q"]
-            if "core" not in memo:
-                half = 1 << (params["core_bits"] - 1)
-                memo["core"] = unpack_rows(fields["core"], params["core_bits"], r * r).to(torch.float32).sub_(half)
+            if "a" not in memo:
                 memo["a"], memo["b"] = fields["unit_a"].long(), fields["unit_b"].long()
-            g = (memo["core"].to(dt) * fields["core_scale"][:, None]).view(v, r, r)
+            half = 1 << (params["core_bits"] - 1)
+            if fields["core"].is_floating_point():  # straight-through: round forward, identity backward
+                c = fields["core"]
+                core = c + (c.round().clamp(-half, half - 1) - c).detach()
+            else:
+                if "core" not in memo:
+                    memo["core"] = cls.ste_values("core", fields, spec, params)
+                core = memo["core"].to(dt)
+            g = (core * fields["core_scale"][:, None]).view(v, r, r)
             x = torch.bmm(A[memo["a"]].transpose(1, 2), torch.bmm(g, B[memo["b"]]))  # [V, p, q]
             w = x.reshape(v, p * q)[:, :d] + fields["mean"]
             rows, width = v, d

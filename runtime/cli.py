@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="block,e2e", help="block, e2e or both (default block,e2e)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of stage (a) (default 1e-4)")
     p.add_argument("--lr-e2e", type=float, default=2e-5, help="Adam learning rate of stage (b) (default 2e-5)")
+    p.add_argument("--ste", action="store_true", help="also train the codes a codec allows straight-through "
+                   "(SEE's per-token core codes; rounded in the forward pass)")
+    p.add_argument("--lr-codes", type=float, default=0.05, help="Adam learning rate of straight-through code values, "
+                   "in code steps (default 0.05)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--calib-tokens", type=int, default=4096, metavar="N", help="calibration tokens (default 4096)")
@@ -222,7 +226,8 @@ def _cmd_heal(args: argparse.Namespace) -> int:
     calib = CalibSpec.from_args(args.calib, args.calib_text, seed=args.seed)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     config = HealConfig(minutes=args.minutes or None, block_steps=args.block_steps, steps=args.steps, tokens=args.tokens,
-                        block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e, batch=args.batch,
+                        block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e, ste=args.ste,
+                        lr_codes=args.lr_codes, batch=args.batch,
                         seq_len=args.seq_len, calib_tokens=args.calib_tokens, seed=args.seed, stages=stages)
     try:
         res = heal(args.ckpt, args.out, config, source=args.source, calib=calib, resume=args.resume)

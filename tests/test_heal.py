@@ -5,6 +5,7 @@ mixed checkpoint heals, and bad input fails with one clear line."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -150,7 +151,8 @@ def test_every_codec_of_a_mixed_checkpoint_heals(tmp_path):
               "*.v_proj.weight=lossless",
               "model.embed_tokens.weight=see:rank=2,units=8,core_bits=4",
               "lm_head.weight=see:mode=matrix,rank=2,residual_bits=2,residual_group=16")
-    res = heal(ck, tmp_path / "healed", CFG, calib=TEXT)
+    res = heal(ck, tmp_path / "healed", dataclasses.replace(CFG, ste=True), calib=TEXT)  # SEE cores straight-through
+    assert res.record["ste"] is True
     teacher = load_teacher(src)
     ids = _held_out(teacher.config.vocab_size)
     assert _kl(teacher, tmp_path / "healed", ids) < _kl(teacher, ck, ids)
@@ -169,6 +171,8 @@ def test_every_codec_of_a_mixed_checkpoint_heals(tmp_path):
             assert ea.nbytes == b.index[name].nbytes
             if ea.codec == "lossless":  # frozen: bit-exact by design
                 assert all(torch.equal(a.encoded(name).fields[k], b.encoded(name).fields[k]) for k in ea.fields)
+            if ea.codec == "see" and ea.params["mode"] == "rows":  # codes moved, packed in the same bytes
+                assert not torch.equal(a.encoded(name).fields["core"], b.encoded(name).fields["core"])
 
 
 def test_cli_heal_and_clean_errors(rtn2, tmp_path, capsys):

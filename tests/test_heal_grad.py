@@ -88,3 +88,24 @@ def test_decode_train_refuses_stored_dtype_fields():
     enc = cls(bits=3, group_size=4).encode(torch.randn(4, 8), spec, EncodeContext("t.weight"))
     with pytest.raises(CodecError, match="float32 or float64"):
         cls.decode_train(dict(enc.fields), spec, enc.params, {}, {})  # scale/offset still f16
+
+
+def test_see_core_codes_train_straight_through_and_pack_back():
+    """SEE's per-token core codes: as float code values decode_train rounds them (equal to decode at the
+    stored codes), passes the gradient through, and ste_pack stores them back bit for bit."""
+    cls = get_codec("see")
+    spec = TensorSpec("e.weight", (30, 11), torch.float32, "embedding")
+    w = torch.randn(30, 11, generator=torch.Generator().manual_seed(5))
+    enc = cls(rank=2, units=3, core_bits=4, residual_bits=0).encode(w, spec, EncodeContext("e.weight", "embedding"))
+    assert cls.ste_fields(spec, enc.params) == ("core",)
+    names = cls.trainable_fields(spec, enc.params)
+    codes = cls.ste_values("core", enc.fields, spec, enc.params)
+    assert torch.equal(cls.ste_pack("core", codes + 0.3, spec, enc.params), enc.fields["core"])  # rounds back
+    c = codes.clone().requires_grad_(True)
+    fields = {k: (v.float() if k in names else v) for k, v in enc.fields.items()} | {"core": c}
+    out = cls.decode_train(fields, spec, enc.params, {}, {})
+    torch.testing.assert_close(out, cls.decode(enc, spec, {}, CPU, torch.float32), rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert c.grad is not None and float(c.grad.abs().sum()) > 0
+    big = torch.full_like(codes, 100.0)  # clamped to the code range on packing
+    assert int(cls.ste_values("core", {"core": cls.ste_pack("core", big, spec, enc.params)}, spec, enc.params).max()) == 7

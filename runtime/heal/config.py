@@ -31,6 +31,8 @@ class HealConfig:
     block_share: float = 0.5
     lr: float = 1e-4  # stage (a), Adam
     lr_e2e: float = 2e-5  # stage (b), Adam
+    ste: bool = False  # also train the codes a codec allows straight-through (SEE's per-token cores)
+    lr_codes: float = 0.05  # Adam learning rate of straight-through code values (in code steps)
     batch: int = 2  # sequences per step
     seq_len: int = 256
     calib_tokens: int = 4096
@@ -50,8 +52,9 @@ class HealConfig:
             raise ThawedError("healing needs a budget: give --minutes, or --block-steps and --steps/--tokens")
         if not 0 <= self.block_share <= 1:
             raise ThawedError(f"--block-share must be in [0, 1], got {self.block_share}")
-        if not (self.lr > 0 and self.lr_e2e > 0):
-            raise ThawedError(f"learning rates must be > 0, got --lr {self.lr} --lr-e2e {self.lr_e2e}")
+        if not (self.lr > 0 and self.lr_e2e > 0 and self.lr_codes > 0):
+            raise ThawedError(f"learning rates must be > 0, got --lr {self.lr} --lr-e2e {self.lr_e2e} "
+                              f"--lr-codes {self.lr_codes}")
         if self.batch < 1 or self.seq_len < 2:
             raise ThawedError(f"--batch must be >= 1 and --seq-len >= 2, got {self.batch} and {self.seq_len}")
         if self.calib_tokens < self.seq_len:

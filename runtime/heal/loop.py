@@ -46,16 +46,20 @@ def _reached(lim: Limits, step: int, tokens: int, seconds: float) -> str | None:
     return None
 
 
-def train_unit(label: str, params: list[tuple[str, nn.Parameter]], loss_at: Callable[[int], Tensor],
-               tokens_per_step: int, lr: float, lim: Limits, progress: Progress, clock: Callable[[], float],
+def train_unit(label: str, params: list[tuple[str, nn.Parameter, float]], loss_at: Callable[[int], Tensor],
+               tokens_per_step: int, lim: Limits, progress: Progress, clock: Callable[[], float],
                should_stop: Callable[[], bool], optim_state: dict[str, Tensor] | None,
                on_stop: Callable[[torch.optim.Adam, list[str]], None], log_every: float,
                on_step: Callable[[Progress], None] | None = None) -> UnitResult:
-    """Steps from ``progress.step`` on; ``progress`` is updated after every step (step, seconds)."""
+    """Steps from ``progress.step`` on; ``progress`` is updated after every step (step, seconds).
+    ``params``: (name, parameter, learning rate); one Adam group per learning rate."""
     from .state import restore_optimizer
 
-    names = [n for n, _ in params]
-    opt = torch.optim.Adam([p for _, p in params], lr=lr, foreach=False)
+    lrs = list(dict.fromkeys(r for _, _, r in params))
+    groups = [[(n, p) for n, p, r in params if r == want] for want in lrs]
+    names = [n for g in groups for n, _ in g]
+    opt = torch.optim.Adam([{"params": [p for _, p in g], "lr": want} for g, want in zip(groups, lrs)],
+                           foreach=False)
     if optim_state:
         restore_optimizer(opt, names, optim_state)
     first = last = None

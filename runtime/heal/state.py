@@ -78,7 +78,7 @@ def load_state(folder: Path) -> tuple[Progress, dict[str, Tensor], dict[str, Ten
 def optimizer_tensors(opt: torch.optim.Adam, names: list[str]) -> dict[str, Tensor]:
     """Adam's moments and step count by parameter name (the order of ``names`` is the parameters')."""
     out: dict[str, Tensor] = {}
-    params = opt.param_groups[0]["params"]
+    params = [p for g in opt.param_groups for p in g["params"]]
     for name, p in zip(names, params):
         st = opt.state.get(p)
         if st:
@@ -89,7 +89,7 @@ def optimizer_tensors(opt: torch.optim.Adam, names: list[str]) -> dict[str, Tens
 
 
 def restore_optimizer(opt: torch.optim.Adam, names: list[str], saved: dict[str, Tensor]) -> None:
-    params = opt.param_groups[0]["params"]
+    params = [p for g in opt.param_groups for p in g["params"]]
     for name, p in zip(names, params):
         if f"{name}/exp_avg" in saved:
             opt.state[p] = {"step": saved[f"{name}/step"].reshape(()).clone(),
