@@ -39,6 +39,12 @@ ROWS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
     "cvxq-2.5": ("cvxq", (), 2.5),
     "nwc-3.25": ("nwc:target_bpw=3.25", (), None),
 }
+# per-row healing settings over the command line's: SEE rows also train their core codes straight-through,
+# and give stage (a) (which can only train the norms there: every linear is lossless) a small share
+ROW_HEAL: dict[str, dict] = {
+    "see-emb-r8": dict(ste=True, block_share=0.25, lr_e2e=1e-3, lr_codes=0.1),
+    "see-emb-r10": dict(ste=True, block_share=0.25, lr_e2e=1e-3, lr_codes=0.1),
+}
 CORPORA = ("ptb-test", "pydoc")
 
 
@@ -119,8 +125,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--minutes", type=float, default=15.0, help="healing budget per row")
     ap.add_argument("--block-share", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--lr-e2e", type=float, default=2e-5)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr-e2e", type=float, default=1e-4)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--json-out", default=None)
@@ -165,12 +171,15 @@ def main() -> None:
         row["sizes"].pop("tensor_bytes")
         for c in CORPORA:
             row[f"{c}_before"] = _ppl(ck, ids[c], c, args.tokens)[0]
-        healed_dir = work / f"{label}-healed-{args.minutes:g}m"
+        opts = dict(minutes=args.minutes, block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e,
+                    calib_tokens=args.calib_tokens) | ROW_HEAL.get(label, {})
+        healed_dir = work / (f"{label}-healed-" + "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
+                                                          for k, v in sorted(opts.items())))
         result = None
         if not (healed_dir / "model.thawed.safetensors").is_file():
             shutil.rmtree(healed_dir, ignore_errors=True)
-            cfg = HealConfig(minutes=args.minutes, block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e,
-                             calib_tokens=args.calib_tokens)
+            cfg = HealConfig(**opts)
+            print(f"  {label}: healing with {opts}", flush=True)
             result = heal(ck, healed_dir, cfg)
         print(f"  {label}: correctness: {check_healed(ck, healed_dir, result)}", flush=True)
         from thawed.runtime.checkpoint import Checkpoint
@@ -179,7 +188,8 @@ def main() -> None:
             rec = h.metadata["settings"]["healing"]
         row["healing"] = {k: rec.get(k) for k in ("block_steps", "block_steps_per_layer", "e2e_steps", "tokens",
                                                    "block_tokens", "e2e_tokens", "seconds", "seconds_per_e2e_step",
-                                                   "kl_before", "kl_after", "calib_tokens", "lr", "lr_e2e")}
+                                                   "kl_before", "kl_after", "calib_tokens", "lr", "lr_e2e", "ste",
+                                                   "lr_codes", "minutes")}
         for c in CORPORA:
             row[f"{c}_after"] = _ppl(healed_dir, ids[c], c, args.tokens)[0]
         out["rows"][label] = row

@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, metavar="N", help="tokens the end-to-end stage trains on")
     p.add_argument("--block-share", type=float, default=0.5, help="share of --minutes for stage (a) (default 0.5)")
     p.add_argument("--stages", default="block,e2e", help="block, e2e or both (default block,e2e)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of stage (a) (default 1e-4)")
-    p.add_argument("--lr-e2e", type=float, default=2e-5, help="Adam learning rate of stage (b) (default 2e-5)")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of stage (a) (default 5e-4)")
+    p.add_argument("--lr-e2e", type=float, default=1e-4, help="Adam learning rate of stage (b) (default 1e-4)")
     p.add_argument("--ste", action="store_true", help="also train the codes a codec allows straight-through "
                    "(SEE's per-token core codes; rounded in the forward pass)")
     p.add_argument("--lr-codes", type=float, default=0.05, help="Adam learning rate of straight-through code values, "
