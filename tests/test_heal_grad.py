@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thawed.codecs import EncodeContext, Encoded, TensorSpec, get_codec
+from thawed.codecs import EncodeContext, TensorSpec, get_codec
 
 CPU = torch.device("cpu")
 

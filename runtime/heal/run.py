@@ -196,8 +196,9 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                     return kl_dense_student(dense, run_model(student, tc.weights(), ids))
 
                 params = _with_lr(tc, tc.named_parameters(), config.lr_e2e, config.lr_codes)
-                res = train_unit("end-to-end", params, e2e_loss, batches.tokens_per_batch, Limits(config.steps, config.tokens, budget), progress, clock,
-                                 stop.event.is_set, optim_state, saver, config.log_every, on_step)
+                res = train_unit("end-to-end", params, e2e_loss, batches.tokens_per_batch,
+                                 Limits(config.steps, config.tokens, budget), progress, clock, stop.event.is_set,
+                                 optim_state, saver, config.log_every, on_step)
                 progress.e2e_steps += progress.step
                 progress.e2e_tokens += progress.step * batches.tokens_per_batch
                 progress.history.append(_unit_record("end-to-end", progress, res))
@@ -209,7 +210,9 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
             "block_steps_per_layer": round(per_layer, 2), "e2e_steps": progress.e2e_steps,
             "tokens": progress.block_tokens + progress.e2e_tokens, "block_tokens": progress.block_tokens,
             "e2e_tokens": progress.e2e_tokens, "seconds": round(progress.seconds, 1),
-            "seconds_per_e2e_step": round(_e2e_seconds(progress) / progress.e2e_steps, 3) if progress.e2e_steps else None,
+            "seconds_per_e2e_step": round(_unit_seconds(progress, True) / progress.e2e_steps, 3) if progress.e2e_steps else None,
+            "seconds_per_block_step": (round(_unit_seconds(progress, False) / progress.block_steps, 3)
+                                       if progress.block_steps else None),
             "lr": config.lr, "lr_e2e": config.lr_e2e, "ste": config.ste, "lr_codes": config.lr_codes if config.ste else None,
             "batch": config.batch, "seq_len": config.seq_len,
             "seed": config.seed, "minutes": config.minutes, "kl_before": meta.get("kl_before"),
@@ -227,6 +230,6 @@ def _unit_record(name: str, progress: Progress, res) -> dict:
             "last_loss": None if res.last_loss is None else round(res.last_loss, 6), "stop": res.reason}
 
 
-def _e2e_seconds(progress: Progress) -> float:
-    e2e = [h for h in progress.history if h["unit"] == "end-to-end"]
-    return float(e2e[-1]["seconds"]) if e2e else 0.0
+def _unit_seconds(progress: Progress, e2e: bool) -> float:
+    """Seconds spent in the end-to-end unit, or in all layer units (their steps and their inputs)."""
+    return float(sum(h["seconds"] for h in progress.history if (h["unit"] == "end-to-end") == e2e))
