@@ -107,22 +107,27 @@ def _vs_bf16(ratio: float) -> str:
 
 
 def healed_summary(settings: dict | None) -> str | None:
-    """One line for ``thawed inspect``: how the checkpoint was healed, or None."""
+    """One line for ``thawed inspect``: how the checkpoint was healed (``thawed heal``), or None."""
     h = (settings or {}).get("healing")
     if not isinstance(h, dict):
         return None
-    parts = [f"stages {'+'.join(h.get('stages', []))}"]
-    if "block_steps" in h:
-        parts.append(f"{h['block_steps']} block steps ({h.get('block_steps_per_layer', '?')}/layer)")
-    if "e2e_steps" in h:
-        parts.append(f"{h['e2e_steps']} end-to-end steps")
-    if "tokens" in h:
-        parts.append(f"{h['tokens']:,} tokens trained on ({h.get('calib_tokens', '?'):,} calibration tokens)"
-                     if isinstance(h.get("calib_tokens"), int) else f"{h['tokens']:,} tokens")
-    if "seconds" in h:
+
+    def per_step(key: str) -> str:
+        v = h.get(key)
+        return f", {v:g} s/step" if isinstance(v, (int, float)) else ""
+
+    parts = [f"stages {'+'.join(h.get('stages', []))}",
+             f"{h.get('block_steps', 0)} block steps ({h.get('block_steps_per_layer', 0):g}/layer"
+             f"{per_step('seconds_per_block_step')})",
+             f"{h.get('e2e_steps', 0)} end-to-end steps{per_step('seconds_per_e2e_step').replace(', ', ' (', 1)}"
+             + (")" if per_step("seconds_per_e2e_step") else "")]
+    if isinstance(h.get("block_tokens"), int) and isinstance(h.get("e2e_tokens"), int):
+        parts.append(f"tokens {h['block_tokens']:,} per-layer + {h['e2e_tokens']:,} end-to-end"
+                     + (f" from {h['calib_tokens']:,} calibration tokens" if isinstance(h.get("calib_tokens"), int) else ""))
+    if isinstance(h.get("seconds"), (int, float)):
         parts.append(f"{h['seconds']:.0f} s")
     if "lr" in h:
-        parts.append(f"lr {h['lr']:g}/{h.get('lr_e2e', h['lr']):g}")
+        parts.append(f"lr {h['lr']:g}/{h.get('lr_e2e', h['lr']):g}" + (" +STE codes" if h.get("ste") else ""))
     if h.get("kl_before") is not None and h.get("kl_after") is not None:
         parts.append(f"calibration KL {h['kl_before']:.4g} -> {h['kl_after']:.4g}")
     return "healed: " + ", ".join(parts)

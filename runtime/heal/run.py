@@ -143,7 +143,7 @@ def heal(ckpt_path: str | Path, out: str | Path, config: HealConfig = HealConfig
         record = _train(teacher, student, tc, batches, config, progress, optim_state, sdir, meta, on_step)
         record |= {"calibration": calib_record, "calib_tokens": len(ids), "resumed": meta["resumed"]}
         tc.round_to_stored()
-        record["kl_after"] = round(_kl(teacher, student, tc, batches), 6) if "e2e" in config.stages else None
+        record["kl_after"] = round(_kl(teacher, student, tc, batches), 6)
         path = write_healed(tc, out, record)
         log.info("heal: wrote %s (%s)", out, {k: record[k] for k in ("block_steps", "e2e_steps", "tokens", "seconds")})
     shutil.rmtree(sdir, ignore_errors=True)
@@ -160,7 +160,7 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
     def clock() -> float:
         return base + time.monotonic() - t0
 
-    if "e2e" in config.stages and meta.get("kl_before") is None:
+    if meta.get("kl_before") is None:
         meta["kl_before"] = round(_kl(teacher, student, tc, batches), 6)
         log.info("heal: KL(dense || compressed) on the calibration text before healing: %.4g nats/token",
                  meta["kl_before"])
