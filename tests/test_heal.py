@@ -98,13 +98,13 @@ def test_inspect_says_healed(healed, rtn2, capsys):
     assert "healed" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("direct", ["auto", "off"])
-def test_healed_checkpoint_reloads_to_the_same_logits(tiny_llama_dir, healed, direct):
+def test_healed_checkpoint_reloads_to_the_same_logits(tiny_llama_dir, healed):
     teacher = load_teacher(tiny_llama_dir)
     ids = _held_out(teacher.config.vocab_size)
     with torch.no_grad():
         mine = run_model(teacher, healed.fields.weights(), ids)  # in memory, fields at their stored dtypes
-    loaded = load_for_inference(healed.path.parent, RuntimeConfig(device="cpu", direct=direct))
+    # direct=off: the exact decode path (the CPU int4 kernel of direct mode runs in bf16; g16 never takes it)
+    loaded = load_for_inference(healed.path.parent, RuntimeConfig(device="cpu", direct="off"))
     try:
         with torch.no_grad():
             got = loaded.model(input_ids=ids, use_cache=False).logits
