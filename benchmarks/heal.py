@@ -97,7 +97,7 @@ def check_healed(before: Path, after: Path, result) -> str:
     the row was healed by an earlier run)."""
     from thawed.runtime.checkpoint import Checkpoint
     from thawed.runtime.heal.fields import TrainableCheckpoint
-    from thawed.runtime.heal.student import load_teacher, run_model
+    from thawed.runtime.heal.student import load_teacher, make_student, run_model
     from thawed.runtime.loading import load_for_inference
     from thawed.runtime.model import RuntimeConfig
 
@@ -108,10 +108,10 @@ def check_healed(before: Path, after: Path, result) -> str:
             assert (ea.codec, ea.params, ea.fields, ea.nbytes) == (eb.codec, eb.params, eb.fields, eb.nbytes), name
         src = Path(a.metadata["source"])
         ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
-        teacher = load_teacher(src)
+        student = make_student(load_teacher(src), b)  # with cvxq's output-bias corrections
         fields = result.fields if result is not None else TrainableCheckpoint(b)
         with torch.no_grad():
-            mine = run_model(teacher, fields.weights(), ids)
+            mine = run_model(student, fields.weights(), ids)
     loaded = load_for_inference(after, RuntimeConfig(device="cpu", direct="off"))
     try:
         with torch.no_grad():

@@ -192,3 +192,31 @@ def test_cli_heal_and_clean_errors(rtn2, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_cvxq_output_bias_is_part_of_the_student(tiny_llama_dir, tmp_path):
+    """cvxq's stored bias correction (from --target-bpw calibration) is added by the runtime; the student
+    carries it too, so the healed checkpoint reloads to the student's logits."""
+    from thawed.runtime.heal.student import make_student
+
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    ck = tmp_path / "cvxq"
+    assert main(["compress", str(tiny_llama_dir), str(ck), "--codec", "cvxq:group_rows=16", "--target-bpw", "3",
+                 "--calib-text", str(text), "--calib-tokens", "512", "--no-progress"]) == 0
+    with Checkpoint.open(ck) as c:
+        assert any(e.codec == "cvxq" and e.params.get("bias") for e in c.index.values())
+    cfg = dataclasses.replace(CFG, block_steps=3, steps=3)
+    res = heal(ck, tmp_path / "healed", cfg, calib=TEXT)
+    teacher = load_teacher(tiny_llama_dir)
+    ids = _held_out(teacher.config.vocab_size)
+    with Checkpoint.open(tmp_path / "healed") as c:
+        student = make_student(teacher, c)
+    with torch.no_grad():
+        mine = run_model(student, res.fields.weights(), ids)
+    loaded = load_for_inference(tmp_path / "healed", RuntimeConfig(device="cpu", direct="off"))
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(input_ids=ids, use_cache=False).logits, mine, rtol=1e-5, atol=1e-5)
+    finally:
+        loaded.close()
