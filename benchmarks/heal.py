@@ -206,7 +206,7 @@ def main() -> None:
     print("| row | emb bpw (x < bf16) | linear bpw | " + " | ".join(
         f"{c} before (x dense) | {c} healed (x dense)" for c in CORPORA) + " | heal s | block steps | e2e steps "
           "| s/e2e step | tokens | calib KL |")
-    print("|---" * (7 + 2 * len(CORPORA)) + "|")
+    print("|---" * (9 + 2 * len(CORPORA)) + "|")
     if dense:
         print("| dense fp32 | 32 | 32 | " + " | ".join(f"{dense[c]:.2f} | -" for c in CORPORA) + " | | | | | | |")
     for label, r in out["rows"].items():
