@@ -191,6 +191,55 @@ class Codec:
     ) -> Tensor:
         raise NotImplementedError
 
+    # ---- healing: the decode as a differentiable function of the continuous fields -----------
+    @classmethod
+    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The payload's continuous fields that healing (``runtime/compress/heal``) may fine-tune: scales,
+        offsets, factors, raw norms. The other fields (bit-packed codes, indices, entropy-coded
+        streams) stay fixed: no codec updates them (no straight-through estimator). ``()`` = none."""
+        return ()
+
+    @classmethod
+    def ste_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """Discrete fields a codec lets healing update with a straight-through estimator: ``decode_train``
+        also accepts them as float code values (``ste_values``), rounds them in the forward pass and
+        passes the gradient through unchanged; ``ste_pack`` stores them back. ``()`` = none."""
+        return ()
+
+    @classmethod
+    def ste_values(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec,
+                   params: Mapping[str, Any]) -> Tensor:
+        """The STE field ``name`` as float32 code values (what ``decode_train`` accepts in its place)."""
+        raise NotImplementedError(f"codec {cls.name!r} has no straight-through field {name!r}")
+
+    @classmethod
+    def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
+        """Float code values -> the stored field (rounded and clamped to the codes' range)."""
+        raise NotImplementedError(f"codec {cls.name!r} has no straight-through field {name!r}")
+
+    @classmethod
+    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
+        """The decoded tensor as a differentiable function of ``trainable_fields``.
+
+        ``fields``: every field of the payload on one device, the trainable ones as float32 or
+        float64 tensors (they may require grad; they need not be representable in the stored
+        dtype), the others as stored. Returns the tensor in the trainable fields' dtype (float32
+        when there are none). At the stored values it equals ``decode`` (tested per codec).
+        ``memo``: a dict the caller keeps per tensor across calls, where the codec may keep what
+        depends only on the fixed fields (unpacked codes), so a training step does not unpack
+        them again. Codecs without trainable fields decode once and return a constant."""
+        if cls.trainable_fields(spec, params):
+            raise NotImplementedError(f"codec {cls.name!r} declares trainable fields but no decode_train")
+        key = "__decoded__"
+        if memo is not None and key in memo:
+            return memo[key]
+        dev = next(iter(fields.values())).device if fields else torch.device("cpu")
+        out = cls.decode(Encoded(dict(fields), dict(params)), spec, shared, dev, torch.float32)
+        if memo is not None:
+            memo[key] = out
+        return out
+
     @classmethod
     def has_output_bias(cls, params: Mapping[str, Any]) -> bool:
         """Whether a payload with these params carries an output correction (``decode_output_bias``);
@@ -333,3 +382,24 @@ def check_nonfinite_flag(codec: str, tensor: str, params: Mapping[str, Any]) -> 
     if "nonfinite" in params and params["nonfinite"] is not True:
         raise CodecError(f"tensor {tensor!r}: codec {codec!r} param 'nonfinite' must be true when present, "
                          f"got {params['nonfinite']!r}")
+
+
+def train_dtype(fields: Mapping[str, Tensor], names: tuple[str, ...]) -> torch.dtype:
+    """The float dtype ``decode_train`` computes in: that of the trainable fields (float32 or float64)."""
+    dtypes = {fields[k].dtype for k in names}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.float64):
+        raise CodecError(f"decode_train needs the trainable fields {', '.join(names)} as one float32 or float64 "
+                         f"dtype, got {sorted(map(str, dtypes))}; convert them with .float()")
+    return next(iter(dtypes))
+
+
+def stored_at_unit(fields: Mapping[str, Tensor], ones: tuple[str, ...], zeros: tuple[str, ...]) -> dict[str, Tensor]:
+    """A copy of ``fields`` (the fixed ones as they are) with the fields ``ones`` set to 1 and ``zeros`` to 0
+    as float16 (the stored dtype of every scale and offset field that uses this): decoding it gives an
+    affine codec's unit values (its codes through their tables)."""
+    out = dict(fields)
+    for k in ones:
+        out[k] = torch.ones(fields[k].shape, dtype=torch.float16, device=fields[k].device)
+    for k in zeros:
+        out[k] = torch.zeros(fields[k].shape, dtype=torch.float16, device=fields[k].device)
+    return out

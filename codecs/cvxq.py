@@ -70,7 +70,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
+from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param,
+                   stored_at_unit, train_dtype)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError, CorruptPayloadError
 from .kernels import kernels_available
@@ -404,6 +405,37 @@ class Cvxq(Codec, name="cvxq", version=1):
             start, sstart, byte = start + c, sstart + c, byte + nb
         w = out.view(r, n, g).transpose(1, 2).reshape(r * g, n)[:m]
         return w.to(dtype).reshape(spec.shape)
+
+
+    # ---- healing ------------------------------------------------------------------------------
+    @classmethod
+    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """Every group's location and (depth >= 1) scale; depths and codes stay fixed. The stored bias
+        correction is not trained (it is added to the layer's output, not part of the weight)."""
+        return ("loc", "scale")
+
+    @classmethod
+    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
+        """``T_B[q] * scale + loc`` per group, with the levels ``T_B[q]`` and each group's scale slot
+        computed once (``memo``)."""
+        dt = train_dtype(fields, ("loc", "scale"))
+        m, n, g, r = group_layout(tuple(spec.shape), params["group_rows"])
+        memo = {} if memo is None else memo
+        if "unit" not in memo:
+            unit = cls.decode(Encoded(stored_at_unit(fields, ("scale",), ("loc",)), dict(params)), spec, shared,
+                              fields["loc"].device, torch.float32, fused=False, fast=False).reshape(m, n)
+            depth = unpack_codes(fields["depth"], 4, r * n).long()
+            order = torch.argsort(depth, stable=True)
+            pos = torch.empty_like(order)
+            pos[order] = torch.arange(order.numel(), device=order.device)
+            c0 = params["counts"][0]
+            slot = torch.where(depth > 0, pos - c0, torch.full_like(pos, fields["scale"].numel()))
+            memo["unit"], memo["slot"] = unit, slot.view(r, n)
+        sp = torch.cat([fields["scale"], fields["scale"].new_zeros(1)])  # depth-0 groups: scale 0
+        sc = sp[memo["slot"]].repeat_interleave(g, dim=0)[:m]  # [m, n]
+        lo = fields["loc"].repeat_interleave(g, dim=0)[:m]
+        return (lo + memo["unit"].to(dt) * sc).reshape(spec.shape)
 
 
 def _level_table(device: torch.device) -> Tensor:

@@ -56,7 +56,8 @@ import torch
 from torch import Tensor
 
 from . import rans, rans_numba
-from .base import Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param
+from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param,
+                   stored_at_unit, train_dtype)
 from .errors import CodecError, CorruptPayloadError
 from .kernels import kernels_available
 from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, rate_index
@@ -490,3 +491,23 @@ class Nwc(Codec, name="nwc", version=1):
             out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_GPU)
         w = out[:, :rows].t()
         return (w * f["row_scale"].to(torch.float32)[:, None]).to(dtype).contiguous()
+
+    # ---- healing ------------------------------------------------------------------------------
+    @classmethod
+    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The per-row scales; the entropy-coded latents, rate levels and the shared network stay fixed."""
+        return ("row_scale",)
+
+    @classmethod
+    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
+        """The network's normalised rows (decoded once, kept in ``memo``) times ``row_scale``."""
+        dt = train_dtype(fields, ("row_scale",))
+        unit = memo.get("unit") if memo is not None else None
+        if unit is None:
+            unit = cls.decode(Encoded(stored_at_unit(fields, ("row_scale",), ()), dict(params)), spec, shared,
+                              fields["row_scale"].device, torch.float32, fast=False)
+            unit = unit.reshape(params["rows"], params["cols"])
+            if memo is not None:
+                memo["unit"] = unit
+        return (unit.to(dt) * fields["row_scale"][:, None]).reshape(spec.shape)

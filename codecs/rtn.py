@@ -52,12 +52,12 @@ import torch
 from torch import Tensor
 
 from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params,
-                   check_param, row_ids)
+                   check_param, row_ids, stored_at_unit, train_dtype)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
 from .kernels import kernels_available
 
-__all__ = ["Rtn", "rtn_decode_reference", "unpack_codes"]
+__all__ = ["Rtn", "rtn_decode_reference", "unpack_codes", "expand_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,28 @@ class Rtn(Codec, name="rtn", version=1):
         return out.view(spec.shape)
 
 
+    # ---- healing ------------------------------------------------------------------------------
+    @classmethod
+    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """Scale and offset of every group; the codes stay fixed."""
+        return ("scale", "offset")
+
+    @classmethod
+    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
+        """``q * scale + offset`` with the codes ``q`` unpacked once (kept in ``memo``)."""
+        dt = train_dtype(fields, ("scale", "offset"))
+        m, n = _matrix_shape(tuple(spec.shape))
+        q = memo.get("unit") if memo is not None else None
+        if q is None:
+            q = cls.decode(Encoded(stored_at_unit(fields, ("scale",), ("offset",)), dict(params)), spec, shared,
+                           fields["codes"].device, torch.float32, fast=False).reshape(m, n)
+            if memo is not None:
+                memo["unit"] = q
+        g = params["group_size"]
+        w = expand_groups(fields["offset"], g, n) + q.to(dt) * expand_groups(fields["scale"], g, n)
+        return w.reshape(spec.shape)
+
     @classmethod
     def decode_rows(cls, enc: Encoded, spec: TensorSpec, shared: SharedState, ids: Tensor,
                     device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -242,6 +264,11 @@ class Rtn(Codec, name="rtn", version=1):
         sc = f["scale"][flat][:, grp].to(torch.float32)
         of = f["offset"][flat][:, grp].to(torch.float32)
         return torch.addcmul(of, q.to(torch.float32), sc).to(dtype).view(*ids.shape, n)
+
+def expand_groups(x: Tensor, group_size: int, n: int) -> Tensor:
+    """Per-group values ``[m, G]`` -> per-weight ``[m, n]`` (group ``j // group_size``), differentiable."""
+    return x.repeat_interleave(group_size, dim=1)[:, :n]
+
 
 # ---- unpacking --------------------------------------------------------------------------------
 _SHIFT_CACHE: dict[tuple[int, str], tuple[Tensor, ...]] = {}

@@ -62,10 +62,10 @@ import torch
 from torch import Tensor
 
 from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params,
-                   check_param, row_ids)
+                   check_param, row_ids, train_dtype)
 from .bitpack import pack_bits
 from .errors import CodecError, CorruptPayloadError
-from .rtn import F16_MAX, _f16_up, _matrix_shape, quantize, unpack_codes
+from .rtn import F16_MAX, _f16_up, _matrix_shape, expand_groups, quantize, unpack_codes
 
 __all__ = ["See", "see_decode_reference", "pack_rows", "unpack_rows", "rows_bpw", "matrix_bpw", "kron_shape"]
 
@@ -462,6 +462,89 @@ class See(Codec, name="see", version=1):
             if p["residual_bits"]:
                 out = out + cls._residual_rows(f, p, flat, d)
         return out.to(dtype).view(*ids.shape, d)
+
+
+    # ---- healing ------------------------------------------------------------------------------
+    @classmethod
+    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The unit factors (``A``, ``B`` when stored as F16; their per-vector scales when 8-bit), for
+        ``rows`` the per-token core scales and the mean row, and the residual's scales and offsets.
+        Unit assignments, core codes and residual codes stay fixed."""
+        out = ("A", "B") if params.get("factor_bits") == 16 else ("A_scale", "B_scale")
+        if params.get("mode") == "rows":
+            out += ("core_scale", "mean")
+        if params.get("residual_bits"):
+            out += ("res_scale", "res_offset")
+        return out
+
+    @classmethod
+    def ste_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """``rows``: the per-token core codes (``core_bits`` each), trained straight-through when asked."""
+        return ("core",) if params.get("mode") == "rows" else ()
+
+    @classmethod
+    def ste_values(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec,
+                   params: Mapping[str, Any]) -> Tensor:
+        if name != "core" or params.get("mode") != "rows":
+            return super().ste_values(name, fields, spec, params)
+        r, half = params["rank"], 1 << (params["core_bits"] - 1)
+        return unpack_rows(fields["core"], params["core_bits"], r * r).to(torch.float32).sub_(half)  # [V, R*R]
+
+    @classmethod
+    def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
+        if name != "core" or params.get("mode") != "rows":
+            return super().ste_pack(name, values, spec, params)
+        half = 1 << (params["core_bits"] - 1)
+        codes = values.detach().round().clamp(-half, half - 1).add(half).to(torch.uint8)
+        return pack_rows(codes, params["core_bits"])
+
+    @classmethod
+    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
+        """The SEE formula with every trainable field a float tensor; unit ids, core codes and residual
+        codes are read once (``memo``). ``core`` may also be given as float code values
+        (``ste_values``): then it is rounded in the forward pass and trained straight-through."""
+        dt = train_dtype(fields, cls.trainable_fields(spec, params))
+        memo = {} if memo is None else memo
+
+        def factors(name: str) -> Tensor:
+            if params["factor_bits"] == 16:
+                return fields[name]
+            sc = fields[name + "_scale"]
+            codes = fields[name].reshape(*sc.shape, -1).to(dt) - 128
+            return (codes * sc.unsqueeze(-1)).view(fields[name].shape)
+
+        A, B = factors("A"), factors("B")
+        if params["mode"] == "rows":
+            v, d = spec.shape
+            r, p, q = params["rank"], params["p"], params["q"]
+            if "a" not in memo:
+                memo["a"], memo["b"] = fields["unit_a"].long(), fields["unit_b"].long()
+            half = 1 << (params["core_bits"] - 1)
+            if fields["core"].is_floating_point():  # straight-through: round forward, identity backward
+                c = fields["core"]
+                core = c + (c.round().clamp(-half, half - 1) - c).detach()
+            else:
+                if "core" not in memo:
+                    memo["core"] = cls.ste_values("core", fields, spec, params)
+                core = memo["core"].to(dt)
+            g = (core * fields["core_scale"][:, None]).view(v, r, r)
+            x = torch.bmm(A[memo["a"]].transpose(1, 2), torch.bmm(g, B[memo["b"]]))  # [V, p, q]
+            w = x.reshape(v, p * q)[:, :d] + fields["mean"]
+            rows, width = v, d
+        else:
+            m, n = _matrix_shape(tuple(spec.shape))
+            rank = params["rank"]
+            w = (A.reshape(rank, -1).T @ B.reshape(rank, -1)).view(params["m1"], params["n1"], params["m2"], params["n2"])
+            w = w.permute(0, 2, 1, 3).reshape(m, n)
+            rows, width = m, n
+        if params["residual_bits"]:
+            if "res" not in memo:
+                memo["res"] = unpack_rows(fields["res_codes"], params["residual_bits"], width).to(torch.float32)
+            g = params["residual_group"]
+            w = w + expand_groups(fields["res_offset"], g, width) + memo["res"].to(dt) * expand_groups(
+                fields["res_scale"], g, width)
+        return w.reshape(spec.shape)
 
 
 def see_decode_reference(enc: Encoded, spec: TensorSpec) -> Tensor:

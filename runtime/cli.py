@@ -1,4 +1,4 @@
-"""The ``thawed`` command line: demo-model, compress, inspect, report, generate, eval.
+"""The ``thawed`` command line: demo-model, compress, heal, inspect, report, generate, eval.
 
 Config flows one way: argv -> argparse namespace -> frozen config objects -> constructors.
 Errors thawed raises for bad input print one line (``error: ...``) and exit 2; anything else is a
@@ -84,6 +84,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate on this UTF-8 text file instead (never an evaluation corpus)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("heal", help="fine-tune a checkpoint's scales, offsets, factors and norms against its dense "
+                                     "source (block by block, then end to end); same codecs, same size")
+    p.add_argument("ckpt", help="thawed checkpoint directory to heal")
+    p.add_argument("--out", required=True, help="healed checkpoint directory (new or empty)")
+    p.add_argument("--source", default=None, metavar="DIR",
+                   help="the dense Hugging Face directory it was compressed from (default: the one the checkpoint records)")
+    p.add_argument("--minutes", type=float, default=30.0,
+                   help="training time budget of both stages (default 30; 0 = no time limit, then give --steps)")
+    p.add_argument("--block-steps", type=int, default=None, metavar="N", help="optimiser steps per decoder layer in "
+                   "stage (a) (default: its share of --minutes)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimiser steps of the end-to-end stage (b)")
+    p.add_argument("--tokens", type=int, default=None, metavar="N", help="tokens the end-to-end stage trains on")
+    p.add_argument("--block-share", type=float, default=0.5, help="share of --minutes for stage (a) (default 0.5)")
+    p.add_argument("--stages", default="block,e2e", help="block, e2e or both (default block,e2e)")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of stage (a) (default 5e-4)")
+    p.add_argument("--lr-e2e", type=float, default=1e-4, help="Adam learning rate of stage (b) (default 1e-4)")
+    p.add_argument("--ste", action="store_true", help="also train the codes a codec allows straight-through "
+                   "(SEE's per-token core codes; rounded in the forward pass)")
+    p.add_argument("--lr-codes", type=float, default=0.05, help="Adam learning rate of straight-through code values, "
+                   "in code steps (default 0.05)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--calib-tokens", type=int, default=4096, metavar="N", help="calibration tokens (default 4096)")
+    p.add_argument("--calib", choices=["self", "ptb-train"], default=None,
+                   help="calibration text: self = sampled from the dense model itself (the default), ptb-train")
+    p.add_argument("--calib-text", default=None, metavar="FILE",
+                   help="heal on this UTF-8 text file instead (never an evaluation corpus)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.heal-state/")
 
     p = sub.add_parser("train-codec", help="train a learned codec's network (nwc) on weights of another model")
     p.add_argument("codec", choices=["nwc"])
@@ -190,6 +220,29 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     ratio = report.source_bytes / report.payload_bytes if report.payload_bytes else 0
     print(f"wrote {report.path}: {report.tensors} tensors, {report.payload_bytes:,} bytes "
           f"({ratio:.2f}x smaller than the source) in {report.seconds:.1f}s")
+    return 0
+
+
+def _cmd_heal(args: argparse.Namespace) -> int:
+    from .compress.calib_data import CalibSpec
+    from .compress.heal import HealConfig, HealInterrupted, heal
+
+    logging.getLogger("thawed.runtime.compress.heal").setLevel(logging.INFO)  # progress lines: step, loss, tokens/s, ETA
+    calib = CalibSpec.from_args(args.calib, args.calib_text, seed=args.seed)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    config = HealConfig(minutes=args.minutes or None, block_steps=args.block_steps, steps=args.steps, tokens=args.tokens,
+                        block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e, ste=args.ste,
+                        lr_codes=args.lr_codes, batch=args.batch,
+                        seq_len=args.seq_len, calib_tokens=args.calib_tokens, seed=args.seed, stages=stages)
+    try:
+        res = heal(args.ckpt, args.out, config, source=args.source, calib=calib, resume=args.resume)
+    except HealInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
+    r = res.record
+    print(f"wrote {args.out}: healed {r['trainable_fields']:,} values in {r['seconds']:.0f} s "
+          f"({r['block_steps']} block steps, {r['e2e_steps']} end-to-end steps, {r['tokens']:,} tokens); "
+          f"calibration KL {r['kl_before']} -> {r['kl_after']}")
     return 0
 
 
@@ -348,6 +401,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "demo-model": _cmd_demo_model,
     "compress": _cmd_compress,
+    "heal": _cmd_heal,
     "train-codec": _cmd_train_codec,
     "inspect": _cmd_inspect,
     "report": _cmd_report,

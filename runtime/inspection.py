@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint
 from .direct import direct_unsupported_reason
 from .direct_gpu import KERNEL_CODECS
 
-__all__ = ["inspect_checkpoint", "format_inspect"]
+__all__ = ["inspect_checkpoint", "format_inspect", "healed_summary"]
 
 
 def _bpw(nbytes: int, numel: int) -> float:
@@ -88,6 +88,9 @@ def format_inspect(report: dict[str, Any], show_tensors: bool = True) -> str:
             lines.append(f"{r['name']:<{w}}  {r['codec']:<9} {r['role']:<9} {shape:<14} {r['bytes']:>11,} {r['bpw']:>7.3f}"
                          f"  {r['mode']:<10}  {r['mode_cuda']}")
         lines.append("")
+    healed = healed_summary(report.get("settings"))
+    if healed:
+        lines.append(healed)
     lin, tot = report["linear"], report["total"]
     lines.append(f"linear layers: {lin['weights']:,} weights, {lin['bytes']:,} bytes, {lin['bpw']:.3f} bits/weight")
     lines.append(
@@ -101,3 +104,30 @@ def _vs_bf16(ratio: float) -> str:
     if ratio >= 1 or ratio <= 0:
         return f"{ratio:.2f}x smaller than bf16"
     return f"{1 / ratio:.2f}x larger than bf16 (the source is wider than bf16)"
+
+
+def healed_summary(settings: dict | None) -> str | None:
+    """One line for ``thawed inspect``: how the checkpoint was healed (``thawed heal``), or None."""
+    h = (settings or {}).get("healing")
+    if not isinstance(h, dict):
+        return None
+
+    def per_step(key: str) -> str:
+        v = h.get(key)
+        return f", {v:g} s/step" if isinstance(v, (int, float)) else ""
+
+    parts = [f"stages {'+'.join(h.get('stages', []))}",
+             f"{h.get('block_steps', 0)} block steps ({h.get('block_steps_per_layer', 0):g}/layer"
+             f"{per_step('seconds_per_block_step')})",
+             f"{h.get('e2e_steps', 0)} end-to-end steps{per_step('seconds_per_e2e_step').replace(', ', ' (', 1)}"
+             + (")" if per_step("seconds_per_e2e_step") else "")]
+    if isinstance(h.get("block_tokens"), int) and isinstance(h.get("e2e_tokens"), int):
+        parts.append(f"tokens {h['block_tokens']:,} per-layer + {h['e2e_tokens']:,} end-to-end"
+                     + (f" from {h['calib_tokens']:,} calibration tokens" if isinstance(h.get("calib_tokens"), int) else ""))
+    if isinstance(h.get("seconds"), (int, float)):
+        parts.append(f"{h['seconds']:.0f} s")
+    if "lr" in h:
+        parts.append(f"lr {h['lr']:g}/{h.get('lr_e2e', h['lr']):g}" + (" +STE codes" if h.get("ste") else ""))
+    if h.get("kl_before") is not None and h.get("kl_after") is not None:
+        parts.append(f"calibration KL {h['kl_before']:.4g} -> {h['kl_after']:.4g}")
+    return "healed: " + ", ".join(parts)
