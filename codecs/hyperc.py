@@ -66,11 +66,10 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param,
-                   stored_at_unit, train_dtype)
+from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError, CorruptPayloadError
-from .rtn import F16_MAX, _f16_down, _f16_up, _matrix_shape, expand_groups, unpack_codes
+from .rtn import F16_MAX, _f16_down, _f16_up, _matrix_shape, grouped_affine_train, unpack_codes
 
 __all__ = ["HyperC", "hyperc_decode_reference", "choose_rate", "rate_candidates", "codebook", "good_generator",
            "nearest_index"]
@@ -454,17 +453,7 @@ class HyperC(Codec, name="hyperc", version=1):
     def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
                      shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
         """``offset + scale * codebook[k]`` with the codebook coordinates looked up once (``memo``)."""
-        dt = train_dtype(fields, ("scale", "offset"))
-        m, n = _matrix_shape(tuple(spec.shape))
-        x = memo.get("unit") if memo is not None else None
-        if x is None:
-            x = cls.decode(Encoded(stored_at_unit(fields, ("scale",), ("offset",)), dict(params)), spec, shared,
-                           fields["scale"].device, torch.float32, fast=False).reshape(m, n)
-            if memo is not None:
-                memo["unit"] = x
-        g = params["group_size"]
-        w = expand_groups(fields["offset"], g, n) + x.to(dt) * expand_groups(fields["scale"], g, n)
-        return w.reshape(spec.shape)
+        return grouped_affine_train(cls.decode, fields, spec, params, shared, memo)
 
 
 def _encode_one(w: Tensor, z: list[int], K: int, B: int, g: int, clip_search: bool,

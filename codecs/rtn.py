@@ -57,7 +57,7 @@ from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
 from .kernels import kernels_available
 
-__all__ = ["Rtn", "rtn_decode_reference", "unpack_codes", "expand_groups"]
+__all__ = ["Rtn", "rtn_decode_reference", "unpack_codes", "expand_groups", "grouped_affine_train"]
 
 log = logging.getLogger(__name__)
 
@@ -230,17 +230,7 @@ class Rtn(Codec, name="rtn", version=1):
     def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
                      shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
         """``q * scale + offset`` with the codes ``q`` unpacked once (kept in ``memo``)."""
-        dt = train_dtype(fields, ("scale", "offset"))
-        m, n = _matrix_shape(tuple(spec.shape))
-        q = memo.get("unit") if memo is not None else None
-        if q is None:
-            q = cls.decode(Encoded(stored_at_unit(fields, ("scale",), ("offset",)), dict(params)), spec, shared,
-                           fields["codes"].device, torch.float32, fast=False).reshape(m, n)
-            if memo is not None:
-                memo["unit"] = q
-        g = params["group_size"]
-        w = expand_groups(fields["offset"], g, n) + q.to(dt) * expand_groups(fields["scale"], g, n)
-        return w.reshape(spec.shape)
+        return grouped_affine_train(cls.decode, fields, spec, params, shared, memo)
 
     @classmethod
     def decode_rows(cls, enc: Encoded, spec: TensorSpec, shared: SharedState, ids: Tensor,
@@ -264,6 +254,25 @@ class Rtn(Codec, name="rtn", version=1):
         sc = f["scale"][flat][:, grp].to(torch.float32)
         of = f["offset"][flat][:, grp].to(torch.float32)
         return torch.addcmul(of, q.to(torch.float32), sc).to(dtype).view(*ids.shape, n)
+
+def grouped_affine_train(decode, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                         shared: SharedState, memo: dict[str, Tensor] | None) -> Tensor:
+    """``offset + scale * unit`` per group of ``params["group_size"]`` weights along each row, where
+    ``unit`` is the codec's own ``decode`` at scale 1 and offset 0 (its fixed codes through their
+    tables), computed once and kept in ``memo``; differentiable in ``scale`` and ``offset``. The
+    ``decode_train`` of every codec stored as ``q * scale + offset`` per group (rtn, hyperc)."""
+    dt = train_dtype(fields, ("scale", "offset"))
+    m, n = _matrix_shape(tuple(spec.shape))
+    unit = memo.get("unit") if memo is not None else None
+    if unit is None:
+        unit = decode(Encoded(stored_at_unit(fields, ("scale",), ("offset",)), dict(params)), spec, shared,
+                      fields["scale"].device, torch.float32, fast=False).reshape(m, n)
+        if memo is not None:
+            memo["unit"] = unit
+    g = params["group_size"]
+    w = expand_groups(fields["offset"], g, n) + unit.to(dt) * expand_groups(fields["scale"], g, n)
+    return w.reshape(spec.shape)
+
 
 def expand_groups(x: Tensor, group_size: int, n: int) -> Tensor:
     """Per-group values ``[m, G]`` -> per-weight ``[m, n]`` (group ``j // group_size``), differentiable."""

@@ -27,7 +27,6 @@ the budget, and on CUDA decoding is fast enough not to matter against the import
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +38,7 @@ from thawed.codecs import get_codec
 
 from .checkpoint import Checkpoint
 from .direct import direct_unsupported_reason, pack_rtn
+from .prefetch import layer_index
 from .threads import set_omp_threads
 from .validate import check_finite
 
@@ -46,17 +46,14 @@ __all__ = ["EarlyDecode"]
 
 log = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def _order(name: str, role: str) -> tuple[int, int]:
     """Execution order of a tensor: the embedding first, then by decoder layer, the head last."""
     if role == "embedding":
         return (0, 0)
     if role == "lm_head":
         return (2, 0)
-    m = _LAYER.search(name)
-    return (1, int(m.group(1))) if m else (1, 1 << 30)
+    layer = layer_index(name)
+    return (1, layer if layer is not None else 1 << 30)
 
 
 class EarlyDecode:

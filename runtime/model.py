@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from .direct_gpu import KernelLinear, kernel_decoder, kernel_unsupported_reason
 from .ring import ALIGN, LayerRing
 from .lazy import ResidentWeightHandle, attach_lazy_weight, attach_resident_weight
 from .memory import return_large_frees_to_os
-from .prefetch import Prefetcher
+from .prefetch import Prefetcher, layer_index
 from .rowwise import attach_rowwise_embedding
 from .threads import one_omp_thread, set_omp_threads
 from .skeleton import build_skeleton, load_config, tied_sources
@@ -229,15 +228,6 @@ def use_ring(config: RuntimeConfig, device: torch.device) -> bool:
     if device.type == "cuda" and config.kernels == "off":
         return config.ring == "on"
     return config.ring == "on" or (config.ring == "auto" and device.type == "cuda" and kernels_available(device))
-
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_index(module_name: str) -> int | None:
-    """The decoder layer a module belongs to (``model.layers.3.mlp.up_proj`` -> 3), or None."""
-    m = _LAYER.search(module_name + ".")
-    return int(m.group(1)) if m else None
 
 
 def ring_plan(candidates: list[tuple[int, str, str]], index, elem: int) -> tuple[set[int], int, int] | None:

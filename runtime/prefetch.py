@@ -21,10 +21,19 @@ import torch
 
 from .cache import WeightCache
 
-__all__ = ["Prefetcher", "layer_groups"]
+__all__ = ["Prefetcher", "layer_groups", "layer_index"]
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"\.(\d+)\.")
+
+
+_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module or tensor belongs to (``model.layers.3.mlp.up_proj`` -> 3), or None."""
+    m = _DECODER_LAYER.search(name + ".")
+    return int(m.group(1)) if m else None
 
 
 def layer_groups(keys_in_order: Iterable[str]) -> list[list[str]]:

@@ -52,6 +52,27 @@ def make_tiny_llama(folder: Path, *, tie: bool = True, seed: int = 0, layers: in
     return folder
 
 
+def make_column_scaled_llama(folder: Path, *, vocab: int, hidden: int, intermediate: int) -> Path:
+    """A 2-layer random Llama whose weight columns differ in scale, as in real models (what the
+    bit-allocation planners need to tell tensors and columns apart)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(folder)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+                p.mul_(torch.rand(p.shape[1]) * 2)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models_fixtures import make_tokenizer
+from models_fixtures import make_column_scaled_llama
 from thawed.codecs import get_codec
 from thawed.codecs.cvxq import cvxq_nbytes
 from thawed.codecs.errors import ThawedError
@@ -59,22 +59,7 @@ def test_allocate_limits() -> None:
 
 
 def _model_dir(folder: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(folder)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-                p.mul_(torch.rand(p.shape[1]) * 2)  # columns of different scale, as in real models
-    model.save_pretrained(folder)
-    return folder
+    return make_column_scaled_llama(folder, vocab=1024, hidden=128, intermediate=256)
 
 
 @pytest.fixture(scope="module")

@@ -99,24 +99,9 @@ def test_bad_options_fail_clearly(tiny_net: str) -> None:
 def _model_dir(folder: Path) -> Path:
     """A random Llama of 1.6 M weights: big enough that one entropy table (8 KiB of shared state)
     is a small step of the file's size (0.04 bpw), small enough to compress in seconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from models_fixtures import make_column_scaled_llama
 
-    from models_fixtures import make_tokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(folder)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-                p.mul_(torch.rand(p.shape[1]) * 2)  # columns of different scale, as in real models
-    model.save_pretrained(folder)
-    return folder
+    return make_column_scaled_llama(folder, vocab=2048, hidden=256, intermediate=512)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from thawed.codecs import EncodeContext, TensorSpec
 from thawed.codecs.cvxq import MAX_DEPTH, cvxq_nbytes, group_layout, group_stats
 from thawed.codecs.errors import ThawedError
 
-__all__ = ["GroupSet", "depths_at", "allocate", "plan_cvxq", "CvxqPlan", "estimate_header_bytes"]
+__all__ = ["GroupSet", "depths_at", "allocate", "plan_cvxq", "CvxqPlan", "estimate_header_bytes", "fixed_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,18 @@ def allocate(sets: list[GroupSet], budget_bits: float, *, min_depth: int = 0, st
     return best, hi, best_bits
 
 
+def fixed_entry(codec_name: str, codec, spec: TensorSpec, get: Callable, seed: int) -> tuple[tuple, int]:
+    """A tensor whose size the planner does not choose: its header entry (for
+    ``estimate_header_bytes``) and its stored bytes -- a raw tensor's own, another codec's as it
+    encodes it. Shared by the cvxq and nwc planners."""
+    if codec_name == "raw":
+        nbytes = spec.numel * torch.empty((), dtype=spec.dtype).element_size()
+        return (spec.name, spec, "raw", codec.version, {"data": (spec.dtype, tuple(spec.shape))}, {}), nbytes
+    enc = codec.encode(get(spec.name), spec, EncodeContext(name=spec.name, role=spec.role, seed=seed))
+    fields = {f: (t.dtype, tuple(t.shape)) for f, t in enc.fields.items()}
+    return (spec.name, spec, codec_name, codec.version, fields, enc.params), enc.nbytes
+
+
 def estimate_header_bytes(entries: list[tuple[str, TensorSpec, str, int, dict, dict]], src: str,
                           settings: dict, file_bytes: int) -> int:
     """The payload file's header as the writer will encode it, from planned entries
@@ -205,14 +217,8 @@ def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get:
         spec = specs[name] = TensorSpec(name=name, shape=tuple(shape), dtype=dtype, role=role)
         if choice.name != "cvxq":
             codec = encoders.get(choice) or encoders.setdefault(choice, choice.build())
-            if choice.name == "raw":
-                nbytes = numel * torch.empty((), dtype=dtype).element_size()
-                entries.append((name, spec, "raw", codec.version, {"data": (dtype, tuple(shape))}, {}))
-            else:  # another codec: its size is what it encodes to
-                enc = codec.encode(get(name), spec, EncodeContext(name=name, role=role, seed=seed))
-                nbytes = enc.nbytes
-                entries.append((name, spec, choice.name, codec.version,
-                                {f: (t.dtype, tuple(t.shape)) for f, t in enc.fields.items()}, enc.params))
+            entry, nbytes = fixed_entry(choice.name, codec, spec, get, seed)
+            entries.append(entry)
             if role == "linear":
                 fixed_lin += 8 * nbytes
             else:

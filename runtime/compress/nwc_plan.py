@@ -29,14 +29,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from thawed.codecs import EncodeContext, TensorSpec
+from thawed.codecs import TensorSpec
 from thawed.codecs.errors import ThawedError
 
 __all__ = ["TensorCurve", "tensor_curve", "fisher_weights", "kl_weights", "probe_noise", "SharedCost", "allocate_rates", "plan_nwc", "NwcPlan", "STEP"]
@@ -308,7 +308,7 @@ def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: 
     """
     from thawed.codecs.nwc import Nwc
 
-    from .allocate import HEADER_SLACK_BYTES, estimate_header_bytes
+    from .allocate import HEADER_SLACK_BYTES, estimate_header_bytes, fixed_entry
 
     t0 = time.perf_counter()
     names = list(names)
@@ -333,14 +333,8 @@ def plan_nwc(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: 
             profiles[name] = codec.rate_profile(get(name), spec)
             planned[name] = codec
             continue
-        if choice.name == "raw":
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            entries.append((name, spec, "raw", codec.version, {"data": (dtype, tuple(shape))}, {}))
-        else:  # another codec: its size is what it encodes to
-            enc = codec.encode(get(name), spec, EncodeContext(name=name, role=role, seed=seed))
-            nbytes = enc.nbytes
-            entries.append((name, spec, choice.name, codec.version,
-                            {f: (t.dtype, tuple(t.shape)) for f, t in enc.fields.items()}, enc.params))
+        entry, nbytes = fixed_entry(choice.name, codec, spec, get, seed)
+        entries.append(entry)
         fixed += 8 * nbytes
     if len(targets) > 1:
         raise ThawedError(f"nwc tensors planned globally ask for different target_bpw values {sorted(targets)}; "
