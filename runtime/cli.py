@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--no-fast", action="store_true",
                    help="generate through transformers' forward instead of the fast decode path (for comparison)")
+    p.add_argument("--skeleton", choices=["auto", "native", "transformers"], default="auto",
+                   help="how a checkpoint's model is built: auto (default) = without transformers for llama, "
+                        "mistral and qwen2 (runtime/native.py: starts seconds sooner), else transformers'; "
+                        "--no-fast implies transformers")
     _add_runtime_args(p)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint or a dense HF directory, fixed protocol")
@@ -308,7 +313,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .loading import load_for_inference
 
     t0 = time.perf_counter()
-    loaded = load_for_inference(args.ckpt, _runtime_config(args))
+    skeleton = "transformers" if args.no_fast else args.skeleton
+    loaded = load_for_inference(args.ckpt, replace(_runtime_config(args), skeleton=skeleton), chat=args.chat)
     try:
         tok = loaded.tokenizer
         if args.chat:

@@ -18,6 +18,7 @@ from torch import nn
 from thawed.codecs.errors import ThawedError
 
 from .sampling import GREEDY_BELOW, check_params, process_logits, sample
+from .native import is_native
 from .stepper import Stepper, stepper_unsupported_reason
 
 __all__ = ["SamplingParams", "StepOutput", "generate_tokens", "next_token", "GREEDY_BELOW", "new_cache",
@@ -165,6 +166,9 @@ def _stepper_fn(model: nn.Module, length: int, chunk: int, compile: bool) -> Ste
     if reason is None and length > max_len:
         reason = f"{length} positions exceed the model's context of {max_len}"
     if reason is not None:
+        if is_native(model):  # built without transformers: there is no other forward to fall back to
+            raise ThawedError(f"the fast decode path cannot run this request ({reason}); generate with "
+                              "--skeleton transformers (or --no-fast)")
         log.info("generating through transformers' forward: %s", reason)
         return None
     stepper = Stepper(model, slots=1, max_len=max(length, 16), capacity=length, compile=compile)

@@ -16,6 +16,8 @@ from torch import nn
 from thawed.codecs.errors import ThawedError
 
 from .errors_text import one_line
+from .files import read_json_file
+from .native import is_native
 from .marker import is_thawed_folder
 from .model import LazyModel, RuntimeConfig, resolve_device, resolve_dtype
 
@@ -30,7 +32,15 @@ def is_checkpoint(path: str | Path) -> bool:
     return is_thawed_folder(p) or (os.path.lexists(p) and not p.is_dir() and p.name.endswith(".safetensors"))
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, fast: bool = False):
+    """transformers' ``AutoTokenizer`` for the folder; with ``fast``, the ``tokenizers``-only one
+    (runtime/tokenizer.py) where it tokenizes the same, which spares the transformers import."""
+    if fast:
+        from .tokenizer import load_fast_tokenizer
+
+        tok = load_fast_tokenizer(path)
+        if tok is not None:
+            return tok
     from transformers import AutoTokenizer
 
     try:
@@ -68,14 +78,18 @@ def _eos_ids(model: nn.Module, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def load_for_inference(path: str | Path, config: RuntimeConfig = RuntimeConfig()) -> Loaded:
+def load_for_inference(path: str | Path, config: RuntimeConfig = RuntimeConfig(), chat: bool = False) -> Loaded:
+    """The model and tokenizer of a checkpoint or a dense HF folder. A native model
+    (``config.skeleton``, runtime/native.py) gets the ``tokenizers``-only tokenizer when it can, unless
+    ``chat`` (chat templates are transformers')."""
     t0 = time.perf_counter()
     path = Path(path)
     if is_checkpoint(path):
         lazy = LazyModel.load(path, config)
         model = lazy.model
-        tokenizer = load_tokenizer(lazy.checkpoint.config_dir)
-        _attach_generation_config(model, lazy.checkpoint.config_dir)
+        native = is_native(model)
+        tokenizer = load_tokenizer(lazy.checkpoint.config_dir, fast=native and not chat)
+        _attach_generation_config(model, lazy.checkpoint.config_dir, native)
         return Loaded(model, tokenizer, lazy.device, _eos_ids(model, tokenizer), "thawed",
                       time.perf_counter() - t0, lazy)
     if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
@@ -93,7 +107,15 @@ def load_for_inference(path: str | Path, config: RuntimeConfig = RuntimeConfig()
     return Loaded(model, tokenizer, device, _eos_ids(model, tokenizer), "dense", time.perf_counter() - t0)
 
 
-def _attach_generation_config(model: nn.Module, folder: Path) -> None:
+def _attach_generation_config(model: nn.Module, folder: Path, native: bool = False) -> None:
+    if native:  # its EOS ids only: reading the JSON spares the transformers import
+        try:
+            raw = read_json_file(Path(folder) / "generation_config.json", "generation_config.json")
+        except ValueError:
+            return
+        if isinstance(raw, dict) and raw.get("eos_token_id") is not None:
+            model.generation_config.eos_token_id = raw["eos_token_id"]
+        return
     if (Path(folder) / "generation_config.json").is_file():
         from transformers import GenerationConfig
 

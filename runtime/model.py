@@ -35,7 +35,7 @@ from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher, layer_index
 from .rowwise import attach_rowwise_embedding
 from .threads import one_omp_thread, set_omp_threads
-from .skeleton import build_skeleton, load_config, tied_sources
+from .skeleton import build_model, load_config, tied_sources
 from .validate import check_config, check_entries_used, check_finite
 
 __all__ = ["RuntimeConfig", "LazyModel", "resolve_device", "resolve_dtype", "parse_budget"]
@@ -81,6 +81,10 @@ class RuntimeConfig:
     # from the moment the checkpoint is open, while transformers imports and the model is built
     # (runtime/early.py). Off: every weight decodes when the load or the first forward needs it.
     early_decode: bool = True
+    # How the model is built (runtime/skeleton.py SKELETONS): "transformers" (default: every entry
+    # point calls its forward), "native" or "auto" (runtime/native.py: no transformers import, the
+    # fast decode path only; ``thawed generate`` asks for "auto").
+    skeleton: str = "transformers"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -357,9 +361,9 @@ class LazyModel:
     @classmethod
     def _build(cls, ckpt: Checkpoint, config: RuntimeConfig, device: torch.device,
                dtype: torch.dtype, t0: float, early: EarlyDecode | None = None) -> "LazyModel":
-        hf_config = load_config(ckpt.config_dir)
+        hf_config = load_config(ckpt.config_dir, config.skeleton)
         check_config(hf_config, ckpt.index, ckpt.config_dir)
-        model = build_skeleton(hf_config, dtype)
+        model = build_model(hf_config, dtype)
         tied = tied_sources(model)
         index = ckpt.index
 

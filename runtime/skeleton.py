@@ -8,6 +8,7 @@ breaks positions, so only parameter registration is redirected (accelerate's
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -18,21 +19,47 @@ from .errors_text import one_line
 from .files import read_json_file
 from .validate import check_config_json
 
-__all__ = ["load_config", "build_skeleton", "tensor_roles", "tied_sources"]
+__all__ = ["SKELETONS", "load_config", "build_skeleton", "build_model", "tensor_roles", "tied_sources"]
+
+log = logging.getLogger(__name__)
+
+# How the model is built: "transformers" (its own classes: every architecture, every entry point),
+# "native" (runtime/native.py: Llama-family only, no transformers import, runs only through the
+# fast decode path), "auto" (native where it can be, else transformers).
+SKELETONS = ("auto", "native", "transformers")
 
 
-def load_config(path: str | Path):
-    """The folder's config.json as a transformers config; one-line ``ConfigError`` when it cannot be."""
-    from transformers import AutoConfig
-
+def _raw_config(path: str | Path) -> dict:
     cfg_file = Path(path) / "config.json"
-    try:  # regular file, bounded size and nesting, valid JSON object: before transformers reads it
+    try:  # regular file, bounded size and nesting, valid JSON object: before anything reads it
         raw = read_json_file(cfg_file, "config.json")
         if not isinstance(raw, dict):
             raise ValueError("config.json is not a JSON object")
     except ValueError as exc:
         raise ConfigError(f"{cfg_file}: {exc}. The folder needs the config.json of a transformers model") from None
     check_config_json(raw, cfg_file)
+    return raw
+
+
+def load_config(path: str | Path, skeleton: str = "transformers"):
+    """The folder's config.json as a transformers config, or as a ``NativeConfig`` when ``skeleton``
+    is "native" or "auto" and the architecture has a native model; one-line ``ConfigError`` when
+    it cannot be read (or "native" was asked for and is not possible)."""
+    if skeleton not in SKELETONS:
+        raise ConfigError(f"--skeleton {skeleton!r} is not one of {', '.join(SKELETONS)}")
+    raw = _raw_config(path)
+    if skeleton != "transformers":
+        from .native import native_config
+
+        cfg = native_config(raw)
+        if not isinstance(cfg, str):
+            return cfg
+        if skeleton == "native":
+            raise ConfigError(f"{Path(path) / 'config.json'}: {cfg}; use --skeleton transformers (or auto)")
+        log.info("building the model with transformers: %s", cfg)
+    from transformers import AutoConfig
+
+    cfg_file = Path(path) / "config.json"
     try:
         return AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001 - config.json is input: any failure is the file's, not a bug
@@ -40,6 +67,15 @@ def load_config(path: str | Path):
             f"cannot read the model config {cfg_file}: {one_line(exc)}. The folder needs the config.json "
             "of a transformers model"
         ) from None
+
+
+def build_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a ``load_config`` result: native for a ``NativeConfig``, else transformers'."""
+    from .native import NativeConfig, build_native
+
+    if isinstance(config, NativeConfig):
+        return build_native(config, dtype)
+    return build_skeleton(config, dtype)
 
 
 def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -44,7 +44,7 @@ __all__ = ["Stepper", "stepper_unsupported_reason"]
 log = logging.getLogger(__name__)
 
 _TYPES = ("llama", "mistral", "qwen2")
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "NativeRMSNorm")
 
 
 def stepper_unsupported_reason(model: nn.Module) -> str | None:

@@ -94,7 +94,7 @@ def check_config(config: Any, index: Mapping[str, IndexEntry], folder: Path) -> 
         raise ConfigError(f"{where}: num_key_value_heads={kv} does not divide num_attention_heads={heads}; {_FIX}")
     for key in _ACT_KEYS:
         act = getattr(cfg, key, None)
-        if act is None:
+        if act is None or act in ("silu", "swish"):  # the native model's (no transformers import)
             continue
         from transformers.activations import ACT2FN
 
