@@ -2,7 +2,8 @@
 
 Correctness first (in this process, on the first checkpoint given, usually rtn b4 g128):
   * the fast path (runtime/stepper.py) over resident decoded weights gives the same 64 greedy
-    tokens as transformers' eager forward over the same weights;
+    tokens as transformers' eager forward over the same weights, with transformers' model and with
+    the one `thawed generate` builds without transformers (runtime/native.py);
   * the direct path (runtime/direct.py) gives the same tokens as transformers' forward over the
     same direct layers, and its agreement with the decoded fp32 model is reported;
   * with --compile, the compiled step gives the eager step's tokens.
@@ -62,6 +63,12 @@ def check_correctness(ckpt: str, tokens: int, compile_check: bool) -> dict:
             fast = [s.token for s in generate_tokens(loaded.model, ids, params, fast=True)]
             if fast != eager:
                 raise SystemExit(f"FAIL: direct={direct}: fast path tokens differ from transformers' eager forward")
+            native = load_for_inference(ckpt, RuntimeConfig(device="cpu", direct=direct, skeleton="native"))
+            try:  # the model `thawed generate` builds without transformers (runtime/native.py)
+                if [s.token for s in generate_tokens(native.model, ids, params)] != eager:
+                    raise SystemExit(f"FAIL: direct={direct}: the native model's tokens differ from transformers'")
+            finally:
+                native.close()
             out[f"direct_{direct}"] = eager
             if compile_check:
                 t0 = time.perf_counter()
@@ -73,7 +80,7 @@ def check_correctness(ckpt: str, tokens: int, compile_check: bool) -> dict:
             loaded.close()
     same = sum(1 for a, b in zip(out["direct_on"], out["direct_off"]) if a == b)
     first_diff = next((i for i, (a, b) in enumerate(zip(out["direct_on"], out["direct_off"])) if a != b), None)
-    print(f"correctness: fast == eager for {tokens} greedy tokens (resident and direct layers)"
+    print(f"correctness: fast == native == eager for {tokens} greedy tokens (resident and direct layers)"
           + (", compiled == eager" if compile_check else ""))
     print(f"  direct vs decoded fp32: {same}/{tokens} tokens equal, first difference at "
           f"{first_diff if first_diff is not None else 'none'}")
