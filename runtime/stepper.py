@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .cuda_graphs import GraphedDecode, hooks_left
 from .direct import fuse_direct
+from .lean_step import LeanStep
 
 __all__ = ["Stepper", "stepper_unsupported_reason"]
 
@@ -101,6 +102,12 @@ class Stepper:
         self._compiled = None
         self._graph_fn = None
         self._hook_free = False
+        # the lean batch-1 step (runtime/lean_step.py): eager fp32 on the CPU, no streamed layers.
+        # False = not built yet; None = not used
+        self._lean: LeanStep | bool | None = False
+        if self.device.type != "cpu" or compile or self.ring is not None or self.dtype != torch.float32 \
+                or not self._fast_norm:
+            self._lean = None
         # CUDA graphs of the decode step (runtime/cuda_graphs.py): on by default on a GPU. On CUDA
         # they take the place of torch.compile: capture costs well under a second, no compiler.
         self.graphs: GraphedDecode | None = None
@@ -188,6 +195,10 @@ class Stepper:
             out = self._graphed(ids, pos0)
             if out is not None:
                 return out
+        if B == 1 and T == 1 and start == 0 and not all_positions and last is None and self._lean is not None:
+            lean = self._lean_step()
+            if lean is not None:
+                return lean(ids, pos0[0])
         if self._compiled is not None and T == 1 and start == 0 and not all_positions and last is None:
             try:
                 # the embedding runs eager: a row-wise (per-token decoded) table is data-dependent
@@ -245,6 +256,16 @@ class Stepper:
         else:
             h = h[torch.arange(B, device=dev), torch.tensor(last, device=dev)]
         return self.head(self._norm(self.norm, h)).float()
+
+    def _lean_step(self) -> LeanStep | None:
+        """The one-row one-token step (runtime/lean_step.py), built once every layer is bound; None
+        while hooks remain (streamed weights, or resident ones not yet bound)."""
+        if isinstance(self._lean, LeanStep):
+            return self._lean
+        if hooks_left([*self.layers, self.norm]):
+            return None
+        self._lean = LeanStep.build(self)  # None for good when a projection cannot run lean
+        return self._lean
 
     def _graphed(self, ids: Tensor, pos0: Sequence[int]) -> Tensor | None:
         """The decode step on a CUDA graph, or None (eager) while weights still run hooks."""

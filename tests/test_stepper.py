@@ -159,6 +159,54 @@ def test_budget_accounting_with_mixed_modes(rtn_ckpt, tmp_path):
         assert summary["direct_bytes"] > 0
 
 
+def _mixed_ckpt(tiny_llama_dir, tmp_path):
+    """rtn b4 linears (direct) except layer 0's down_proj and k_proj, lossless (resident)."""
+    from thawed.runtime.compress.plan import parse_override
+
+    out = tmp_path / "mixed"
+    compress(tiny_llama_dir, out, Plan(parse_codec_choice("rtn:bits=4,group_size=32"),
+                                       (parse_override("model.layers.0.mlp.down_proj.weight=lossless"),
+                                        parse_override("model.layers.0.self_attn.k_proj.weight=lossless"))),
+             progress=False)
+    return out
+
+
+@pytest.mark.parametrize("direct", ["off", "on", "mixed"])
+def test_lean_batch1_step_equals_the_general_step_exactly(rtn_ckpt, tiny_llama_dir, tmp_path, direct):
+    """The lean one-row step (runtime/lean_step.py) is the general step's arithmetic, bit for bit,
+    over resident, direct and mixed layers; it is built once the layers are bound."""
+    from thawed.runtime.lean_step import LeanStep
+
+    ckpt = _mixed_ckpt(tiny_llama_dir, tmp_path) if direct == "mixed" else rtn_ckpt
+    with LazyModel.load(ckpt, RuntimeConfig(device="cpu", direct="off" if direct == "off" else "on")) as lm:
+        if direct == "mixed":
+            assert lm.modes["model.layers.0.mlp.down_proj.weight"] == "resident"
+            assert lm.modes["model.layers.0.mlp.up_proj.weight"] == "direct"
+        lean = Stepper(lm.model, slots=1, max_len=64, capacity=16)
+        general = Stepper(lm.model, slots=1, max_len=64, capacity=16)
+        general._lean = None
+        ids = PROMPTS[0]
+        a = lean.forward(torch.tensor([ids[:5]]), 0, [0])
+        b = general.forward(torch.tensor([ids[:5]]), 0, [0])
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for t in range(5, len(ids)):  # past the capacity of 16? no: 12 tokens; grow is tested elsewhere
+            a = lean.forward(torch.tensor([[ids[t]]]), 0, [t])
+            b = general.forward(torch.tensor([[ids[t]]]), 0, [t])
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert isinstance(lean._lean, LeanStep)
+        for i in range(len(lean.layers)):  # and the caches hold the same keys and values
+            torch.testing.assert_close(lean.k[i][:, :, : len(ids)], general.k[i][:, :, : len(ids)], rtol=0, atol=0)
+            torch.testing.assert_close(lean.v[i][:, :, : len(ids)], general.v[i][:, :, : len(ids)], rtol=0, atol=0)
+
+
+def test_lean_step_is_not_used_while_weights_stream(rtn_ckpt):
+    with LazyModel.load(rtn_ckpt, RuntimeConfig(device="cpu", direct="off", cache_budget=parse_budget("25%"))) as lm:
+        st = Stepper(lm.model, slots=1, max_len=64, capacity=16)
+        st.forward(torch.tensor([PROMPTS[1]]), 0, [0])
+        st.forward(torch.tensor([[3]]), 0, [len(PROMPTS[1])])
+        assert st._lean is False  # hooks remain: the general step ran, and will look again next time
+
+
 def test_unsupported_architecture_is_named():
     class Other(torch.nn.Module):
         config = type("C", (), {"model_type": "gpt2"})()
