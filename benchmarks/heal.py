@@ -65,16 +65,9 @@ def _compress(src: Path, work: Path, label: str) -> Path:
 
 
 def _ppl(model: Path, ids: list[int], corpus: str, tokens: int) -> tuple[float, str]:
-    from thawed.runtime.eval import perplexity
-    from thawed.runtime.loading import load_for_inference
-    from thawed.runtime.model import RuntimeConfig
+    from thawed.runtime.eval import evaluate
 
-    loaded = load_for_inference(model, RuntimeConfig(device="cpu"))
-    try:
-        res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids[:tokens], ctx=1024,
-                         stride=512, corpus=corpus, device=loaded.device)
-    finally:
-        loaded.close()
+    res, _ = evaluate(model, corpus, ids=ids[:tokens], ctx=1024, stride=512)
     return res.perplexity, res.protocol
 
 

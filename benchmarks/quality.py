@@ -83,18 +83,10 @@ def _compress(src: Path, work: Path, row: str, calib_tokens: int, seed: int) -> 
 
 
 def _ppl(model_path: Path, corpus: str, tokens: int) -> dict:
-    from thawed.runtime.eval import load_corpus, perplexity
-    from thawed.runtime.loading import load_for_inference
-    from thawed.runtime.model import RuntimeConfig
+    from thawed.runtime.eval import evaluate
 
-    name, text = load_corpus(corpus)
-    loaded = load_for_inference(model_path, RuntimeConfig(device="cpu"))
-    try:
-        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-        res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=1024, corpus=name)
-    finally:
-        loaded.close()
-    assert math.isfinite(res.perplexity) and res.scored_tokens == len(ids) - 1, res
+    res, _ = evaluate(model_path, corpus, tokens=tokens, ctx=1024)
+    assert math.isfinite(res.perplexity) and res.scored_tokens == res.tokens - 1, res
     return {"perplexity": round(res.perplexity, 3), "protocol": res.protocol, "eval_seconds": round(res.seconds, 1)}
 
 

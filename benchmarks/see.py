@@ -113,16 +113,9 @@ def check_correctness(path: Path) -> str:
 
 
 def _ppl(model_path: Path, ids: list[int], ctx: int) -> tuple[float, str]:
-    from thawed.runtime.eval import perplexity
-    from thawed.runtime.loading import load_for_inference
-    from thawed.runtime.model import RuntimeConfig
+    from thawed.runtime.eval import evaluate
 
-    loaded = load_for_inference(model_path, RuntimeConfig(device="cpu"))
-    try:
-        res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=ctx,
-                         corpus="ptb-test", device=loaded.device)
-    finally:
-        loaded.close()
+    res, _ = evaluate(model_path, "ptb-test", ids=ids, ctx=ctx)
     return res.perplexity, res.protocol
 
 

@@ -376,30 +376,23 @@ def _peak_rss_mib() -> float | None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import load_corpus, perplexity
-    from .loading import load_for_inference
+    from .eval import evaluate
 
-    name, text = load_corpus(args.corpus, args.text_file)
-    loaded = load_for_inference(args.model, _runtime_config(args))
-    try:
-        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
-        show = sys.stderr.isatty() and not args.json
+    show = sys.stderr.isatty() and not args.json
 
-        def progress(i: int, n: int) -> None:
-            if show:
-                print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)
-
-        res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=args.ctx,
-                         stride=args.stride, corpus=name, device=loaded.device, progress=progress)
+    def progress(i: int, n: int) -> None:
         if show:
-            print(file=sys.stderr)
-    finally:
-        loaded.close()
-    out = res.as_dict() | {"model": str(args.model), "kind": loaded.kind}
+            print(f"\rwindow {i}/{n}", end="", file=sys.stderr, flush=True)
+
+    res, kind = evaluate(args.model, args.corpus, text_file=args.text_file, tokens=args.tokens, ctx=args.ctx,
+                         stride=args.stride, config=_runtime_config(args), progress=progress)
+    if show:
+        print(file=sys.stderr)
+    out = res.as_dict() | {"model": str(args.model), "kind": kind}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.model} ({loaded.kind}): perplexity {res.perplexity:.3f} on {res.scored_tokens} tokens "
+        print(f"{args.model} ({kind}): perplexity {res.perplexity:.3f} on {res.scored_tokens} tokens "
               f"[{res.protocol}] in {res.seconds:.1f}s")
     return 0
 

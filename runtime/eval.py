@@ -27,7 +27,7 @@ import torch
 
 from thawed.codecs.errors import ThawedError
 
-__all__ = ["PerplexityResult", "perplexity", "load_corpus", "describe_corpus", "pydoc_text", "CORPORA"]
+__all__ = ["PerplexityResult", "perplexity", "evaluate", "load_corpus", "describe_corpus", "pydoc_text", "CORPORA"]
 
 CORPORA = ("ptb-test", "ptb-valid", "ptb-train", "pydoc", "code-stdlib")
 
@@ -140,6 +140,29 @@ def perplexity(
         protocol=f"{describe_corpus(corpus)}: first {len(ids)} tokens, no BOS, window {ctx}, stride {stride}, "
         "fp32 log-softmax, every token after the first scored once",
     )
+
+
+def evaluate(model: str | Path, corpus: str | None = None, *, text_file: str | Path | None = None,
+             ids: list[int] | None = None, tokens: int | None = None, ctx: int = 1024, stride: int | None = None,
+             config=None, progress: Callable[[int, int], None] | None = None) -> tuple[PerplexityResult, str]:
+    """Perplexity of a thawed checkpoint or a dense HF folder (``load_for_inference``) on ``corpus``
+    (or ``text_file``), tokenized without BOS and cut to ``tokens``; or on the given ``ids`` (then
+    ``corpus`` only names them). Returns the result and the model's kind ("thawed" | "dense").
+    ``config``: a ``RuntimeConfig`` (default: the CPU, everything else default)."""
+    from .loading import load_for_inference
+    from .model import RuntimeConfig
+
+    name, text = (corpus or "", None) if ids is not None else load_corpus(corpus, text_file)
+    loaded = load_for_inference(model, config or RuntimeConfig(device="cpu"))
+    try:
+        if ids is None:
+            ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = ids[:tokens] if tokens else ids
+        res = perplexity(lambda x: loaded.model(input_ids=x, use_cache=False).logits, ids, ctx=ctx, stride=stride,
+                         corpus=name, device=loaded.device, progress=progress)
+    finally:
+        loaded.close()
+    return res, loaded.kind
 
 
 def _stdlib_code() -> str:
