@@ -138,19 +138,6 @@ def assemble_f32(exp: np.ndarray, rest: np.ndarray, out: np.ndarray, lo: int, hi
         out[i] = ((r2 >> 7) << 31) | (np.int64(exp[i]) << 23) | mant
 
 
-@njit("void(float32[:, ::1], float32[::1], float32[:, ::1], int64, int64)", cache=True, nogil=True)
-def transpose_scale(src: np.ndarray, scale: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
-    """``nwc``'s last step for output rows ``lo..hi-1``: ``out[r, c] = src[c, r] * scale[r]``
-    (``src`` [cols, P >= rows] decoded columns, ``out`` [rows, cols]); tiles of 16 rows keep both
-    sides in cache lines. The reference is ``Nwc.decode``'s torch code (same float32 product)."""
-    cols = src.shape[0]
-    for r0 in range(lo, hi, 16):
-        r1 = min(r0 + 16, hi)
-        for c in range(cols):
-            for r in range(r0, r1):
-                out[r, c] = src[c, r] * scale[r]
-
-
 @njit("void(uint8[::1], int64[::1], int64[::1], int64[::1], int64, int64, int64, int64, uint32[::1], int32[::1], "
       "uint16[:, ::1], int64, int64)", cache=True, nogil=True)
 def encode_range(sym: np.ndarray, table_of: np.ndarray, freq: np.ndarray, cum: np.ndarray, a: int,
@@ -192,3 +179,49 @@ def gather_words(buf: np.ndarray, counts: np.ndarray, start: np.ndarray, words: 
         s = start[j]
         for q in range(c):
             words[s + q] = buf[j, c - 1 - q]
+
+
+@njit("void(uint8[:, ::1], int64[::1], float32[:, ::1], int64, int64, int64, int64, float32[:, ::1])",
+      cache=True, nogil=True)
+def nwc_inputs(sym: np.ndarray, slot: np.ndarray, gain: np.ndarray, c0: int, c1: int, r0: int, r1: int,
+               x: np.ndarray) -> None:
+    """``nwc``'s decoder input for the block of columns ``c0..c1-1`` x rows ``r0..r1-1`` (multiples
+    of 16): chunk ``(j, q)`` (column ``c0 + j``, rows ``r0 + 16 q ..``) is row ``j * (r1 - r0) / 16 + q``
+    of ``x`` [B, 16 + U]: its 16 latents ``(symbol - 128) * gain[slot[col]]`` (the same float32
+    product as ``decode_chunks``), then a one-hot of the column's rate slot (``slot`` [cols] in
+    0..U-1, ``gain`` [U, 16]), which picks the slot's first-layer bias row in the matmul."""
+    m = (r1 - r0) // 16
+    kk = x.shape[1]
+    off = np.float32(128.0)
+    for j in range(c1 - c0):
+        col = c0 + j
+        s = slot[col]
+        src = sym[col]
+        for q in range(m):
+            row = j * m + q
+            b = r0 + q * 16
+            for ch in range(16):
+                x[row, ch] = (np.float32(src[b + ch]) - off) * gain[s, ch]
+            for u in range(16, kk):
+                x[row, u] = np.float32(0.0)
+            x[row, 16 + s] = np.float32(1.0)
+
+
+@njit("void(float32[:, ::1], float32[:, ::1], int64, int64, int64, int64, float32[::1], float32[:, ::1])",
+      cache=True, nogil=True)
+def nwc_store(o: np.ndarray, x: np.ndarray, c0: int, c1: int, r0: int, r1: int, scale: np.ndarray,
+              out: np.ndarray) -> None:
+    """``nwc``'s last decoder step for a block (``nwc_inputs``' layout): MLP output ``o`` [B, 16] plus
+    the latents (the residual, ``x[:, :16]``), times the row scale, into the weight ``out`` [rows,
+    cols] at rows ``r0..`` and columns ``c0..c1-1``: ``out[r, c] = (o + z) * scale[r]`` for the rows
+    that exist (the padding rows are dropped). Row by row, so every store runs along a row of
+    ``out``. The reference is ``decode_columns`` (``.add_(z)``) then the row scale."""
+    m = (r1 - r0) // 16
+    end = min(r1, out.shape[0])
+    for r in range(r0, end):
+        q = (r - r0) >> 4
+        ch = (r - r0) & 15
+        s = scale[r]
+        for j in range(c1 - c0):
+            row = j * m + q
+            out[r, c0 + j] = (o[row, ch] + x[row, ch]) * s

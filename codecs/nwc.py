@@ -60,7 +60,8 @@ from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, Tensor
                    stored_at_unit, train_dtype)
 from .errors import CodecError, CorruptPayloadError
 from .kernels import kernels_available
-from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, rate_index
+from .nwc_net import (ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, decode_weight_cpu,
+                      rate_index)
 
 __all__ = ["Nwc", "load_network", "NetworkFile", "column_levels", "RateProfile"]
 
@@ -70,6 +71,9 @@ WEIGHTS_DIR = Path(__file__).parent / "nwc_weights"
 # chunks per decoder MLP call: on a CPU small blocks on the decoder's own threads (nwc_net.decode_columns:
 # the activations stay in cache and no op starts an OpenMP team); a GPU wants big launches
 DECODE_BLOCK_CPU, DECODE_BLOCK_GPU = 500, 1 << 17
+# the compiled CPU path (nwc_net.decode_weight_cpu): 4096 chunks (a 1 MB hidden activation, in L2),
+# fewer Python iterations and matmuls large enough to run near the core's peak (docs/NWC.md)
+FAST_BLOCK_CPU = 4096
 LEVEL_BONUS = ((0.001, 6), (0.01, 4), (0.1, 2))  # (top fraction of columns by importance, extra grid steps)
 DEFAULT_LAM = 256.0
 ALLOC_MODES = ("global", "tensor")  # target_bpw: one slope across the checkpoint, or every tensor at the target
@@ -483,10 +487,11 @@ class Nwc(Codec, name="nwc", version=1):
                           prm["precision_bits"], cols * p, table_of=tid, what=f"tensor {spec.name!r} nwc latents",
                           backend=rans_backend).view(-1, CHUNK).to(dev)
         if dev.type == "cpu":
+            if rans_backend != "torch" and rans_numba.available():  # compiled steps around the MLP, no copies
+                return decode_weight_cpu(dec, sym.view(cols, p), lv, f["row_scale"], rows, FAST_BLOCK_CPU,
+                                         torch.get_num_threads()).to(dtype)
             out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU,
                                  torch.get_num_threads())
-            if rans_backend != "torch" and rans_numba.available():  # compiled, in the decoder's threads
-                return rans_numba.transpose_scale(out, f["row_scale"].to(torch.float32), rows).to(dtype)
         else:
             out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_GPU)
         w = out[:, :rows].t()

@@ -1,0 +1,100 @@
+"""``nwc``'s compiled CPU decode (``nwc_net.decode_weight_cpu`` and its kernels) against the
+pure-PyTorch reference (``decode_columns``, then the transpose and row scale), on odd shapes,
+several rate indices, tall columns cut into row blocks, 1-3 threads and under ``inference_mode``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thawed.codecs import EncodeContext, TensorSpec, rans_numba
+from thawed.codecs.nwc import WEIGHTS_DIR, Nwc, load_network
+from thawed.codecs.nwc_net import ALPHABET, CHUNK, decode_columns, decode_weight_cpu
+
+CPU = torch.device("cpu")
+SHIPPED = WEIGHTS_DIR / "default.safetensors"
+
+pytestmark = [pytest.mark.skipif(not rans_numba.available(), reason="numba is not installed"),
+              pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped network")]
+
+
+def _reference(state: dict, sym: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    cols, p = sym.shape
+    out = decode_columns(state, sym.view(cols, p // CHUNK, CHUNK), levels)
+    return (out[:, :rows].t() * scale[:, None]).contiguous()
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.shape == ref.shape and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.isfinite(got).all()
+    # float32 round-off of values ~|ref|: the only change is the order of the first layer's sums
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=2e-6 * float(ref.abs().max()))
+
+
+# (rows, cols, block, threads, rate indices): rows not a multiple of 16, one column, tall columns
+# cut into row blocks (block < chunks per column), blocks of a few columns, every rate index mixed
+@pytest.mark.parametrize("rows,cols,block,threads,n_levels", [
+    (1, 1, 4096, 1, 1), (17, 7, 4096, 1, 3), (40, 333, 64, 2, 5), (1030, 5, 16, 2, 2), (100, 50, 48, 3, 20),
+    (576, 40, 4096, 2, 4), (2000, 19, 300, 1, 6)])
+def test_compiled_decode_equals_reference(rows: int, cols: int, block: int, threads: int, n_levels: int) -> None:
+    state = load_network("default").decoder
+    grid = state["log_gain"].shape[0]
+    g = torch.Generator().manual_seed(rows * 31 + cols)
+    p = -(-rows // CHUNK) * CHUNK
+    sym = torch.randint(0, ALPHABET, (cols, p), dtype=torch.uint8, generator=g)
+    pick = torch.randperm(grid, generator=g)[:n_levels]
+    levels = pick[torch.randint(0, n_levels, (cols,), generator=g)].to(torch.uint8)
+    scale = (torch.rand(rows, generator=g) + 0.01).half().float()
+    ref = _reference(state, sym, levels, scale, rows)
+    got = decode_weight_cpu(state, sym, levels, scale, rows, block, threads)
+    _close(got, ref)
+    with torch.inference_mode():  # as the runtime decodes: worker threads write inference tensors
+        assert torch.equal(decode_weight_cpu(state, sym, levels, scale, rows, block, threads), got)
+
+
+def test_compiled_kernels_match_their_torch_expressions() -> None:
+    """The two kernels alone, bit for bit: latents + one-hot, and (o + z) * scale stored transposed."""
+    k = rans_numba.kernels()
+    g = torch.Generator().manual_seed(5)
+    cols, rows, c0, c1, r0, r1 = 9, 45, 2, 7, 16, 48
+    p = -(-rows // CHUNK) * CHUNK
+    sym = torch.randint(0, ALPHABET, (cols, p), dtype=torch.uint8, generator=g)
+    slot = torch.randint(0, 3, (cols,), generator=g)
+    gain = torch.rand(3, CHUNK, generator=g) + 0.1
+    m = (r1 - r0) // CHUNK
+    x = torch.full(((c1 - c0) * m, CHUNK + 3), float("nan"))
+    k.nwc_inputs(sym.numpy(), slot.numpy(), gain.numpy(), c0, c1, r0, r1, x.numpy())
+    blk = sym[c0:c1, r0:r1].reshape(c1 - c0, m, CHUNK)
+    z = (blk.to(torch.float32) - 128) * gain[slot[c0:c1]][:, None, :]
+    assert torch.equal(x[:, :CHUNK], z.reshape(-1, CHUNK))
+    assert torch.equal(x[:, CHUNK:], torch.nn.functional.one_hot(slot[c0:c1], 3).float().repeat_interleave(m, 0))
+    o = torch.randn(x.shape[0], CHUNK, generator=g)
+    scale = torch.rand(rows, generator=g)
+    out = torch.zeros(rows, cols)
+    k.nwc_store(o.numpy(), x.numpy(), c0, c1, r0, r1, scale.numpy(), out.numpy())
+    want = torch.zeros(rows, cols)
+    vals = (o + x[:, :CHUNK]).view(c1 - c0, m * CHUNK).t()[: rows - r0]  # rows r0.. of columns c0..c1-1
+    want[r0:r0 + vals.shape[0], c0:c1] = vals * scale[r0:r0 + vals.shape[0], None]
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nwc_decode_fast_path_equals_reference_path(threads: int) -> None:
+    """A real encoded tensor (the shipped network, several rate indices): the compiled decode and the
+    pure-PyTorch one (torch rANS, ``decode_columns``) give the same weights to round-off."""
+    g = torch.Generator().manual_seed(threads)
+    w = torch.randn(83, 61, generator=g) * torch.linspace(0.01, 0.1, 61)
+    imp = torch.rand(61, generator=g)
+    spec = TensorSpec("t.weight", tuple(w.shape), w.dtype, "linear")
+    codec = Nwc(lam=256.0, steps=37)
+    enc = codec.encode(w, spec, EncodeContext("t.weight", importance=imp))
+    assert len(torch.unique(enc.fields["levels"])) >= 2
+    shared = codec.shared_tensors()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = Nwc.decode(enc, spec, shared, CPU, torch.float32)
+        ref = Nwc.decode(enc, spec, shared, CPU, torch.float32, rans_backend="torch")
+    finally:
+        torch.set_num_threads(before)
+    _close(got, ref)
