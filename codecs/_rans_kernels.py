@@ -181,47 +181,55 @@ def gather_words(buf: np.ndarray, counts: np.ndarray, start: np.ndarray, words: 
             words[s + q] = buf[j, c - 1 - q]
 
 
-@njit("void(uint8[:, ::1], int64[::1], float32[:, ::1], int64, int64, int64, int64, float32[:, ::1])",
-      cache=True, nogil=True)
-def nwc_inputs(sym: np.ndarray, slot: np.ndarray, gain: np.ndarray, c0: int, c1: int, r0: int, r1: int,
-               x: np.ndarray) -> None:
-    """``nwc``'s decoder input for the block of columns ``c0..c1-1`` x rows ``r0..r1-1`` (multiples
-    of 16): chunk ``(j, q)`` (column ``c0 + j``, rows ``r0 + 16 q ..``) is row ``j * (r1 - r0) / 16 + q``
-    of ``x`` [B, 16 + U]: its 16 latents ``(symbol - 128) * gain[slot[col]]`` (the same float32
-    product as ``decode_chunks``), then a one-hot of the column's rate slot (``slot`` [cols] in
-    0..U-1, ``gain`` [U, 16]), which picks the slot's first-layer bias row in the matmul."""
+@njit("void(uint8[:, ::1], int64[::1], float32[:, ::1], float32[::1], int64, int64, int64, int64, float32[:, ::1], "
+      "float32[:, ::1])", cache=True, nogil=True)
+def nwc_inputs(sym: np.ndarray, slot: np.ndarray, gain: np.ndarray, b3: np.ndarray, c0: int, c1: int, r0: int,
+               r1: int, x: np.ndarray, acc: np.ndarray) -> None:
+    """``nwc``'s decoder input for the block of columns ``c0..c1-1`` x rows ``r0..r1-1`` (multiples of
+    16; ``sym`` [cols, P] uint8 as the rANS decoder writes it). The chunk of column ``c0 + j`` at
+    rows ``r0 + 16 q ..`` is block row ``q * (c1 - c0) + j``. Writes ``x`` [B, 16 + U]: the 16
+    latents ``z = (symbol - 128) * gain[slot[col]]`` (``decode_chunks``' float32 product), then a
+    one-hot of the column's rate slot (``slot`` [cols] in 0..U-1, ``gain`` [U, 16]), which picks
+    that slot's first-layer bias in the matmul; and ``acc`` [16, B] = ``z + b3``, transposed: the
+    residual and last bias, to which the last layer's matmul is added in place."""
+    nb = c1 - c0
     m = (r1 - r0) // 16
     kk = x.shape[1]
     off = np.float32(128.0)
-    for j in range(c1 - c0):
+    for j in range(nb):
         col = c0 + j
         s = slot[col]
         src = sym[col]
         for q in range(m):
-            row = j * m + q
+            row = q * nb + j
             b = r0 + q * 16
             for ch in range(16):
-                x[row, ch] = (np.float32(src[b + ch]) - off) * gain[s, ch]
+                z = (np.float32(src[b + ch]) - off) * gain[s, ch]
+                x[row, ch] = z
+                acc[ch, row] = z + b3[ch]
             for u in range(16, kk):
                 x[row, u] = np.float32(0.0)
             x[row, 16 + s] = np.float32(1.0)
 
 
-@njit("void(float32[:, ::1], float32[:, ::1], int64, int64, int64, int64, float32[::1], float32[:, ::1])",
-      cache=True, nogil=True)
-def nwc_store(o: np.ndarray, x: np.ndarray, c0: int, c1: int, r0: int, r1: int, scale: np.ndarray,
-              out: np.ndarray) -> None:
-    """``nwc``'s last decoder step for a block (``nwc_inputs``' layout): MLP output ``o`` [B, 16] plus
-    the latents (the residual, ``x[:, :16]``), times the row scale, into the weight ``out`` [rows,
-    cols] at rows ``r0..`` and columns ``c0..c1-1``: ``out[r, c] = (o + z) * scale[r]`` for the rows
-    that exist (the padding rows are dropped). Row by row, so every store runs along a row of
-    ``out``. The reference is ``decode_columns`` (``.add_(z)``) then the row scale."""
+@njit("void(float32[:, ::1], int64, int64, int64, int64, float32[::1], float32[:, ::1])", cache=True, nogil=True)
+def nwc_store(acc: np.ndarray, c0: int, c1: int, r0: int, r1: int, scale: np.ndarray, out: np.ndarray) -> None:
+    """``nwc``'s last decoder step for a block (``nwc_inputs``' layout): the decoded chunks ``acc``
+    [16, B] (residual + last layer, transposed) times the row scale into the weight ``out`` [rows,
+    cols] at rows ``r0..`` (those that exist: the padding rows are dropped) and columns
+    ``c0..c1-1``. In this layout a block row ``q``'s channel ``ch`` is ``acc[ch, q*nb : (q+1)*nb]``,
+    contiguous, and lands contiguous in row ``r0 + 16 q + ch`` of ``out``: a plain scaled copy."""
+    nb = c1 - c0
     m = (r1 - r0) // 16
-    end = min(r1, out.shape[0])
-    for r in range(r0, end):
-        q = (r - r0) >> 4
-        ch = (r - r0) & 15
-        s = scale[r]
-        for j in range(c1 - c0):
-            row = j * m + q
-            out[r, c0 + j] = (o[row, ch] + x[row, ch]) * s
+    rows = out.shape[0]
+    for q in range(m):
+        for ch in range(16):
+            r = r0 + q * 16 + ch
+            if r >= rows:
+                return
+            s = scale[r]
+            src = acc[ch]
+            dst = out[r]
+            base = q * nb
+            for j in range(nb):
+                dst[c0 + j] = src[base + j] * s

@@ -53,27 +53,31 @@ def test_compiled_decode_equals_reference(rows: int, cols: int, block: int, thre
 
 
 def test_compiled_kernels_match_their_torch_expressions() -> None:
-    """The two kernels alone, bit for bit: latents + one-hot, and (o + z) * scale stored transposed."""
+    """The two kernels alone, bit for bit: latents + one-hot (+ the transposed residual), and the
+    scaled store of a block into its rows and columns of the weight."""
     k = rans_numba.kernels()
     g = torch.Generator().manual_seed(5)
     cols, rows, c0, c1, r0, r1 = 9, 45, 2, 7, 16, 48
+    nb, m = c1 - c0, (r1 - r0) // CHUNK
     p = -(-rows // CHUNK) * CHUNK
     sym = torch.randint(0, ALPHABET, (cols, p), dtype=torch.uint8, generator=g)
     slot = torch.randint(0, 3, (cols,), generator=g)
     gain = torch.rand(3, CHUNK, generator=g) + 0.1
-    m = (r1 - r0) // CHUNK
-    x = torch.full(((c1 - c0) * m, CHUNK + 3), float("nan"))
-    k.nwc_inputs(sym.numpy(), slot.numpy(), gain.numpy(), c0, c1, r0, r1, x.numpy())
-    blk = sym[c0:c1, r0:r1].reshape(c1 - c0, m, CHUNK)
-    z = (blk.to(torch.float32) - 128) * gain[slot[c0:c1]][:, None, :]
-    assert torch.equal(x[:, :CHUNK], z.reshape(-1, CHUNK))
-    assert torch.equal(x[:, CHUNK:], torch.nn.functional.one_hot(slot[c0:c1], 3).float().repeat_interleave(m, 0))
-    o = torch.randn(x.shape[0], CHUNK, generator=g)
+    b3 = torch.randn(CHUNK, generator=g)
+    x = torch.full((nb * m, CHUNK + 3), float("nan"))
+    acc = torch.full((CHUNK, nb * m), float("nan"))
+    k.nwc_inputs(sym.numpy(), slot.numpy(), gain.numpy(), b3.numpy(), c0, c1, r0, r1, x.numpy(), acc.numpy())
+    blk = sym[c0:c1, r0:r1].reshape(nb, m, CHUNK).transpose(0, 1)  # block row q * nb + j
+    z = ((blk.to(torch.float32) - 128) * gain[slot[c0:c1]][None, :, :]).reshape(-1, CHUNK)
+    assert torch.equal(x[:, :CHUNK], z)
+    assert torch.equal(x[:, CHUNK:], torch.nn.functional.one_hot(slot[c0:c1], 3).float().repeat(m, 1))
+    assert torch.equal(acc, (z + b3).t())
+    acc = torch.randn(CHUNK, nb * m, generator=g)
     scale = torch.rand(rows, generator=g)
     out = torch.zeros(rows, cols)
-    k.nwc_store(o.numpy(), x.numpy(), c0, c1, r0, r1, scale.numpy(), out.numpy())
+    k.nwc_store(acc.numpy(), c0, c1, r0, r1, scale.numpy(), out.numpy())
     want = torch.zeros(rows, cols)
-    vals = (o + x[:, :CHUNK]).view(c1 - c0, m * CHUNK).t()[: rows - r0]  # rows r0.. of columns c0..c1-1
+    vals = acc.view(CHUNK, m, nb).permute(1, 0, 2).reshape(m * CHUNK, nb)[: rows - r0]  # row r0 + 16 q + ch
     want[r0:r0 + vals.shape[0], c0:c1] = vals * scale[r0:r0 + vals.shape[0], None]
     assert torch.equal(out, want)
 
