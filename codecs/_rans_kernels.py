@@ -64,7 +64,7 @@ def slot_tables(tables: np.ndarray, used: np.ndarray, precision_bits: int) -> tu
     return slot_sym, freq_cum
 
 
-BLOCK = 32  # lanes decoded together, step by step
+BLOCK = 64  # lanes decoded together, step by step (64: one step of a block fills a cache line of output)
 
 
 @njit("int64[::1](uint32[::1], uint16[::1], int64[::1], int64[::1], uint8[::1], uint32[::1], int16[::1], "
