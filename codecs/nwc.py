@@ -44,6 +44,7 @@ error pushed onto the not-yet-encoded columns through the Cholesky factor of the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ import torch
 from torch import Tensor
 
 from . import rans, rans_numba
+from ._one_thread import one_thread
 from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param,
                    stored_at_unit, train_dtype)
 from .errors import CodecError, CorruptPayloadError
@@ -465,33 +467,40 @@ class Nwc(Codec, name="nwc", version=1):
             from .kernels import nwc as knwc
 
             return knwc.decode(enc.to(dev), spec, dtype, shared=shared)
-        f = cls.checked_fields(enc, spec, dev)
-        if entropy_on_cpu is None:
-            entropy_on_cpu = dev.type != "cpu"
-        ent = torch.device("cpu") if entropy_on_cpu else dev
-        prm = enc.params
-        rows, cols = prm["rows"], prm["cols"]
-        p = -(-rows // CHUNK) * CHUNK
-        lv, used = cls.levels_used(f, spec, prm)
-        dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
-        # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
-        if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy
-            lv_np = f["levels"].cpu().numpy().astype(np.int16)
-            ids = lv_np[:, None, None] * CHUNK + np.arange(CHUNK, dtype=np.int16)
-            tid = torch.from_numpy(np.broadcast_to(ids, (cols, p // CHUNK, CHUNK)).copy().reshape(-1))
-        else:
-            lv_e = f["levels"].to(ent, torch.int16)
-            tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent, dtype=torch.int16))
-            tid = tid.expand(cols, p // CHUNK, CHUNK).reshape(-1)
+        # the compiled CPU path brings its own threads (rANS lanes and MLP bands, ``threads`` of each) and
+        # runs every torch op on one (``one_thread``): an op big enough for an OpenMP team of the
+        # caller's size (the tables below, a dtype cast) pays a barrier, which on a busy machine waits for
+        # a descheduled thread (measured: 7 ms for one 327 KB ``torch.ones`` with torch.set_num_threads(2))
+        compiled = dev.type == "cpu" and rans_backend != "torch" and rans_numba.available()
+        threads = torch.get_num_threads()
+        with one_thread() if compiled else contextlib.nullcontext():
+            f = cls.checked_fields(enc, spec, dev)
+            if entropy_on_cpu is None:
+                entropy_on_cpu = dev.type != "cpu"
+            ent = torch.device("cpu") if entropy_on_cpu else dev
+            prm = enc.params
+            rows, cols = prm["rows"], prm["cols"]
+            p = -(-rows // CHUNK) * CHUNK
+            lv, used = cls.levels_used(f, spec, prm)
+            dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
+            # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
+            if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy
+                lv_np = f["levels"].cpu().numpy().astype(np.int16)
+                ids = lv_np[:, None, None] * CHUNK + np.arange(CHUNK, dtype=np.int16)
+                tid = torch.from_numpy(np.broadcast_to(ids, (cols, p // CHUNK, CHUNK)).copy().reshape(-1))
+            else:
+                lv_e = f["levels"].to(ent, torch.int16)
+                tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent, dtype=torch.int16))
+                tid = tid.expand(cols, p // CHUNK, CHUNK).reshape(-1)
         sym = rans.decode(f["states"].to(ent), f["words"].to(ent), f["lane_words"].to(ent), tables,
                           prm["precision_bits"], cols * p, table_of=tid, what=f"tensor {spec.name!r} nwc latents",
                           backend=rans_backend).view(-1, CHUNK).to(dev)
-        if dev.type == "cpu":
-            if rans_backend != "torch" and rans_numba.available():  # compiled steps around the MLP, no copies
+        if compiled:  # compiled steps around the MLP, no copies
+            with one_thread():
                 return decode_weight_cpu(dec, sym.view(cols, p), lv, f["row_scale"], rows, FAST_BLOCK_CPU,
-                                         torch.get_num_threads()).to(dtype)
-            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU,
-                                 torch.get_num_threads())
+                                         threads).to(dtype)
+        if dev.type == "cpu":
+            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU, threads)
         else:
             out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_GPU)
         w = out[:, :rows].t()

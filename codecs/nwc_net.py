@@ -140,6 +140,7 @@ def decode_weight_cpu(state: Mapping[str, Tensor], symbols: Tensor, levels: Tens
     Bands of ~4096 chunks (a 1 MB hidden activation, in L2) measured best here (docs/NWC.md).
     """
     from . import rans_numba
+    from ._one_thread import one_thread
 
     kern = rans_numba.kernels()
     cols, p = symbols.shape
@@ -168,7 +169,7 @@ def decode_weight_cpu(state: Mapping[str, Tensor], symbols: Tensor, levels: Tens
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def run(part: int) -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), one_thread():
             cap = nb * m
             x, h1, h2, acc = torch.empty(cap, kk), torch.empty(cap, h), torch.empty(cap, h), torch.empty(CHUNK * cap)
             views: dict[int, tuple] = {}  # per block size: the buffers' views (most blocks share one size)

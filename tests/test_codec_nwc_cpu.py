@@ -102,3 +102,38 @@ def test_nwc_decode_fast_path_equals_reference_path(threads: int) -> None:
     finally:
         torch.set_num_threads(before)
     _close(got, ref)
+
+
+def test_one_thread_holds_in_a_fresh_thread_and_restores() -> None:
+    """The band threads' guard: one OpenMP thread (and one MKL thread) even in a thread whose first
+    torch op would reset the team to the process count, restored afterwards."""
+    import ctypes
+    import os
+    import threading
+
+    from thawed.codecs._one_thread import _libs, one_thread
+
+    gomp, mkl = _libs()
+    if gomp is None:
+        pytest.skip("torch has no bundled libgomp here")
+    seen: list[tuple[int, int | None, int, int | None]] = []
+    mkl_max = None
+    if mkl is not None:
+        mkl_max = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Get_Max_Threads
+        mkl_max.restype = ctypes.c_int
+
+    def fresh() -> None:
+        with one_thread():
+            inside = (torch.get_num_threads(), mkl_max() if mkl_max else None)
+        seen.append((*inside, torch.get_num_threads(), mkl_max() if mkl_max else None))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t = threading.Thread(target=fresh)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0][0] == 1 and seen[0][1] in (None, 1)
+    assert seen[0][2] == 2 and seen[0][3] in (None, 2)  # restored: the process count again
