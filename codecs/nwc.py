@@ -31,10 +31,13 @@ file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**pre
 
 Decode: rANS over all lanes at once (on CUDA with Triton: the lane decoder ``kernels.rans`` on the
 device, then the MLP as batched matmuls, ``kernels.nwc``; otherwise ``rans.decode``: compiled on
-the CPU when numba imports, else the torch reference on the payload's device), then
-the decoder MLP over columns grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks on the
-decode device (``nwc_net.decode_columns``; on a CPU on ``torch.get_num_threads()`` threads), then
-the row scales. Decoding is integer-exact up to
+the CPU when numba imports, else the torch reference on the payload's device), then the decoder
+MLP. On a CPU with numba: ``nwc_net.decode_weight_cpu`` (bands of rows, compiled kernels around
+three matmuls, each band stored straight into the weight with its row scales; on
+``torch.get_num_threads()`` Python threads, each running its torch ops on one thread). Otherwise
+(the reference, ``rans_backend="torch"``, other devices): ``nwc_net.decode_columns`` over columns
+grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks, then the transpose and the row
+scales. The two agree to float32 round-off (tests/test_codec_nwc_cpu.py). Decoding is integer-exact up to
 the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
 input Gram matrix from calibration in ``ctx.extras["input_gram"]``; off by default because on SmolLM2
 it measured worse, docs/NWC.md): the shared GPTQ stage (``codecs/gptq.py``: dampening ``damp``,
