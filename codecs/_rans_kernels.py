@@ -122,7 +122,8 @@ def decode_range(states: np.ndarray, words: np.ndarray, start: np.ndarray, end: 
                 x = (fc >> 16) * (x >> k) + np.int64(slot) - (fc & 0xFFFF)  # freq * (x >> k) + slot - cum
                 p = ps[qq]
                 need = x < _L
-                w = np.int64(words[np.uint64(min(p, wmax))]) if p <= wmax else np.int64(0)  # past the end: 0, as the reference
+                # past the end: 0, as the reference
+                w = np.int64(words[np.uint64(min(p, wmax))]) if p <= wmax else np.int64(0)
                 xs[qq] = ((x << 16) | w) if need else x
                 ps[qq] = p + need
         for q in range(g):

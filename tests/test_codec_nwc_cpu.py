@@ -119,7 +119,8 @@ def test_one_thread_holds_in_a_fresh_thread_and_restores() -> None:
     seen: list[tuple[int, int | None, int, int | None]] = []
     mkl_max = None
     if mkl is not None:
-        mkl_max = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Get_Max_Threads
+        lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        mkl_max = ctypes.CDLL(lib).MKL_Get_Max_Threads
         mkl_max.restype = ctypes.c_int
 
     def fresh() -> None:
