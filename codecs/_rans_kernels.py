@@ -64,7 +64,7 @@ def slot_tables(tables: np.ndarray, used: np.ndarray, precision_bits: int) -> tu
     return slot_sym, freq_cum
 
 
-BLOCK = 32  # lanes decoded together, step by step
+BLOCK = 64  # lanes decoded together, step by step (64: one step of a block fills a cache line of output)
 
 
 @njit("int64[::1](uint32[::1], uint16[::1], int64[::1], int64[::1], uint8[::1], uint32[::1], int16[::1], "
@@ -93,6 +93,7 @@ def decode_range(states: np.ndarray, words: np.ndarray, start: np.ndarray, end: 
     m = np.int64(1) << k
     a = np.int64(freq_cum.shape[0] // max(1, slot_sym.shape[0] // m))
     mask = m - 1
+    um, ua = np.uint64(m), np.uint64(a)
     steps = (n + lanes - 1) // lanes
     last_active = n - (steps - 1) * lanes
     multi = table_of.shape[0] > 0
@@ -108,19 +109,23 @@ def decode_range(states: np.ndarray, words: np.ndarray, start: np.ndarray, end: 
             active = g if t < steps - 1 else max(0, min(g, last_active - j0))
             base = t * lanes + j0
             for q in range(active):
-                i = base + q
-                x = xs[q]
-                u = np.int64(local_of[table_of[i]]) if multi else np.int64(0)
-                slot = x & mask
-                s = np.int64(slot_sym[u * m + slot])
+                # unsigned indices: numba adds a negative-index wraparound to every signed one (here
+                # ~40 % of the loop's time); every index below is >= 0 by construction
+                i = np.uint64(base + q)
+                qq = np.uint64(q)
+                x = xs[qq]
+                u = np.uint64(local_of[np.uint64(table_of[i])]) if multi else np.uint64(0)
+                slot = np.uint64(x & mask)
+                s = slot_sym[u * um + slot]
                 out[i] = s
-                fc = np.int64(freq_cum[u * a + s])
-                x = (fc >> 16) * (x >> k) + slot - (fc & 0xFFFF)  # freq * (x >> k) + slot - cum
-                p = ps[q]
+                fc = np.int64(freq_cum[u * ua + np.uint64(s)])
+                x = (fc >> 16) * (x >> k) + np.int64(slot) - (fc & 0xFFFF)  # freq * (x >> k) + slot - cum
+                p = ps[qq]
                 need = x < _L
-                w = np.int64(words[min(p, wmax)]) if p <= wmax else np.int64(0)  # past the end: 0, as the reference
-                xs[q] = ((x << 16) | w) if need else x
-                ps[q] = p + need
+                # past the end: 0, as the reference
+                w = np.int64(words[np.uint64(min(p, wmax))]) if p <= wmax else np.int64(0)
+                xs[qq] = ((x << 16) | w) if need else x
+                ps[qq] = p + need
         for q in range(g):
             bad[0] += xs[q] != _L
             bad[1] += ps[q] != end[j0 + q]
@@ -136,19 +141,6 @@ def assemble_f32(exp: np.ndarray, rest: np.ndarray, out: np.ndarray, lo: int, hi
         r2 = np.int64(rest[2, i])
         mant = np.int64(rest[0, i]) | (np.int64(rest[1, i]) << 8) | ((r2 & 0x7F) << 16)
         out[i] = ((r2 >> 7) << 31) | (np.int64(exp[i]) << 23) | mant
-
-
-@njit("void(float32[:, ::1], float32[::1], float32[:, ::1], int64, int64)", cache=True, nogil=True)
-def transpose_scale(src: np.ndarray, scale: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
-    """``nwc``'s last step for output rows ``lo..hi-1``: ``out[r, c] = src[c, r] * scale[r]``
-    (``src`` [cols, P >= rows] decoded columns, ``out`` [rows, cols]); tiles of 16 rows keep both
-    sides in cache lines. The reference is ``Nwc.decode``'s torch code (same float32 product)."""
-    cols = src.shape[0]
-    for r0 in range(lo, hi, 16):
-        r1 = min(r0 + 16, hi)
-        for c in range(cols):
-            for r in range(r0, r1):
-                out[r, c] = src[c, r] * scale[r]
 
 
 @njit("void(uint8[::1], int64[::1], int64[::1], int64[::1], int64, int64, int64, int64, uint32[::1], int32[::1], "
@@ -192,3 +184,54 @@ def gather_words(buf: np.ndarray, counts: np.ndarray, start: np.ndarray, words: 
         s = start[j]
         for q in range(c):
             words[s + q] = buf[j, c - 1 - q]
+
+
+@njit("void(uint8[:, ::1], int64[::1], float32[:, ::1], float32[::1], int64, int64, int64, int64, float32[:, ::1], "
+      "float32[:, ::1])", cache=True, nogil=True)
+def nwc_inputs(sym: np.ndarray, slot: np.ndarray, gain: np.ndarray, b3: np.ndarray, c0: int, c1: int, r0: int,
+               r1: int, x: np.ndarray, acc: np.ndarray) -> None:
+    """``nwc``'s decoder input for the block of columns ``c0..c1-1`` x rows ``r0..r1-1`` (multiples of
+    16; ``sym`` [cols, P] uint8 as the rANS decoder writes it). The chunk of column ``c0 + j`` at
+    rows ``r0 + 16 q ..`` is block row ``q * (c1 - c0) + j``. Writes ``x`` [B, 16 + U]: the 16
+    latents ``z = (symbol - 128) * gain[slot[col]]`` (``decode_chunks``' float32 product), then a
+    one-hot of the column's rate slot (``slot`` [cols] in 0..U-1, ``gain`` [U, 16]), which picks
+    that slot's first-layer bias in the matmul; and ``acc`` [16, B] = ``z + b3``, transposed: the
+    residual and last bias, to which the last layer's matmul is added in place."""
+    nb = np.uint64(c1 - c0)  # unsigned indices throughout: no wraparound checks (see decode_range)
+    m = np.uint64((r1 - r0) // 16)
+    kk = np.uint64(x.shape[1])
+    off = np.float32(128.0)
+    for j in range(nb):
+        col = np.uint64(c0) + j
+        s = np.uint64(slot[col])
+        for q in range(m):
+            row = q * nb + j
+            b = np.uint64(r0) + q * np.uint64(16)
+            for ch in range(np.uint64(16)):
+                z = (np.float32(sym[col, b + ch]) - off) * gain[s, ch]
+                x[row, ch] = z
+                acc[ch, row] = z + b3[ch]
+            for u in range(np.uint64(16), kk):
+                x[row, u] = np.float32(0.0)
+            x[row, np.uint64(16) + s] = np.float32(1.0)
+
+
+@njit("void(float32[:, ::1], int64, int64, int64, int64, float32[::1], float32[:, ::1])", cache=True, nogil=True)
+def nwc_store(acc: np.ndarray, c0: int, c1: int, r0: int, r1: int, scale: np.ndarray, out: np.ndarray) -> None:
+    """``nwc``'s last decoder step for a block (``nwc_inputs``' layout): the decoded chunks ``acc``
+    [16, B] (residual + last layer, transposed) times the row scale into the weight ``out`` [rows,
+    cols] at rows ``r0..`` (those that exist: the padding rows are dropped) and columns
+    ``c0..c1-1``. In this layout a block row ``q``'s channel ``ch`` is ``acc[ch, q*nb : (q+1)*nb]``,
+    contiguous, and lands contiguous in row ``r0 + 16 q + ch`` of ``out``: a plain scaled copy."""
+    nb = np.uint64(c1 - c0)  # unsigned indices: no wraparound checks (see decode_range)
+    m = np.uint64((r1 - r0) // 16)
+    rows = np.uint64(out.shape[0])
+    for q in range(m):
+        for ch in range(np.uint64(16)):
+            r = np.uint64(r0) + q * np.uint64(16) + ch
+            if r >= rows:
+                return
+            s = scale[r]
+            base = q * nb
+            for j in range(nb):
+                out[r, np.uint64(c0) + j] = acc[ch, base + j] * s

@@ -31,10 +31,13 @@ file uses, its entropy tables ``kNN.freq`` [16, 256] int16 (rows sum to ``2**pre
 
 Decode: rANS over all lanes at once (on CUDA with Triton: the lane decoder ``kernels.rans`` on the
 device, then the MLP as batched matmuls, ``kernels.nwc``; otherwise ``rans.decode``: compiled on
-the CPU when numba imports, else the torch reference on the payload's device), then
-the decoder MLP over columns grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks on the
-decode device (``nwc_net.decode_columns``; on a CPU on ``torch.get_num_threads()`` threads), then
-the row scales. Decoding is integer-exact up to
+the CPU when numba imports, else the torch reference on the payload's device), then the decoder
+MLP. On a CPU with numba: ``nwc_net.decode_weight_cpu`` (bands of rows, compiled kernels around
+three matmuls, each band stored straight into the weight with its row scales; on
+``torch.get_num_threads()`` Python threads, each running its torch ops on one thread). Otherwise
+(the reference, ``rans_backend="torch"``, other devices): ``nwc_net.decode_columns`` over columns
+grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks, then the transpose and the row
+scales. The two agree to float32 round-off (tests/test_codec_nwc_cpu.py). Decoding is integer-exact up to
 the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
 input Gram matrix from calibration in ``ctx.extras["input_gram"]``; off by default because on SmolLM2
 it measured worse, docs/NWC.md): the shared GPTQ stage (``codecs/gptq.py``: dampening ``damp``,
@@ -44,6 +47,7 @@ error pushed onto the not-yet-encoded columns through the Cholesky factor of the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -56,11 +60,13 @@ import torch
 from torch import Tensor
 
 from . import rans, rans_numba
+from ._one_thread import one_thread
 from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param,
                    stored_at_unit, train_dtype)
 from .errors import CodecError, CorruptPayloadError
 from .kernels import kernels_available
-from .nwc_net import ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, rate_index
+from .nwc_net import (ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, decode_weight_cpu,
+                      rate_index)
 
 __all__ = ["Nwc", "load_network", "NetworkFile", "column_levels", "RateProfile"]
 
@@ -70,6 +76,9 @@ WEIGHTS_DIR = Path(__file__).parent / "nwc_weights"
 # chunks per decoder MLP call: on a CPU small blocks on the decoder's own threads (nwc_net.decode_columns:
 # the activations stay in cache and no op starts an OpenMP team); a GPU wants big launches
 DECODE_BLOCK_CPU, DECODE_BLOCK_GPU = 500, 1 << 17
+# the compiled CPU path (nwc_net.decode_weight_cpu): 4096 chunks (a 1 MB hidden activation, in L2),
+# fewer Python iterations and matmuls large enough to run near the core's peak (docs/NWC.md)
+FAST_BLOCK_CPU = 4096
 LEVEL_BONUS = ((0.001, 6), (0.01, 4), (0.1, 2))  # (top fraction of columns by importance, extra grid steps)
 DEFAULT_LAM = 256.0
 ALLOC_MODES = ("global", "tensor")  # target_bpw: one slope across the checkpoint, or every tensor at the target
@@ -461,32 +470,40 @@ class Nwc(Codec, name="nwc", version=1):
             from .kernels import nwc as knwc
 
             return knwc.decode(enc.to(dev), spec, dtype, shared=shared)
-        f = cls.checked_fields(enc, spec, dev)
-        if entropy_on_cpu is None:
-            entropy_on_cpu = dev.type != "cpu"
-        ent = torch.device("cpu") if entropy_on_cpu else dev
-        prm = enc.params
-        rows, cols = prm["rows"], prm["cols"]
-        p = -(-rows // CHUNK) * CHUNK
-        lv, used = cls.levels_used(f, spec, prm)
-        dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
-        # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
-        if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy
-            lv_np = f["levels"].cpu().numpy().astype(np.int16)
-            ids = lv_np[:, None, None] * CHUNK + np.arange(CHUNK, dtype=np.int16)
-            tid = torch.from_numpy(np.broadcast_to(ids, (cols, p // CHUNK, CHUNK)).copy().reshape(-1))
-        else:
-            lv_e = f["levels"].to(ent, torch.int16)
-            tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent, dtype=torch.int16))
-            tid = tid.expand(cols, p // CHUNK, CHUNK).reshape(-1)
+        # the compiled CPU path brings its own threads (rANS lanes and MLP bands, ``threads`` of each) and
+        # runs every torch op on one (``one_thread``): an op big enough for an OpenMP team of the
+        # caller's size (the tables below, a dtype cast) pays a barrier, which on a busy machine waits for
+        # a descheduled thread (measured: 7 ms for one 327 KB ``torch.ones`` with torch.set_num_threads(2))
+        compiled = dev.type == "cpu" and rans_backend != "torch" and rans_numba.available()
+        threads = torch.get_num_threads()
+        with one_thread() if compiled else contextlib.nullcontext():
+            f = cls.checked_fields(enc, spec, dev)
+            if entropy_on_cpu is None:
+                entropy_on_cpu = dev.type != "cpu"
+            ent = torch.device("cpu") if entropy_on_cpu else dev
+            prm = enc.params
+            rows, cols = prm["rows"], prm["cols"]
+            p = -(-rows // CHUNK) * CHUNK
+            lv, used = cls.levels_used(f, spec, prm)
+            dec, tables = cls._shared(spec, shared, prm, used, dev, ent)
+            # table of every symbol: level of its column * 16 + latent channel (< grid * 16 <= 4096: int16)
+            if ent.type == "cpu":  # numpy: one thread, no OpenMP team for this n-element copy
+                lv_np = f["levels"].cpu().numpy().astype(np.int16)
+                ids = lv_np[:, None, None] * CHUNK + np.arange(CHUNK, dtype=np.int16)
+                tid = torch.from_numpy(np.broadcast_to(ids, (cols, p // CHUNK, CHUNK)).copy().reshape(-1))
+            else:
+                lv_e = f["levels"].to(ent, torch.int16)
+                tid = (lv_e[:, None, None] * CHUNK + torch.arange(CHUNK, device=ent, dtype=torch.int16))
+                tid = tid.expand(cols, p // CHUNK, CHUNK).reshape(-1)
         sym = rans.decode(f["states"].to(ent), f["words"].to(ent), f["lane_words"].to(ent), tables,
                           prm["precision_bits"], cols * p, table_of=tid, what=f"tensor {spec.name!r} nwc latents",
                           backend=rans_backend).view(-1, CHUNK).to(dev)
+        if compiled:  # compiled steps around the MLP, no copies
+            with one_thread():
+                return decode_weight_cpu(dec, sym.view(cols, p), lv, f["row_scale"], rows, FAST_BLOCK_CPU,
+                                         threads).to(dtype)
         if dev.type == "cpu":
-            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU,
-                                 torch.get_num_threads())
-            if rans_backend != "torch" and rans_numba.available():  # compiled, in the decoder's threads
-                return rans_numba.transpose_scale(out, f["row_scale"].to(torch.float32), rows).to(dtype)
+            out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_CPU, threads)
         else:
             out = decode_columns(dec, sym.view(cols, p // CHUNK, CHUNK), lv, DECODE_BLOCK_GPU)
         w = out[:, :rows].t()

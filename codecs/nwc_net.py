@@ -25,6 +25,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -113,6 +114,85 @@ def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor,
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(cols, device=order.device)
     return _rows(out, inverse)
+
+
+def decode_weight_cpu(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor, row_scale: Tensor, rows: int,
+                      block: int = 4096, threads: int = 1) -> Tensor:
+    """The CPU fast path of a whole nwc weight (needs numba): symbols [cols, P] uint8 in the rANS
+    decoder's order, a rate index per column [cols] and the row scales [rows] -> the weight
+    [rows, cols] float32, equal to the reference (``decode_columns``, then ``w[:, :rows].t() *
+    row_scale``) within float32 round-off; tests compare them.
+
+    The weight is cut into bands of rows across all its columns (``block`` chunks or so; columns in
+    slabs of ``block`` when there are more). Per band: a compiled kernel turns the symbols into
+    the MLP's input (``nwc_inputs``: the latents ``(s - 128) * gain`` of each column's rate index,
+    then a one-hot of that rate index among the ``U`` the tensor uses) and into the residual plus
+    last bias, transposed; the MLP runs as three matmuls into buffers every band reuses (the first
+    takes its bias through the one-hot -- ``w1`` extended by the rows ``b1 + emb[k]``, so columns
+    of any rate index share a band -- and the last is added in place to the transposed residual);
+    a compiled kernel scales the rows and copies the band into the weight along whole rows
+    (``nwc_store``). No regrouping by rate index, no un-sorting, no separate transpose pass. The
+    arithmetic differs from the reference only in the order of the first layer's and the last
+    layer's sums (``b1 + emb[k] + z w1`` in one matmul, ``(z + b3) + h w3``): round-off.
+
+    ``threads``: the bands are shared out over that many Python threads (the kernels and torch's
+    ops release the GIL; each thread's ops run on its own OpenMP team, one thread in the runtime).
+    Bands of ~4096 chunks (a 1 MB hidden activation, in L2) measured best here (docs/NWC.md).
+    """
+    from . import rans_numba
+    from ._one_thread import one_thread
+
+    kern = rans_numba.kernels()
+    cols, p = symbols.shape
+    c = p // CHUNK
+    lv = levels.to(torch.int64).cpu()
+    used, slot = torch.unique(lv, return_inverse=True)
+    u = used.numel()
+    kk = CHUNK + u
+    w1x = torch.zeros(kk, state["w1"].shape[1])
+    w1x[:CHUNK] = state["w1"]
+    w1x[CHUNK:CHUNK + u] = state["b1"] + state["emb"][used]
+    gain = torch.exp(-state["log_gain"])[used].contiguous()
+    sym = symbols.contiguous().numpy()
+    scale = row_scale.to(torch.float32).contiguous().numpy()
+    slot_np, gain_np = slot.contiguous().numpy(), gain.numpy()
+    nb = min(cols, block)  # columns per block: all of them (stores run along whole rows of the weight)
+    m = min(c, max(1, block // nb))  # chunks of each column per block, balanced over the column
+    m = -(-c // -(-c // m))
+    jobs = [(c0, min(cols, c0 + nb), r0 * CHUNK, min(c, r0 + m) * CHUNK)
+            for c0 in range(0, cols, nb) for r0 in range(0, c, m)]
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    out_np = out.numpy()
+    h = state["w1"].shape[1]
+    w3t = state["w3"].t()
+    b3 = state["b3"].contiguous().numpy()
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(part: int) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), one_thread():
+            cap = nb * m
+            x, h1, h2, acc = torch.empty(cap, kk), torch.empty(cap, h), torch.empty(cap, h), torch.empty(CHUNK * cap)
+            views: dict[int, tuple] = {}  # per block size: the buffers' views (most blocks share one size)
+            for c0, c1, r0, r1 in jobs[part::threads]:
+                b = (c1 - c0) * (r1 - r0) // CHUNK
+                if b not in views:
+                    xb, accb = x[:b], acc[:CHUNK * b].view(CHUNK, b)
+                    views[b] = (xb, h1[:b], h2[:b], accb, xb.numpy(), accb.numpy())
+                xb, h1b, h2b, accb, x_np, acc_np = views[b]
+                kern.nwc_inputs(sym, slot_np, gain_np, b3, c0, c1, r0, r1, x_np, acc_np)
+                torch.mm(xb, w1x, out=h1b).relu_()
+                torch.addmm(state["b2"], h1b, state["w2"], out=h2b).relu_()
+                accb.addmm_(w3t, h2b.t())  # z + b3 + (h2 @ w3), transposed
+                kern.nwc_store(acc_np, c0, c1, r0, r1, scale, out_np)
+
+    threads = max(1, min(threads, len(jobs)))
+    if threads == 1:
+        run(0)
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="thawed-nwc-mlp") as pool:
+            for f in [pool.submit(run, i) for i in range(threads)]:
+                f.result()
+    return out
 
 
 def _rows(t: Tensor, index: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "used_tables", "decode_lanes", "encode_lanes", "assemble_f32", "transpose_scale"]
+__all__ = ["available", "kernels", "used_tables", "decode_lanes", "encode_lanes", "assemble_f32"]
 
 MIN_SYMBOLS_PER_THREAD = 1 << 16  # below this a second thread costs more than it saves
 MAX_TABLES = (1 << 15) - 1  # table ids travel as int16
@@ -49,6 +49,16 @@ def _kernels() -> ModuleType | None:
                     "10-100x slower on the CPU -- `pip install numba` to fix", type(exc).__name__, exc)
         return None
     return _rans_kernels
+
+
+def kernels() -> ModuleType:
+    """The compiled kernels module (``_rans_kernels``); raises ``CodecError`` without numba."""
+    k = _kernels()
+    if k is None:
+        from .errors import CodecError
+
+        raise CodecError("the compiled CPU kernels need numba: `pip install numba`")
+    return k
 
 
 def available() -> bool:
@@ -144,18 +154,6 @@ def assemble_f32(exp: Tensor, rest: Tensor, threads: int | None = None) -> Tenso
     bounds = _bounds(n, n, threads)
     _in_threads(lambda i: k.assemble_f32(e, r, out, bounds[i], bounds[i + 1]), len(bounds) - 1)
     return torch.from_numpy(out.view(np.float32))
-
-
-def transpose_scale(src: Tensor, scale: Tensor, rows: int, threads: int | None = None) -> Tensor:
-    """``nwc``: decoded columns ``src`` [cols, P] float32 and row scales [rows] float32 (CPU) ->
-    ``src[:, :rows].t() * scale[:, None]`` as a contiguous [rows, cols] float32, bit for bit."""
-    k = _kernels()
-    s = src.detach().contiguous().numpy()
-    sc = scale.detach().to(torch.float32).contiguous().numpy()
-    out = np.empty((rows, s.shape[0]), dtype=np.float32)
-    bounds = _bounds(rows, rows * s.shape[0], threads)
-    _in_threads(lambda i: k.transpose_scale(s, sc, out, bounds[i], bounds[i + 1]), len(bounds) - 1)
-    return torch.from_numpy(out)
 
 
 def _bounds(items: int, work: int, threads: int | None) -> list[int]:

@@ -78,7 +78,8 @@ def test_odd_shapes_round_trip(tiny_net: Path, shape: tuple[int, int]) -> None:
     out, enc, shared = _roundtrip(Nwc(lam=512.0, network=str(tiny_net), steps=7), w)
     assert _sqnr(w, out) > 5
     spec = TensorSpec("t.weight", tuple(w.shape), w.dtype, "linear")
-    assert torch.equal(out, Nwc.decode(enc, spec, shared, CPU, torch.float32, rans_backend="torch"))
+    ref = Nwc.decode(enc, spec, shared, CPU, torch.float32, rans_backend="torch")  # the reference path
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     assert set(shared) >= {"dec.w1", "dec.log_gain"} and any(k.endswith(".freq") for k in shared)
 
 
@@ -96,8 +97,10 @@ def test_decode_deterministic_and_devices_agree(tiny_net: Path) -> None:
     out, enc, shared = _roundtrip(Nwc(lam=256.0, network=str(tiny_net)), w)
     spec = TensorSpec("t.weight", tuple(w.shape), w.dtype, "linear")
     assert torch.equal(out, Nwc.decode(enc, spec, shared, CPU, torch.float32))
-    # the pure-PyTorch rANS reference decodes the same latents, hence the same weights
-    assert torch.equal(out, Nwc.decode(enc, spec, shared, CPU, torch.float32, rans_backend="torch"))
+    # the pure-PyTorch reference (torch rANS, decode_columns) decodes the same latents, hence the same
+    # weights to float32 round-off (the compiled path sums the first layer's bias in another order)
+    ref = Nwc.decode(enc, spec, shared, CPU, torch.float32, rans_backend="torch")  # the reference path
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         for entropy_on_cpu in (None, True):  # default on CUDA: the Triton lanes; rANS on the host
@@ -201,15 +204,3 @@ def test_shipped_network_sqnr_floor_on_minilm() -> None:
 
 # Measured with the shipped network: 4.576 bpw (payload bytes), 25.55 dB; rtn b4 g64 at 4.5 bpw: ~20.5 dB.
 FLOOR_BPW, FLOOR_DB = 4.65, 25.0
-
-
-@pytest.mark.skipif(not rans_numba.available(), reason="numba is not installed")
-@pytest.mark.parametrize("cols,p,rows,threads", [(1, 16, 1, 2), (7, 32, 17, 1), (333, 48, 40, 3), (600, 1040, 1030, 2)])
-def test_compiled_transpose_scale_equals_torch(cols: int, p: int, rows: int, threads: int) -> None:
-    """nwc's last step (decoded columns -> rows times their scale) compiled, split over threads: the
-    torch expression's bits."""
-    g = torch.Generator().manual_seed(cols + rows)
-    src = torch.randn(cols, p, generator=g)
-    scale = torch.rand(rows, generator=g).half().float()
-    ref = (src[:, :rows].t() * scale[:, None]).contiguous()
-    assert torch.equal(rans_numba.transpose_scale(src, scale, rows, threads=threads), ref)
