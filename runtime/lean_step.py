@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .direct import DirectLinear
 
-__all__ = ["LeanStep", "lean_projection"]
+__all__ = ["LeanStep", "lean_projection", "rms_norm"]
 
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
@@ -95,22 +95,31 @@ class LeanStep:
         dim = h.shape[-1]
         h = h.view(1, dim)
         cos, sin = st._cos[p], st._sin[p]  # [head_dim]
-        half, gqa = hd // 2, KV != H
+        half, gqa, one_slot = hd // 2, KV != H, st.slots == 1
         for i, (w1, eps1, qkv, o_proj, w2, eps2, gate_up, down, scale) in enumerate(self._layers):
-            x = F.rms_norm(h, (dim,), eps=eps1) * w1
+            x = rms_norm(h, w1, eps1)
             y = qkv(x).float().view(H + 2 * KV, hd)
             qk = y[: H + KV]
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)
             kc, vc = st.k[i], st.v[i]
             kc[0, :, p] = qk[H:]
             vc[0, :, p] = y[H + KV:]
-            att = F.scaled_dot_product_attention(qk[:H].view(1, H, 1, hd), kc[:1, :, : p + 1], vc[:1, :, : p + 1],
-                                                 scale=scale, enable_gqa=gqa)
+            if one_slot:
+                kc, vc = kc.narrow(2, 0, p + 1), vc.narrow(2, 0, p + 1)
+            else:
+                kc, vc = kc[:1, :, : p + 1], vc[:1, :, : p + 1]
+            att = F.scaled_dot_product_attention(qk[:H].view(1, H, 1, hd), kc, vc, scale=scale, enable_gqa=gqa)
             h = h + o_proj(att.view(1, H * hd))
-            x = F.rms_norm(h, (dim,), eps=eps2) * w2
+            x = rms_norm(h, w2, eps2)
             gu = gate_up(x).float()
             h = h + down(F.silu(gu[:, :inter]) * gu[:, inter:])
-        return st.head(F.rms_norm(h, (dim,), eps=st.norm.variance_epsilon) * st.norm.weight).float()
+        return st.head(rms_norm(h, st.norm.weight, st.norm.variance_epsilon)).float()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama's RMSNorm of fp32 ``x`` in the fewest calls measured here (12.9 us against
+    ``F.rms_norm``'s 17.8 at [1, 576]); ``Stepper._norm`` computes it the same way."""
+    return (x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True).add_(eps))).mul_(weight)
 
 
 def _concat(parts: list[Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
