@@ -31,7 +31,7 @@ import torch
 
 from thawed.codecs import get_codec
 from thawed.runtime.checkpoint import Checkpoint
-from thawed.runtime.threads import set_omp_threads
+from thawed.codecs.threads import set_thread_count
 from thawed.runtime.compress.writer import CheckpointWriter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,22 +60,15 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _one_omp_thread_worker() -> None:
-    """Pool initializer: this worker's torch ops on one OpenMP thread. torch sets a thread's team to
-    the process-wide count (``--threads``) at the thread's first parallel op, so that runs first;
-    setting the team before it (as this benchmark did) was undone by it."""
-    torch.get_num_threads()
-    set_omp_threads(1)
-
-
 def _timed_pass(group, decode_one, dev: torch.device, workers: int) -> float:
     """Seconds to decode every tensor of ``group`` once: one after another (each op on torch's
     threads), or on the CPU with ``workers`` > 0 on that many threads at once, each running its ops
-    on one OpenMP thread -- how the runtime decodes a whole model (runtime/threads.py, early.py)."""
+    on one thread (codecs/threads.py: OpenMP team and MKL count, set after torch's per-thread init) -- how the
+    runtime decodes a whole model (runtime/early.py)."""
     _sync(dev)
     t0 = time.perf_counter()
     if workers > 0 and dev.type == "cpu":
-        with ThreadPoolExecutor(workers, initializer=_one_omp_thread_worker) as pool:
+        with ThreadPoolExecutor(workers, initializer=set_thread_count, initargs=(1,)) as pool:
             for _ in pool.map(decode_one, group):
                 pass
     else:

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from . import rans, rans_numba
-from ._one_thread import one_thread
+from .threads import one_thread
 from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param,
                    stored_at_unit, train_dtype)
 from .errors import CodecError, CorruptPayloadError

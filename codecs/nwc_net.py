@@ -140,7 +140,7 @@ def decode_weight_cpu(state: Mapping[str, Tensor], symbols: Tensor, levels: Tens
     Bands of ~4096 chunks (a 1 MB hidden activation, in L2) measured best here (docs/NWC.md).
     """
     from . import rans_numba
-    from ._one_thread import one_thread
+    from .threads import one_thread
 
     kern = rans_numba.kernels()
     cols, p = symbols.shape

@@ -35,11 +35,11 @@ from typing import Any, Callable
 import torch
 
 from thawed.codecs import get_codec
+from thawed.codecs.threads import set_thread_count
 
 from .checkpoint import Checkpoint
 from .direct import direct_unsupported_reason, pack_rtn
 from .prefetch import layer_index
-from .threads import set_omp_threads
 from .validate import check_finite
 
 __all__ = ["EarlyDecode"]
@@ -63,7 +63,7 @@ class EarlyDecode:
 
     def __init__(self, jobs: list[tuple[str, str, Callable[[], Any]]]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thawed-early",
-                                        initializer=set_omp_threads, initargs=(1,))
+                                        initializer=set_thread_count, initargs=(1,))
         self._futures: dict[tuple[str, str], Future] = {}
         self._lock = threading.Lock()
         for kind, key, fn in jobs:

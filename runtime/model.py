@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from thawed.codecs.threads import one_thread, set_thread_count
 from thawed.codecs import Encoded, get_codec
 from thawed.codecs.errors import ThawedError
 from thawed.codecs.kernels import kernels_available
@@ -34,7 +35,6 @@ from .lazy import ResidentWeightHandle, attach_lazy_weight, attach_resident_weig
 from .memory import return_large_frees_to_os
 from .prefetch import Prefetcher, layer_index
 from .rowwise import attach_rowwise_embedding
-from .threads import one_omp_thread, set_omp_threads
 from .skeleton import build_model, load_config, tied_sources
 from .validate import check_config, check_entries_used, check_finite
 
@@ -407,9 +407,9 @@ class LazyModel:
                 if weight is not None:
                     return weight, entry.codec, None
             enc = payload(key)
-            # CPU: one OpenMP thread per decoding thread (runtime/threads.py); the early decoder or
+            # CPU: one torch thread per decoding thread (codecs/threads.py); the early decoder or
             # the prefetcher decodes beside this one
-            with one_omp_thread() if device.type == "cpu" else contextlib.nullcontext():
+            with one_thread() if device.type == "cpu" else contextlib.nullcontext():
                 weight = decode_with(entry.codec, enc, entry.spec, shared_cache[entry.codec], device, dtype,
                                      config.kernels != "off")
             check_finite(ckpt.payload_path, entry, weight)
@@ -489,7 +489,7 @@ class LazyModel:
         # torch ops release the GIL: repack on every intra-op thread (SmolLM2: 211 tensors, ~3 s alone)
         # (on CUDA one at a time: the kernels' repacks are GPU work already)
         workers = 1 if device.type == "cuda" else max(1, torch.get_num_threads())
-        single = (set_omp_threads, (1,)) if device.type == "cpu" else (None, ())  # runtime/threads.py
+        single = (set_thread_count, (1,)) if device.type == "cpu" else (None, ())  # codecs/threads.py
         with ThreadPoolExecutor(max_workers=workers, initializer=single[0], initargs=single[1]) as pool:
             for i, lin in zip(todo, pool.map(repack, todo)):
                 mname = weights[i][0]

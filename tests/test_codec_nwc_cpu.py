@@ -111,7 +111,7 @@ def test_one_thread_holds_in_a_fresh_thread_and_restores() -> None:
     import os
     import threading
 
-    from thawed.codecs._one_thread import _libs, one_thread
+    from thawed.codecs.threads import _libs, one_thread
 
     gomp, mkl = _libs()
     if gomp is None:

@@ -1,4 +1,8 @@
-"""Run the calling thread's torch CPU ops on one thread (the compiled nwc decode's band threads).
+"""Per-thread torch CPU thread counts for decoders: run the calling thread's torch ops on one thread.
+
+Used by the compiled nwc decode's band threads, and by the runtime's decoding threads (the early
+decoder, the prefetcher, the repack pool, the main thread while it decodes: runtime/early.py,
+runtime/model.py), which get their parallelism from decoding several tensors at once.
 
 ``torch.set_num_threads(n)`` is process-wide and reaches two thread pools: OpenMP (ATen's
 elementwise ops; a per-thread team size that torch sets to ``n`` on a thread's first parallel op)
@@ -26,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["one_thread"]
+__all__ = ["one_thread", "set_thread_count", "omp_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,23 @@ def _libs() -> tuple[object | None, object | None]:
         log.debug("no MKL symbols in %s: MKL's thread count is left as torch sets it", lib_dir)
         mkl = None
     return gomp, mkl
+
+
+def omp_threads() -> int | None:
+    """The calling thread's OpenMP team size, or None without libgomp."""
+    gomp, _ = _libs()
+    return None if gomp is None else int(gomp.omp_get_max_threads())
+
+
+def set_thread_count(n: int) -> None:
+    """The calling thread's OpenMP team and MKL thread count at ``n`` from now on (a thread pool's
+    initializer). torch's lazy per-thread initialisation runs first, which would reset the team."""
+    gomp, mkl = _libs()
+    torch.get_num_threads()
+    if gomp is not None:
+        gomp.omp_set_num_threads(int(n))
+    if mkl is not None:
+        mkl(int(n))
 
 
 @contextlib.contextmanager
