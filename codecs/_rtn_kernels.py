@@ -1,13 +1,16 @@
-"""numba kernel behind ``Rtn.decode``'s CPU fast path for code widths that do not divide 8 (3, 5, 6,
-7 bits; importing this module needs numba).
+"""numba kernel behind ``Rtn.decode``'s CPU fast path, every code width (importing this module
+needs numba).
 
 Codes are ``bitpack``'s LSB-first stream over the row-major weights: code ``i`` occupies bits
 ``i*bits .. i*bits+bits-1`` of the little-endian byte string, so a code may span two bytes. The
-PyTorch path gathers both bytes of every code as int16 and shifts (about 0.55 GB/s of fp32 on one
-thread here); this pass reads each code where it lies and writes ``q * scale + offset`` in float32
-(a multiply then an add, as ``torch.addcmul`` computes it: equal bit for bit, tested), about 2.4
-GB/s. Widths dividing 8 stay on the PyTorch path, which is within 1.2-1.6x of this one there and
-needs no numba import (0.5 s per process).
+PyTorch path unpacks the codes in one pass (for widths not dividing 8 by gathering both bytes of
+every code as int16: about 0.55 GB/s of fp32 on one thread here) and scales them in another; this
+pass reads each code where it lies and writes ``q * scale + offset`` in float32 (a multiply then an
+add, as ``torch.addcmul`` computes it: equal bit for bit, tested), about 2.4 GB/s at 3 bits. At 4
+bits too it is faster: the whole SmolLM2 rtn b4 model on two worker threads decoded at 1.71-2.52
+GB/s against 1.35-1.41 for the PyTorch path, alternating on the quiet machine
+(``benchmarks/decode_speed.py out/rtn4 --threads 2 --workers 2``). A process that decodes rtn
+imports numba (0.5 s); rtn b4 running direct (the CPU default) repacks and never decodes.
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ class Rtn(Codec, name="rtn", version=1):
     def decode(cls, enc: Encoded, spec: TensorSpec, shared: SharedState,
                device: torch.device, dtype: torch.dtype, *, fast: bool | None = None) -> Tensor:
         """``fast``: the Triton kernel (``kernels/rtn.py``) on CUDA when Triton imports, and on the
-        CPU the numba pass (``_rtn_kernels.py``) for widths that do not divide 8; ``False`` keeps
+        CPU the numba pass (``_rtn_kernels.py``) at every width; ``False`` keeps
         this pure-PyTorch reference."""
         f = cls.checked_fields(enc, spec, device)
         compiled_cpu = fast is None  # the numba pass below, when the payload is on the CPU
@@ -198,9 +198,9 @@ class Rtn(Codec, name="rtn", version=1):
         codes, scale, offset = f["codes"], f["scale"], f["offset"]
         bits, g = enc.params["bits"], enc.params["group_size"]
         m, n = _matrix_shape(tuple(spec.shape))
-        if compiled_cpu and codes.device.type == "cpu" and 8 % bits:
+        if compiled_cpu and codes.device.type == "cpu":
             kernel = _cpu_kernel()
-            if kernel is not None:  # codes spanning bytes: one compiled pass (_rtn_kernels.py), equal to the code below
+            if kernel is not None:  # one compiled pass (_rtn_kernels.py), equal to the code below
                 out = torch.empty((m, n), dtype=torch.float32)
                 kernel.decode(codes.contiguous().numpy(), scale.to(torch.float32).contiguous().numpy(),
                               offset.to(torch.float32).contiguous().numpy(), bits, g, out.numpy())

@@ -221,12 +221,12 @@ def test_sqnr_floor_on_minilm(minilm_linears: dict[str, torch.Tensor], bits: int
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
-@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("shape,group_size", [((1, 7), 1), ((17, 100), 32), ((33, 257), 100), ((5, 576), 128)],
                          ids=str)
 def test_compiled_cpu_decode_is_bit_exact(bits: int, shape: tuple[int, int], group_size: int) -> None:
-    """The numba pass for widths whose codes span bytes (codecs/_rtn_kernels.py) equals the
-    PyTorch path bit for bit, and is the one taken by default on the CPU."""
+    """The numba pass (codecs/_rtn_kernels.py) equals the PyTorch path bit for bit at every width,
+    and is the one taken by default on the CPU."""
     from thawed.codecs import rtn as rtn_module
 
     assert rtn_module._cpu_kernel() is not None
