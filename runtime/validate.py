@@ -14,6 +14,8 @@ key or tensor.
 
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -130,8 +132,14 @@ def check_entries_used(payload: Path, index: Mapping[str, IndexEntry], used: Ite
 def check_finite(payload: Path, entry: IndexEntry, value: torch.Tensor) -> None:
     """Raise ``NonFiniteError`` naming the tensor when a decode produced NaN/Inf it should not have.
 
-    One reduction and one host sync per decoded tensor."""
-    if not value.is_floating_point() or bool(torch.isfinite(value).all()):
+    One reduction and one host sync per decoded tensor: the sum, which is finite only when every
+    element is (NaN or +-Inf anywhere makes it NaN or +-Inf); ``isfinite`` only when it is not (a sum
+    can also overflow). One pass without a temporary, against isfinite's mask and its ``all``:
+    lossless SmolLM2, 135 tensors checked on the main thread, 0.84 + 0.21 s of the time to first
+    token (cProfile)."""
+    if not value.is_floating_point() or math.isfinite(float(value.sum(dtype=torch.float32))):
+        return
+    if bool(torch.isfinite(value).all()):
         return
     if entry.codec in NONFINITE_CODECS and entry.params.get("nonfinite") is True:
         return  # a lossless copy of a source that had NaN/Inf: recorded at compress time
