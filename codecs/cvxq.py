@@ -64,7 +64,6 @@ small-batch decode-matmul of the direct mode.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch

@@ -65,7 +65,7 @@ from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, Tensor
                    stored_at_unit, train_dtype)
 from .errors import CodecError, CorruptPayloadError
 from .kernels import kernels_available
-from .nwc_net import (ALPHABET, CHUNK, DECODER_KEYS, OFFSET, decode_chunks, decode_columns, decode_weight_cpu,
+from .nwc_net import (ALPHABET, CHUNK, DECODER_KEYS, decode_chunks, decode_columns, decode_weight_cpu,
                       rate_index)
 
 __all__ = ["Nwc", "load_network", "NetworkFile", "column_levels", "RateProfile"]

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
+from typing import Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,13 +103,7 @@ def decode_columns(state: Mapping[str, Tensor], symbols: Tensor, levels: Tensor,
                 h = torch.addmm(state["b2"], h, state["w2"]).relu_()
                 torch.addmm(state["b3"], h, state["w3"], out=out_b).add_(z)
 
-    threads = max(1, min(threads, len(jobs)))
-    if threads == 1:
-        run(0)
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="thawed-nwc-mlp") as pool:
-            for f in [pool.submit(run, i) for i in range(threads)]:
-                f.result()
+    _run_parts(run, max(1, min(threads, len(jobs))))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(cols, device=order.device)
     return _rows(out, inverse)
@@ -185,14 +178,18 @@ def decode_weight_cpu(state: Mapping[str, Tensor], symbols: Tensor, levels: Tens
                 accb.addmm_(w3t, h2b.t())  # z + b3 + (h2 @ w3), transposed
                 kern.nwc_store(acc_np, c0, c1, r0, r1, scale, out_np)
 
-    threads = max(1, min(threads, len(jobs)))
+    _run_parts(run, max(1, min(threads, len(jobs))))
+    return out
+
+
+def _run_parts(run: Callable[[int], None], threads: int) -> None:
+    """``run(0) .. run(threads - 1)``, each part on its own thread when there are several."""
     if threads == 1:
         run(0)
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="thawed-nwc-mlp") as pool:
-            for f in [pool.submit(run, i) for i in range(threads)]:
-                f.result()
-    return out
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="thawed-nwc-mlp") as pool:
+        for f in [pool.submit(run, i) for i in range(threads)]:
+            f.result()
 
 
 def _rows(t: Tensor, index: Tensor) -> Tensor:
