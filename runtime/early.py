@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from thawed.codecs import get_codec
-from thawed.codecs.threads import set_thread_count
+from thawed.codecs.threads import one_thread, set_thread_count
 
 from .checkpoint import Checkpoint
 from .direct import direct_unsupported_reason, pack_rtn
@@ -66,8 +66,10 @@ class EarlyDecode:
                                         initializer=set_thread_count, initargs=(1,))
         self._futures: dict[tuple[str, str], Future] = {}
         self._lock = threading.Lock()
+        self._fns: dict[tuple[str, str], Callable[[], Any]] = {}
         for kind, key, fn in jobs:
             self._futures[(kind, key)] = self._pool.submit(fn)
+            self._fns[(kind, key)] = fn
         # At interpreter exit, concurrent.futures joins its workers after they run every queued job:
         # a process that exits without close() would first decode the rest of the model. Cancel
         # what has not started instead (callbacks registered later run first).
@@ -112,6 +114,8 @@ class EarlyDecode:
             fut = self._futures.pop((kind, key), None)
         if fut is None or fut.cancel():  # never queued, or not started: the caller decodes it
             return None
+        while not fut.done() and self._steal():  # in flight on the worker: decode the next ones meanwhile
+            pass
         try:
             result = fut.result()
         except Exception:  # noqa: BLE001 - the caller decodes again and raises the error itself
@@ -123,6 +127,26 @@ class EarlyDecode:
         if done:  # every result handed out: let the worker thread end
             self._pool.shutdown(wait=False)
         return result
+
+    def _steal(self) -> bool:
+        """Run the first job the worker has not started on this thread, keeping its result for its
+        own ``take``; False when none is left. A caller waiting for a running job does this rather
+        than idle, so both threads decode until the end (one OpenMP thread each: codecs/threads.py)."""
+        with self._lock:
+            for k, f in self._futures.items():
+                if f.cancel():
+                    fn, done = self._fns[k], Future()
+                    self._futures[k] = done
+                    break
+            else:
+                return False
+        done.set_running_or_notify_cancel()
+        try:
+            with one_thread():
+                done.set_result(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to its own take, which decodes again
+            done.set_exception(exc)
+        return True
 
     def take_decoded(self, key: str) -> torch.Tensor | None:
         """The decoded weight ``key`` (finite-checked), or None."""

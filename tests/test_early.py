@@ -91,3 +91,40 @@ def test_close_with_jobs_queued_returns_and_drops_them(mixed_ckpt):
 def test_cuda_gets_no_early_decoder(mixed_ckpt):
     with Checkpoint.open(mixed_ckpt) as ckpt:
         assert EarlyDecode.start(ckpt, torch.device("cuda"), torch.bfloat16, direct=True) is None
+
+
+def test_a_caller_waiting_on_a_running_job_decodes_the_next_ones_itself():
+    """While the worker runs the job the caller needs, the caller runs the queued ones (in order)
+    on its own thread and keeps their results for their own takes; a failing stolen job comes back
+    as None (decode it again), like a failed worker job."""
+    import threading
+
+    release = threading.Event()
+    ran: dict[str, str] = {}
+
+    def job(name: str, fail: bool = False):
+        def fn():
+            if name == "a":
+                assert release.wait(10)
+            ran[name] = threading.current_thread().name
+            if fail:
+                raise RuntimeError("damaged")
+            return torch.full((2,), float(ord(name)))
+        return fn
+
+    early = EarlyDecode([("decoded", "a", job("a")), ("decoded", "b", job("b")), ("decoded", "c", job("c", True)),
+                         ("decoded", "d", job("d"))])
+    try:
+        while "a" not in ran and not early._futures[("decoded", "a")].running():
+            pass  # the worker has started on "a"
+        threading.Timer(0.5, release.set).start()
+        main = threading.current_thread().name
+        assert torch.equal(early.take_decoded("a"), torch.full((2,), float(ord("a"))))
+        assert ran["a"] != main and ran["b"] == main  # b was decoded here while a ran on the worker
+        assert torch.equal(early.take_decoded("b"), torch.full((2,), float(ord("b"))))
+        assert early.take_decoded("c") is None  # failed (wherever it ran): the caller decodes it again
+        assert torch.equal(early.take_decoded("d"), torch.full((2,), float(ord("d"))))
+        assert early.pending() == 0
+    finally:
+        release.set()
+        early.close()
