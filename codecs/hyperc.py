@@ -69,7 +69,7 @@ from torch import Tensor
 from .base import (Codec, EncodeContext, Encoded, FieldSpec, SharedState, TensorSpec, check_known_params, check_param)
 from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError, CorruptPayloadError
-from .rtn import F16_MAX, _f16_down, _f16_up, _matrix_shape, grouped_affine_train, unpack_codes
+from .rtn import F16_MAX, GroupedAffineHealing, _f16_down, _f16_up, _matrix_shape, unpack_codes
 
 __all__ = ["HyperC", "hyperc_decode_reference", "choose_rate", "rate_candidates", "codebook", "good_generator",
            "nearest_index"]
@@ -299,7 +299,7 @@ def choose_rate(target_bpw: float) -> tuple[int, int, int]:
 
 
 # ---- the codec ---------------------------------------------------------------------------------
-class HyperC(Codec, name="hyperc", version=1):
+class HyperC(GroupedAffineHealing, Codec, name="hyperc", version=1):
     """Ergodic-trajectory (rank-1 lattice) vector codebook per group: ``index_bits/dim`` bits per
     weight plus an F16 scale and offset per group."""
 
@@ -441,19 +441,6 @@ class HyperC(Codec, name="hyperc", version=1):
         if n % g:
             torch.addcmul(of[:, full:], x[:, full * g:n], sc[:, full:], out=out[:, full * g:])
         return out.view(spec.shape)
-
-
-    # ---- healing ------------------------------------------------------------------------------
-    @classmethod
-    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
-        """Each group's box (offset and scale); the trajectory indices stay fixed."""
-        return ("scale", "offset")
-
-    @classmethod
-    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
-                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
-        """``offset + scale * codebook[k]`` with the codebook coordinates looked up once (``memo``)."""
-        return grouped_affine_train(cls.decode, fields, spec, params, shared, memo)
 
 
 def _encode_one(w: Tensor, z: list[int], K: int, B: int, g: int, clip_search: bool,

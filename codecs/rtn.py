@@ -57,7 +57,7 @@ from .bitpack import pack_bits, packed_nbytes, unpack_bits
 from .errors import CodecError
 from .kernels import kernels_available
 
-__all__ = ["Rtn", "rtn_decode_reference", "unpack_codes", "expand_groups", "grouped_affine_train"]
+__all__ = ["Rtn", "GroupedAffineHealing", "rtn_decode_reference", "unpack_codes", "expand_groups", "grouped_affine_train"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,22 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return m, n
 
 
-class Rtn(Codec, name="rtn", version=1):
+class GroupedAffineHealing:
+    """Healing of a payload decoded as ``code value * scale + offset`` per group (rtn, hyperc): the
+    group scales and offsets are trainable, the codes stay fixed (``grouped_affine_train``)."""
+
+    @classmethod
+    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("scale", "offset")
+
+    @classmethod
+    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
+        """The codec's decode with the code values computed once (kept in ``memo``)."""
+        return grouped_affine_train(cls.decode, fields, spec, params, shared, memo)
+
+
+class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
     """Group affine quantisation, ``bits`` 2..8 per weight plus an F16 scale and offset per group."""
 
     def __init__(self, bits: int = 4, group_size: int = 128, hqq: bool = False, hqq_iters: int = 20,
@@ -219,18 +234,6 @@ class Rtn(Codec, name="rtn", version=1):
             torch.addcmul(of[:, full:], q[:, full * g:], sc[:, full:], out=out[:, full * g:])
         return out.view(spec.shape)
 
-
-    # ---- healing ------------------------------------------------------------------------------
-    @classmethod
-    def trainable_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
-        """Scale and offset of every group; the codes stay fixed."""
-        return ("scale", "offset")
-
-    @classmethod
-    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
-                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
-        """``q * scale + offset`` with the codes ``q`` unpacked once (kept in ``memo``)."""
-        return grouped_affine_train(cls.decode, fields, spec, params, shared, memo)
 
     @classmethod
     def decode_rows(cls, enc: Encoded, spec: TensorSpec, shared: SharedState, ids: Tensor,
