@@ -4,7 +4,7 @@ MiniLM's genuine fp32 linears.
 
     python benchmarks/rd_table.py [--codecs rtn,rtn-gptq,hqq,cvxq,nwc,hyperc] [--rates 2.5,3.25,4.25]
                                   [--tokens 20000] [--corpora ptb-test,pydoc] [--jobs 1] [--threads 2]
-                                  [--no-minilm] [--work out/rd] [--json-out out/rd/results.jsonl]
+                                  [--cells CODEC@RATE,...] [--no-minilm] [--work out/rd] [--json-out out/rd/results.jsonl]
 
 Rows and protocol are ``benchmarks/quality.py``'s (compress from the dense model with the row's
 calibration -- ``self``: text the model generates itself, never an evaluated corpus -- then the
@@ -109,6 +109,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--rates", default="2.5,3.25,4.25")
+    ap.add_argument("--cells", default=None,
+                    help="explicit cells codec@rate,... instead of every codec at every rate (e.g. the cells an "
+                         "interrupted run had not reached; dense is measured again in this run)")
     ap.add_argument("--corpora", default="ptb-test,pydoc")
     ap.add_argument("--tokens", type=int, default=20000)
     ap.add_argument("--calib-tokens", type=int, default=2048)
@@ -123,6 +126,15 @@ def main() -> int:
     codecs = [c for c in args.codecs.split(",") if c]
     rates = [float(r) for r in args.rates.split(",") if r]
     cells = {f"{c}@{r}": (c, r) for c in codecs for r in rates}
+    if args.cells:
+        cells = {}
+        for cell in args.cells.split(","):
+            c, sep, r = cell.partition("@")
+            if not sep:
+                raise SystemExit(f"--cells entry {cell!r} is not codec@rate (e.g. rtn@3.25)")
+            cells[f"{c}@{float(r)}"] = (c, float(r))
+        codecs = sorted({c for c, _ in cells.values()}, key=lambda c: CODECS.index(c) if c in CODECS else len(CODECS))
+        rates = sorted({r for _, r in cells.values()})
     for name, (c, r) in cells.items():
         quality.ROWS[name] = row_spec(c, r)
     command = "python benchmarks/rd_table.py " + " ".join(sys.argv[1:])
