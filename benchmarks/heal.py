@@ -29,6 +29,7 @@ EMB = "model.embed_tokens.weight"
 # label -> (default codec, overrides, cvxq target bpw or None)
 ROWS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
     "rtn3": ("rtn:bits=3,group_size=128", (), None),  # every tensor at 3.25 bpw (embedding and tied head too)
+    "rtn3-ste": ("rtn:bits=3,group_size=128", (), None),  # rtn3, healed with its codes straight-through too
     "rtn3-lin": ("rtn:bits=3,group_size=128", (f"{EMB}=lossless",), None),  # linears 3.25 bpw, embedding exact
     "see-emb-r8": ("lossless", (f"{EMB}=see:rank=8,units=256,core_bits=8",), None),  # 1.0 bpw: 16x < bf16
     "see-emb-r10": ("lossless", (f"{EMB}=see:rank=10,units=256,core_bits=8",), None),  # ~1.45 bpw: 11x < bf16
@@ -42,6 +43,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
 # per-row healing settings over the command line's: SEE rows also train their core codes straight-through,
 # and give stage (a) (which can only train the norms there: every linear is lossless) a small share
 ROW_HEAL: dict[str, dict] = {
+    "rtn3-ste": dict(ste=True),
     "see-emb-r8": dict(ste=True, block_share=0.25, lr_e2e=1e-3, lr_codes=0.1),
     "see-emb-r10": dict(ste=True, block_share=0.25, lr_e2e=1e-3, lr_codes=0.1),
 }

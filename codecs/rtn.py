@@ -182,6 +182,45 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
         gptq(w, gram, column, self._gptq_config, name=name)
         return codes
 
+    # ---- healing: the codes straight-through ----------------------------------------------------
+    @classmethod
+    def ste_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """``codes``: the per-weight codes, trained straight-through when healing asks (``--ste``):
+        rounded and clamped to ``0 .. 2**bits - 1`` in the forward pass, gradient passed unchanged
+        (EfficientQAT's block-wise training of the weights on a fixed grid, here in code units)."""
+        return ("codes",) if len(spec.shape) >= 1 else ()
+
+    @classmethod
+    def ste_values(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec,
+                   params: Mapping[str, Any]) -> Tensor:
+        if name != "codes":
+            return super().ste_values(name, fields, spec, params)
+        m, n = _matrix_shape(tuple(spec.shape))
+        return unpack_codes(fields["codes"], params["bits"], m * n).view(m, n).to(torch.float32)
+
+    @classmethod
+    def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
+        if name != "codes":
+            return super().ste_pack(name, values, spec, params)
+        qmax = (1 << params["bits"]) - 1
+        return pack_bits(values.detach().round().clamp(0, qmax).to(torch.uint8).reshape(-1), params["bits"])
+
+    @classmethod
+    def decode_train(cls, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                     shared: SharedState, memo: dict[str, Tensor] | None = None) -> Tensor:
+        """``offset + scale * q`` per group, differentiable in scale and offset; ``codes`` given as
+        float code values (``ste_values``) are rounded and clamped forward and passed straight through
+        backward. With packed codes it is the mixin's (codes fixed, unpacked once)."""
+        codes = fields["codes"]
+        if not codes.is_floating_point():
+            return super().decode_train(fields, spec, params, shared, memo)
+        dt = train_dtype(fields, ("scale", "offset"))
+        m, n = _matrix_shape(tuple(spec.shape))
+        q = codes + (codes.detach().round().clamp(0, (1 << params["bits"]) - 1) - codes.detach())
+        g = params["group_size"]
+        w = expand_groups(fields["offset"], g, n) + q.to(dt) * expand_groups(fields["scale"], g, n)
+        return w.reshape(spec.shape)
+
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
     def expected_fields(cls, spec: TensorSpec, params: Mapping[str, Any]) -> dict[str, FieldSpec]:

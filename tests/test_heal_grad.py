@@ -109,3 +109,31 @@ def test_see_core_codes_train_straight_through_and_pack_back():
     assert c.grad is not None and float(c.grad.abs().sum()) > 0
     big = torch.full_like(codes, 100.0)  # clamped to the code range on packing
     assert int(cls.ste_values("core", {"core": cls.ste_pack("core", big, spec, enc.params)}, spec, enc.params).max()) == 7
+
+
+@pytest.mark.parametrize("bits,group,shape", [(3, 8, (6, 13)), (2, 4, (5, 9)), (4, 128, (3, 200))])
+def test_rtn_codes_train_straight_through_and_pack_back(bits, group, shape):
+    """rtn's codes (``--ste``): as float code values decode_train equals decode at the stored codes,
+    rounds and clamps them forward, passes the gradient through, and ste_pack stores them back bit for
+    bit; hyperc (same scale/offset healing) declares no straight-through field."""
+    cls = get_codec("rtn")
+    spec = TensorSpec("t.weight", shape, torch.float32, "linear")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(bits))
+    enc = cls(bits=bits, group_size=group).encode(w, spec, EncodeContext("t.weight"))
+    assert cls.ste_fields(spec, enc.params) == ("codes",)
+    assert get_codec("hyperc").ste_fields(spec, {}) == ()
+    codes = cls.ste_values("codes", enc.fields, spec, enc.params)
+    assert codes.shape == shape and float(codes.max()) <= (1 << bits) - 1
+    assert torch.equal(cls.ste_pack("codes", codes - 0.4, spec, enc.params), enc.fields["codes"])  # rounds back
+    c = (codes + 0.3).requires_grad_(True)  # rounds to the stored codes
+    fields = {"scale": enc.fields["scale"].float(), "offset": enc.fields["offset"].float(), "codes": c}
+    out = cls.decode_train(fields, spec, enc.params, {}, {})
+    torch.testing.assert_close(out, cls.decode(enc, spec, {}, CPU, torch.float32), rtol=0, atol=1e-6)
+    out.sum().backward()
+    # straight through: d out / d code = the group's scale, exactly
+    expect = fields["scale"].repeat_interleave(group, dim=1)[:, : shape[1]]
+    torch.testing.assert_close(c.grad, expect)
+    over = cls.ste_pack("codes", torch.full(shape, 99.0), spec, enc.params)  # clamped on packing
+    assert int(cls.ste_values("codes", {"codes": over}, spec, enc.params).max()) == (1 << bits) - 1
+    far = cls.decode_train(fields | {"codes": torch.full(shape, -5.0)}, spec, enc.params, {}, {})
+    torch.testing.assert_close(far, fields["offset"].repeat_interleave(group, dim=1)[:, : shape[1]])  # clamped at 0
