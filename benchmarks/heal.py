@@ -93,7 +93,7 @@ def check_healed(before: Path, after: Path, result) -> str:
     from thawed.runtime.checkpoint import Checkpoint
     from thawed.runtime.compress.heal.fields import TrainableCheckpoint
     from thawed.runtime.compress.heal.student import load_teacher, make_student, run_model
-    from thawed.runtime.loading import load_for_inference
+    from thawed.runtime.loading import forward_logits
     from thawed.runtime.model import RuntimeConfig
 
     with Checkpoint.open(before) as a, Checkpoint.open(after) as b:
@@ -107,12 +107,7 @@ def check_healed(before: Path, after: Path, result) -> str:
         fields = result.fields if result is not None else TrainableCheckpoint(b)
         with torch.no_grad():
             mine = run_model(student, fields.weights(), ids)
-    loaded = load_for_inference(after, RuntimeConfig(device="cpu", direct="off"))
-    try:
-        with torch.no_grad():
-            got = loaded.model(input_ids=ids, use_cache=False).logits
-    finally:
-        loaded.close()
+    got = forward_logits(after, ids, RuntimeConfig(device="cpu", direct="off"))
     torch.testing.assert_close(got, mine, rtol=1e-4, atol=1e-4)
     where = "in-memory" if result is not None else "decode_train of the file's fields"
     return f"bytes per tensor unchanged; reloaded logits == {where} (max diff {float((got - mine).abs().max()):.2e})"

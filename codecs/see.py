@@ -531,13 +531,13 @@ class See(Codec, name="see", version=1):
             g = (core * fields["core_scale"][:, None]).view(v, r, r)
             x = torch.bmm(A[memo["a"]].transpose(1, 2), torch.bmm(g, B[memo["b"]]))  # [V, p, q]
             w = x.reshape(v, p * q)[:, :d] + fields["mean"]
-            rows, width = v, d
+            width = d
         else:
             m, n = _matrix_shape(tuple(spec.shape))
             rank = params["rank"]
             w = (A.reshape(rank, -1).T @ B.reshape(rank, -1)).view(params["m1"], params["n1"], params["m2"], params["n2"])
             w = w.permute(0, 2, 1, 3).reshape(m, n)
-            rows, width = m, n
+            width = n
         if params["residual_bits"]:
             if "res" not in memo:
                 memo["res"] = unpack_rows(fields["res_codes"], params["residual_bits"], width).to(torch.float32)

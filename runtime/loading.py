@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from thawed.codecs.errors import ThawedError
 
@@ -21,7 +21,7 @@ from .native import is_native
 from .marker import is_thawed_folder
 from .model import LazyModel, RuntimeConfig, resolve_device, resolve_dtype
 
-__all__ = ["Loaded", "load_for_inference", "is_checkpoint", "load_tokenizer"]
+__all__ = ["Loaded", "forward_logits", "is_checkpoint", "load_for_inference", "load_tokenizer"]
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -105,6 +105,18 @@ def load_for_inference(path: str | Path, config: RuntimeConfig = RuntimeConfig()
         raise ThawedError(f"cannot load the dense model in {path}: {one_line(exc)}") from None
     tokenizer = load_tokenizer(path)
     return Loaded(model, tokenizer, device, _eos_ids(model, tokenizer), "dense", time.perf_counter() - t0)
+
+
+def forward_logits(path: str | Path, input_ids: Tensor, config: RuntimeConfig = RuntimeConfig()) -> Tensor:
+    """Load ``path`` (a thawed checkpoint or a dense folder), run one full forward of ``input_ids``
+    ``[B, T]`` without a KV cache, close it, and return the logits ``[B, T, vocab]``: the check that a
+    written checkpoint reloads to the model it was written from (healing, tests)."""
+    loaded = load_for_inference(path, config)
+    try:
+        with torch.no_grad():
+            return loaded.model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        loaded.close()
 
 
 def _attach_generation_config(model: nn.Module, folder: Path, native: bool = False) -> None:

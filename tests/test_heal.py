@@ -19,7 +19,7 @@ from thawed.runtime.cli import main
 from thawed.runtime.compress.heal import HealConfig, HealInterrupted, heal
 from thawed.runtime.compress.heal.student import load_teacher, run_model
 from thawed.runtime.compress.heal.state import state_dir
-from thawed.runtime.loading import load_for_inference
+from thawed.runtime.loading import forward_logits
 from thawed.runtime.model import RuntimeConfig
 
 import random  # noqa: E402
@@ -43,13 +43,9 @@ def _held_out(vocab: int) -> torch.Tensor:
 
 
 def _kl(dense, path, ids) -> float:
-    loaded = load_for_inference(path, RuntimeConfig(device="cpu"))
-    try:
-        with torch.no_grad():
-            lt = dense(input_ids=ids, use_cache=False).logits.log_softmax(-1)
-            ls = loaded.model(input_ids=ids, use_cache=False).logits.log_softmax(-1)
-    finally:
-        loaded.close()
+    with torch.no_grad():
+        lt = dense(input_ids=ids, use_cache=False).logits.log_softmax(-1)
+    ls = forward_logits(path, ids, RuntimeConfig(device="cpu")).log_softmax(-1)
     return float((lt.exp() * (lt - ls)).sum(-1).mean())
 
 
@@ -104,12 +100,7 @@ def test_healed_checkpoint_reloads_to_the_same_logits(tiny_llama_dir, healed):
     with torch.no_grad():
         mine = run_model(teacher, healed.fields.weights(), ids)  # in memory, fields at their stored dtypes
     # direct=off: the exact decode path (the CPU int4 kernel of direct mode runs in bf16; g16 never takes it)
-    loaded = load_for_inference(healed.path.parent, RuntimeConfig(device="cpu", direct="off"))
-    try:
-        with torch.no_grad():
-            got = loaded.model(input_ids=ids, use_cache=False).logits
-    finally:
-        loaded.close()
+    got = forward_logits(healed.path.parent, ids, RuntimeConfig(device="cpu", direct="off"))
     torch.testing.assert_close(got, mine, rtol=1e-5, atol=1e-5)
 
 
@@ -158,12 +149,8 @@ def test_every_codec_of_a_mixed_checkpoint_heals(tmp_path):
     assert _kl(teacher, tmp_path / "healed", ids) < _kl(teacher, ck, ids)
     with torch.no_grad():
         mine = run_model(teacher, res.fields.weights(), ids)
-    loaded = load_for_inference(tmp_path / "healed", RuntimeConfig(device="cpu"))
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(loaded.model(input_ids=ids, use_cache=False).logits, mine, rtol=1e-4, atol=1e-4)
-    finally:
-        loaded.close()
+    got = forward_logits(tmp_path / "healed", ids, RuntimeConfig(device="cpu"))
+    torch.testing.assert_close(got, mine, rtol=1e-4, atol=1e-4)
     with Checkpoint.open(ck) as a, Checkpoint.open(tmp_path / "healed") as b:
         codecs = {e.codec for e in b.index.values()}
         assert {"rtn", "hyperc", "cvxq", "lossless", "see", "raw"} <= codecs
@@ -214,9 +201,5 @@ def test_cvxq_output_bias_is_part_of_the_student(tiny_llama_dir, tmp_path):
         student = make_student(teacher, c)
     with torch.no_grad():
         mine = run_model(student, res.fields.weights(), ids)
-    loaded = load_for_inference(tmp_path / "healed", RuntimeConfig(device="cpu", direct="off"))
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(loaded.model(input_ids=ids, use_cache=False).logits, mine, rtol=1e-5, atol=1e-5)
-    finally:
-        loaded.close()
+    got = forward_logits(tmp_path / "healed", ids, RuntimeConfig(device="cpu", direct="off"))
+    torch.testing.assert_close(got, mine, rtol=1e-5, atol=1e-5)
