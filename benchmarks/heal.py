@@ -51,8 +51,8 @@ CORPORA = ("ptb-test", "pydoc")
 
 
 def _compress(src: Path, work: Path, label: str) -> Path:
-    from thawed.runtime.compress import compress
-    from thawed.runtime.plan import Plan, parse_codec_choice, parse_override
+    from thawed.runtime.compress.pipeline import compress
+    from thawed.runtime.compress.plan import Plan, parse_codec_choice, parse_override
 
     default, overrides, target = ROWS[label]
     path = work / label
