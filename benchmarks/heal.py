@@ -43,7 +43,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
 # per-row healing settings over the command line's: SEE rows also train their core codes straight-through,
 # and give stage (a) (which can only train the norms there: every linear is lossless) a small share
 ROW_HEAL: dict[str, dict] = {
-    "rtn3-ste": dict(ste=True),
+    "rtn3-ste": dict(ste=True, ste_stages=("block",)),
     "see-emb-r8": dict(ste=True, block_share=0.25, lr_e2e=1e-3, lr_codes=0.1),
     "see-emb-r10": dict(ste=True, block_share=0.25, lr_e2e=1e-3, lr_codes=0.1),
 }
@@ -167,8 +167,9 @@ def main() -> None:
             row[f"{c}_before"] = _ppl(ck, ids[c], c, args.tokens)[0]
         opts = dict(minutes=args.minutes, block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e,
                     calib_tokens=args.calib_tokens) | ROW_HEAL.get(label, {})
-        healed_dir = work / (f"{label}-healed-" + "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
-                                                          for k, v in sorted(opts.items())))
+        healed_dir = work / (f"{label}-healed-" + "-".join(
+            f"{k}{v:g}" if isinstance(v, float) else f"{k}{'+'.join(v)}" if isinstance(v, tuple) else f"{k}{v}"
+            for k, v in sorted(opts.items())))
         result = None
         if not (healed_dir / "model.thawed.safetensors").is_file():
             shutil.rmtree(healed_dir, ignore_errors=True)

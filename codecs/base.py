@@ -213,6 +213,15 @@ class Codec:
         raise NotImplementedError(f"codec {cls.name!r} has no straight-through field {name!r}")
 
     @classmethod
+    def ste_start(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                  dense: Tensor | None = None) -> Tensor:
+        """Where straight-through training of field ``name`` starts: float code values that round to the
+        stored codes. A codec that can place them by the dense weight ``dense`` (the unrounded code,
+        clipped into the stored code's rounding interval) lets a code that was nearly a tie flip after
+        a few steps instead of having to drift half a step; by default the stored codes themselves."""
+        return cls.ste_values(name, fields, spec, params)
+
+    @classmethod
     def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
         """Float code values -> the stored field (rounded and clamped to the codes' range)."""
         raise NotImplementedError(f"codec {cls.name!r} has no straight-through field {name!r}")

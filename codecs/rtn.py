@@ -199,6 +199,21 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
         return unpack_codes(fields["codes"], params["bits"], m * n).view(m, n).to(torch.float32)
 
     @classmethod
+    def ste_start(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
+                  dense: Tensor | None = None) -> Tensor:
+        """The stored code plus the dense weight's rounding remainder ``(w - offset) / scale - code``,
+        clipped to +-0.49 so that it still rounds to the stored code (GPTQ's codes too)."""
+        q = cls.ste_values(name, fields, spec, params)
+        if name != "codes" or dense is None:
+            return q
+        m, n = q.shape
+        g = params["group_size"]
+        sc = expand_groups(fields["scale"].float(), g, n)
+        unit = (dense.detach().float().reshape(m, n) - expand_groups(fields["offset"].float(), g, n)) / sc.where(
+            sc != 0, torch.ones_like(sc))
+        return q + (unit - q).clamp(-0.49, 0.49).where(sc != 0, torch.zeros_like(q))
+
+    @classmethod
     def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
         if name != "codes":
             return super().ste_pack(name, values, spec, params)

@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of stage (a) (default 5e-4)")
     p.add_argument("--lr-e2e", type=float, default=1e-4, help="Adam learning rate of stage (b) (default 1e-4)")
     p.add_argument("--ste", action="store_true", help="also train the codes a codec allows straight-through "
-                   "(SEE's per-token core codes; rounded in the forward pass)")
+                   "(rtn's codes, SEE's per-token core codes; rounded in the forward pass)")
+    p.add_argument("--ste-stages", default="block,e2e", help="the stages that train straight-through codes "
+                   "(default block,e2e; rtn: block, as EfficientQAT -- its end-to-end stage trains step sizes only)")
     p.add_argument("--lr-codes", type=float, default=0.05, help="Adam learning rate of straight-through code values, "
                    "in code steps (default 0.05)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
@@ -244,7 +246,8 @@ def _cmd_heal(args: argparse.Namespace) -> int:
     config = HealConfig(minutes=args.minutes or None, block_steps=args.block_steps, steps=args.steps, tokens=args.tokens,
                         block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e, ste=args.ste,
                         lr_codes=args.lr_codes, batch=args.batch,
-                        seq_len=args.seq_len, calib_tokens=args.calib_tokens, seed=args.seed, stages=stages)
+                        seq_len=args.seq_len, calib_tokens=args.calib_tokens, seed=args.seed, stages=stages,
+                        ste_stages=tuple(s.strip() for s in args.ste_stages.split(",") if s.strip()))
     try:
         res = heal(args.ckpt, args.out, config, source=args.source, calib=calib, resume=args.resume)
     except HealInterrupted as exc:

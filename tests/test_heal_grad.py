@@ -137,3 +137,15 @@ def test_rtn_codes_train_straight_through_and_pack_back(bits, group, shape):
     assert int(cls.ste_values("codes", {"codes": over}, spec, enc.params).max()) == (1 << bits) - 1
     far = cls.decode_train(fields | {"codes": torch.full(shape, -5.0)}, spec, enc.params, {}, {})
     torch.testing.assert_close(far, fields["offset"].repeat_interleave(group, dim=1)[:, : shape[1]])  # clamped at 0
+
+
+def test_rtn_straight_through_start_rounds_to_the_stored_codes_and_carries_the_remainder():
+    cls = get_codec("rtn")
+    spec = TensorSpec("t.weight", (6, 20), torch.float32, "linear")
+    w = torch.randn(6, 20, generator=torch.Generator().manual_seed(9))
+    enc = cls(bits=3, group_size=8).encode(w, spec, EncodeContext("t.weight"))
+    start = cls.ste_start("codes", enc.fields, spec, enc.params, w)
+    assert torch.equal(cls.ste_pack("codes", start, spec, enc.params), enc.fields["codes"])  # same codes
+    stored = cls.ste_values("codes", enc.fields, spec, enc.params)
+    assert float((start - stored).abs().max()) <= 0.4901 and float((start - stored).abs().mean()) > 0.1
+    assert torch.equal(cls.ste_start("codes", enc.fields, spec, enc.params, None), stored)

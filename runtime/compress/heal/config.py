@@ -33,6 +33,9 @@ class HealConfig:
     lr_e2e: float = 1e-4  # stage (b), Adam
     ste: bool = False  # also train the codes a codec allows straight-through (SEE's per-token cores)
     lr_codes: float = 0.05  # Adam learning rate of straight-through code values (in code steps)
+    # the stages that train straight-through codes: rtn's codes only block by block (EfficientQAT's
+    # Block-AP; its end-to-end stage trains the step sizes only), SEE's per-token cores end to end
+    ste_stages: tuple[str, ...] = STAGES
     batch: int = 2  # sequences per step
     seq_len: int = 256
     calib_tokens: int = 4096
@@ -60,6 +63,10 @@ class HealConfig:
         if self.calib_tokens < self.seq_len:
             raise ThawedError(f"--calib-tokens ({self.calib_tokens}) must cover one sequence of --seq-len "
                               f"({self.seq_len}) tokens")
+        bad_ste = [s for s in self.ste_stages if s not in STAGES]
+        if bad_ste:
+            raise ThawedError(f"--ste-stages takes a comma-separated subset of {', '.join(STAGES)}, got "
+                              f"{','.join(self.ste_stages)}")
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ThawedError(f"--stages takes a comma-separated subset of {', '.join(STAGES)}, got "
@@ -68,6 +75,7 @@ class HealConfig:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["stages"] = list(self.stages)
+        d["ste_stages"] = list(self.ste_stages)
         return d
 
     def same_run(self, other: dict) -> bool:

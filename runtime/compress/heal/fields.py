@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,8 @@ class TrainableCheckpoint:
     """Every tensor of ``ckpt`` with its trainable fields as ``nn.Parameter`` (float32); with ``ste``
     also the fields its codec trains straight-through (``Codec.ste_fields``: SEE's core codes)."""
 
-    def __init__(self, ckpt: Checkpoint, ste: bool = False) -> None:
+    def __init__(self, ckpt: Checkpoint, ste: bool = False, dense: Mapping[str, Tensor] | None = None) -> None:
+        """``dense``: the source's weights by name, where straight-through codes start (``Codec.ste_start``)."""
         self.ckpt = ckpt
         self.tensors: dict[str, HealTensor] = {}
         self.shared = {c: ckpt.shared(c) for c in ckpt.shared_codecs()}
@@ -58,7 +60,8 @@ class TrainableCheckpoint:
             train = {k: nn.Parameter(enc.fields[k].to(torch.float32).clone()) for k in names}
             fixed = {k: v for k, v in enc.fields.items() if k not in names}
             ste_names = cls.ste_fields(entry.spec, enc.params) if ste else ()
-            ste_params = {k: nn.Parameter(cls.ste_values(k, enc.fields, entry.spec, enc.params).clone())
+            ref = None if dense is None else dense.get(name)
+            ste_params = {k: nn.Parameter(cls.ste_start(k, enc.fields, entry.spec, enc.params, ref).clone())
                           for k in ste_names}
             self.tensors[name] = HealTensor(name, entry.spec, cls, entry.codec_version, enc.params, fixed, train,
                                             {k: enc.fields[k].dtype for k in names}, ste_params)

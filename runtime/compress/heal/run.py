@@ -126,7 +126,7 @@ def heal(ckpt_path: str | Path, out: str | Path, config: HealConfig = HealConfig
         teacher = load_teacher(src)
         _check_source(teacher, ckpt, src)
         student = make_student(teacher, ckpt)
-        tc = TrainableCheckpoint(ckpt, ste=config.ste)
+        tc = TrainableCheckpoint(ckpt, ste=config.ste, dense=teacher.state_dict() if config.ste else None)
         ids, calib_record = _calibration_ids(src, config, calib)
         batches = Batches(ids, config.batch, config.seq_len, config.seed)
         progress, optim_state, meta = Progress(), None, {}
@@ -179,7 +179,8 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                 progress.unit_start = progress.seconds
             if u < n_layers and block is not None:
                 until = None if budget is None else budget * config.block_share * (u + 1) / n_layers
-                params = _with_lr(tc, tc.named_parameters(block.prefix(u)), config.lr, config.lr_codes)
+                params = _with_lr(tc, tc.named_parameters(block.prefix(u)), config.lr, config.lr_codes,
+                                  codes="block" in config.ste_stages)
                 res = train_unit(f"block {u + 1}/{n_layers}", params, block.loss, batches.tokens_per_batch,
                                  Limits(config.block_steps, None, until), progress, clock, stop.event.is_set,
                                  optim_state, saver, config.log_every, on_step) if params else None
@@ -195,7 +196,8 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                         dense = run_model(teacher, None, ids)
                     return kl_dense_student(dense, run_model(student, tc.weights(), ids))
 
-                params = _with_lr(tc, tc.named_parameters(), config.lr_e2e, config.lr_codes)
+                params = _with_lr(tc, tc.named_parameters(), config.lr_e2e, config.lr_codes,
+                                  codes="e2e" in config.ste_stages)
                 res = train_unit("end-to-end", params, e2e_loss, batches.tokens_per_batch,
                                  Limits(config.steps, config.tokens, budget), progress, clock, stop.event.is_set,
                                  optim_state, saver, config.log_every, on_step)
@@ -214,13 +216,15 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
             "seconds_per_block_step": (round(_unit_seconds(progress, False) / progress.block_steps, 3)
                                        if progress.block_steps else None),
             "lr": config.lr, "lr_e2e": config.lr_e2e, "ste": config.ste, "lr_codes": config.lr_codes if config.ste else None,
+            "ste_stages": list(config.ste_stages) if config.ste else None,
             "batch": config.batch, "seq_len": config.seq_len,
             "seed": config.seed, "minutes": config.minutes, "kl_before": meta.get("kl_before"),
             "trainable_fields": tc.count(), "units": progress.history}
 
 
-def _with_lr(tc: TrainableCheckpoint, params, lr: float, lr_codes: float) -> list:
-    return [(k, p, lr_codes if tc.is_ste(k) else lr) for k, p in params]
+def _with_lr(tc: TrainableCheckpoint, params, lr: float, lr_codes: float, codes: bool = True) -> list:
+    """(name, parameter, learning rate); straight-through code fields only when ``codes``."""
+    return [(k, p, lr_codes if tc.is_ste(k) else lr) for k, p in params if codes or not tc.is_ste(k)]
 
 
 def _unit_record(name: str, progress: Progress, res) -> dict:
