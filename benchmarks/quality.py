@@ -39,6 +39,11 @@ ROWS = {  # name -> (codec, target bpw or None, calibration source)
     "nwc3.25-tensor": ("nwc:target_bpw=3.25,alloc=tensor", None, "self"),
     "nwc4.25-gptq": ("nwc:target_bpw=4.25,ec=true", None, "self"),
     "nwc4.25-ec-inorder": ("nwc:target_bpw=4.25,ec=true,act_order=false", None, "self"),
+    # error feedback with Hessians from many more calibration tokens (docs/QUALITY.md: 2,048 overfit
+    # down_proj's 1,536 inputs); compare with nwc3.25 / nwc2.5 at the same --calib-tokens
+    "nwc3.25-gptq": ("nwc:target_bpw=3.25,ec=true", None, "self"),
+    "nwc2.5": ("nwc:target_bpw=2.5", None, "self"),
+    "nwc2.5-gptq": ("nwc:target_bpw=2.5,ec=true", None, "self"),
 }
 
 
