@@ -4,7 +4,7 @@ MiniLM's genuine fp32 linears.
 
     python benchmarks/rd_table.py [--codecs rtn,rtn-gptq,hqq,cvxq,nwc,hyperc] [--rates 2.5,3.25,4.25]
                                   [--tokens 20000] [--corpora ptb-test,pydoc] [--jobs 1] [--threads 2]
-                                  [--cells CODEC@RATE,...] [--no-minilm] [--work out/rd] [--json-out out/rd/results.jsonl]
+                                  [--cells CODEC@RATE,...] [--no-minilm | --minilm-only] [--work out/rd] [--json-out out/rd/results.jsonl]
 
 Rows and protocol are ``benchmarks/quality.py``'s (compress from the dense model with the row's
 calibration -- ``self``: text the model generates itself, never an evaluated corpus -- then the
@@ -25,7 +25,8 @@ prints every row's measured file bpw next to its nominal one.
 
 MiniLM SQNR (``--no-minilm`` skips it): the calibration-free codecs (rtn, hqq, hyperc, nwc without
 importance) encode each of all-MiniLM-L6-v2's 36 encoder linears alone; SQNR over all of them
-together. cvxq and GPTQ need calibration inputs of a causal LM and are not measured there.
+together, and over layer 5 alone (the layer nwc's shipped network was not trained on: its layers 0-4
+are nwc's training data). cvxq and GPTQ need calibration inputs of a causal LM and are not measured there.
 Correctness first: every compressed row's checkpoint is read back (bpw from ``thawed inspect``'s
 counting), and every perplexity must be finite over exactly the scored tokens.
 """
@@ -86,7 +87,7 @@ def minilm_sqnr(codecs: list[str], rates: list[float]) -> list[dict]:
             text = row_spec(codec, rate)[0]
             choice = parse_codec_choice(text)
             enc_codec = choice.build()
-            sig = noise = 0.0
+            sig = noise = sig5 = noise5 = 0.0
             nbytes = 0
             t0 = time.perf_counter()
             for name, w in lin.items():
@@ -95,11 +96,15 @@ def minilm_sqnr(codecs: list[str], rates: list[float]) -> list[dict]:
                 shared = enc_codec.shared_tensors() if hasattr(enc_codec, "shared_tensors") else {}
                 out = get_codec(choice.name).decode(enc, spec, shared, torch.device("cpu"), torch.float32)
                 assert torch.isfinite(out).all(), (codec, rate, name)
-                sig += float(w.double().square().sum())
-                noise += float((w.double() - out.double()).square().sum())
+                s_, n_ = float(w.double().square().sum()), float((w.double() - out.double()).square().sum())
+                sig, noise = sig + s_, noise + n_
+                if ".layer.5." in name:  # the layer nwc's shipped network never trained on
+                    sig5, noise5 = sig5 + s_, noise5 + n_
                 nbytes += enc.nbytes
             row = {"part": "minilm_sqnr", "codec": codec, "rate": rate, "spec": text, "bpw": nbytes * 8 / numel,
-                   "sqnr_db": 10 * math.log10(sig / noise), "seconds": round(time.perf_counter() - t0, 1)}
+                   "sqnr_db": 10 * math.log10(sig / noise),
+                   "sqnr_db_layer5": 10 * math.log10(sig5 / noise5) if noise5 else None,
+                   "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -119,6 +124,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--minilm-only", action="store_true", help="only the MiniLM SQNR part (no perplexity rows)")
     ap.add_argument("--work", default="out/rd")
     ap.add_argument("--json-out", default="out/rd/results.jsonl")
     ap.add_argument("--src", default=None)
@@ -144,8 +150,9 @@ def main() -> int:
     if args.src:
         qargs += ["--src", args.src]
     print(command, flush=True)
-    sys.argv = ["benchmarks/quality.py", *qargs]
-    quality.main()  # prints the perplexity table (rows "codec@rate"), each row measured with dense
+    if not args.minilm_only:
+        sys.argv = ["benchmarks/quality.py", *qargs]
+        quality.main()  # prints the perplexity table (rows "codec@rate"), each row measured with dense
     if not args.no_minilm:
         import torch
 
@@ -154,9 +161,10 @@ def main() -> int:
         with open(args.json_out, "a") as f:
             for r in rows:
                 f.write(json.dumps(r | {"command": command}) + "\n")
-        print("\n| codec | rate | bpw (MiniLM) | SQNR dB |\n|---|---|---|---|")
+        print("\n| codec | rate | bpw (MiniLM) | SQNR dB (36 linears) | SQNR dB (layer 5 only) |\n|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['codec']} | {r['rate']} | {r['bpw']:.3f} | {r['sqnr_db']:.2f} |")
+            l5 = "" if r["sqnr_db_layer5"] is None else f"{r['sqnr_db_layer5']:.2f}"
+            print(f"| {r['codec']} | {r['rate']} | {r['bpw']:.3f} | {r['sqnr_db']:.2f} | {l5} |")
     return 0
 
 
