@@ -39,6 +39,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
     "cvxq-3.25": ("cvxq", (), 3.25),
     "cvxq-2.5": ("cvxq", (), 2.5),
     "nwc-3.25": ("nwc:target_bpw=3.25", (), None),
+    "nwc-2.5": ("nwc:target_bpw=2.5", (), None),
 }
 # per-row healing settings over the command line's: SEE rows also train their core codes straight-through,
 # and give stage (a) (which can only train the norms there: every linear is lossless) a small share
