@@ -188,7 +188,7 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
         """``codes``: the per-weight codes, trained straight-through when healing asks (``--ste``):
         rounded and clamped to ``0 .. 2**bits - 1`` in the forward pass, gradient passed unchanged
         (EfficientQAT's block-wise training of the weights on a fixed grid, here in code units)."""
-        return ("codes",) if len(spec.shape) >= 1 else ()
+        return ("codes",)
 
     @classmethod
     def ste_values(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec,
@@ -229,12 +229,8 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
         codes = fields["codes"]
         if not codes.is_floating_point():
             return super().decode_train(fields, spec, params, shared, memo)
-        dt = train_dtype(fields, ("scale", "offset"))
-        m, n = _matrix_shape(tuple(spec.shape))
         q = codes + (codes.detach().round().clamp(0, (1 << params["bits"]) - 1) - codes.detach())
-        g = params["group_size"]
-        w = expand_groups(fields["offset"], g, n) + q.to(dt) * expand_groups(fields["scale"], g, n)
-        return w.reshape(spec.shape)
+        return affine_groups(fields, q, spec, params)
 
     # ---- decoding -----------------------------------------------------------------------------
     @classmethod
@@ -318,7 +314,7 @@ def grouped_affine_train(decode, fields: Mapping[str, Tensor], spec: TensorSpec,
     ``unit`` is the codec's own ``decode`` at scale 1 and offset 0 (its fixed codes through their
     tables), computed once and kept in ``memo``; differentiable in ``scale`` and ``offset``. The
     ``decode_train`` of every codec stored as ``q * scale + offset`` per group (rtn, hyperc)."""
-    dt = train_dtype(fields, ("scale", "offset"))
+    train_dtype(fields, ("scale", "offset"))  # fails on stored f16 fields before any decoding
     m, n = _matrix_shape(tuple(spec.shape))
     unit = memo.get("unit") if memo is not None else None
     if unit is None:
@@ -326,7 +322,14 @@ def grouped_affine_train(decode, fields: Mapping[str, Tensor], spec: TensorSpec,
                       fields["scale"].device, torch.float32, fast=False).reshape(m, n)
         if memo is not None:
             memo["unit"] = unit
-    g = params["group_size"]
+    return affine_groups(fields, unit, spec, params)
+
+
+def affine_groups(fields: Mapping[str, Tensor], unit: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:
+    """``offset + scale * unit`` per group of ``params["group_size"]`` along each row of ``unit`` [m, n],
+    in the trainable fields' dtype, shaped as ``spec``: the weight of every grouped affine payload."""
+    dt = train_dtype(fields, ("scale", "offset"))
+    g, n = params["group_size"], unit.shape[1]
     w = expand_groups(fields["offset"], g, n) + unit.to(dt) * expand_groups(fields["scale"], g, n)
     return w.reshape(spec.shape)
 
