@@ -5,6 +5,7 @@ MiniLM's genuine fp32 linears.
     python benchmarks/rd_table.py [--codecs rtn,rtn-gptq,hqq,cvxq,nwc,hyperc] [--rates 2.5,3.25,4.25]
                                   [--tokens 20000] [--corpora ptb-test,pydoc] [--jobs 1] [--threads 2]
                                   [--cells CODEC@RATE,...] [--no-minilm | --minilm-only] [--work out/rd] [--json-out out/rd/results.jsonl]
+    python benchmarks/rd_table.py --table-only [--json-out out/rd/results.jsonl]   # the table so far
 
 Rows and protocol are ``benchmarks/quality.py``'s (compress from the dense model with the row's
 calibration -- ``self``: text the model generates itself, never an evaluated corpus -- then the
@@ -110,6 +111,53 @@ def minilm_sqnr(codecs: list[str], rates: list[float]) -> list[dict]:
     return rows
 
 
+def render_table(path: str) -> str:
+    """The whole table from ``--json-out``'s lines, however many invocations wrote them (``--cells``
+    re-runs an interrupted table). Every invocation measured dense; they must agree to the digit
+    (evaluation is deterministic), or the rows would not be comparable and this refuses."""
+    ppl: dict[str, dict] = {}
+    dense: dict[str, set] = {}
+    sqnr: dict[tuple, dict] = {}
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("part") == "minilm_sqnr":
+            sqnr[(r["codec"], r["rate"])] = r
+        elif "perplexity" in r:
+            if r["row"] == "dense":
+                dense.setdefault(r["corpus"], set()).add(r["perplexity"])
+            ppl.setdefault(r["row"], {"bpw": r["file_bpw"]})[r["corpus"]] = r["perplexity"]
+    if any(len(v) != 1 for v in dense.values()):
+        raise SystemExit(f"{path}: the invocations measured different dense perplexities {dense}; "
+                         "re-run the table in one invocation")
+    d = {c: next(iter(v)) for c, v in dense.items()}
+    if set(d) != {"ptb-test", "pydoc"}:
+        raise SystemExit(f"{path}: no dense row on ptb-test and pydoc; run rd_table.py first")
+
+    def fmt(x: float) -> str:
+        return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
+
+    out = ["| codec | nominal bpw | file bpw | PTB test ppl | × dense | pydoc ppl | × dense | "
+           "pydoc increase / PTB increase |", "|---|---|---|---|---|---|---|---|",
+           f"| dense fp32 | 32 | 32 | {d['ptb-test']:.3f} | — | {d['pydoc']:.3f} | — | |"]
+    for codec in CODECS:
+        for rate in (4.25, 3.25, 2.5):
+            v = ppl.get(f"{codec}@{rate}")
+            if not v or "ptb-test" not in v or "pydoc" not in v:
+                out.append(f"| {codec} | {rate} | not measured | | | | | |")
+                continue
+            a, b = v["ptb-test"] / d["ptb-test"], v["pydoc"] / d["pydoc"]
+            ratio = f"{(b - 1) / (a - 1):.2f}" if a > 1 else ""
+            out.append(f"| {codec} | {rate} | {v['bpw']:.3f} | {fmt(v['ptb-test'])} | ×{a:.3f} | "
+                       f"{fmt(v['pydoc'])} | ×{b:.3f} | {ratio} |")
+    if sqnr:
+        out += ["", "| codec | rate | bpw (MiniLM) | SQNR dB (36 linears) | SQNR dB (layer 5 only) |",
+                "|---|---|---|---|---|"]
+        for (codec, rate), r in sorted(sqnr.items(), key=lambda kv: (CODECS.index(kv[0][0]), -kv[0][1])):
+            l5 = "" if r["sqnr_db_layer5"] is None else f"{r['sqnr_db_layer5']:.2f}"
+            out.append(f"| {codec} | {rate} | {r['bpw']:.3f} | {r['sqnr_db']:.2f} | {l5} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--codecs", default=",".join(CODECS))
@@ -128,7 +176,12 @@ def main() -> int:
     ap.add_argument("--work", default="out/rd")
     ap.add_argument("--json-out", default="out/rd/results.jsonl")
     ap.add_argument("--src", default=None)
+    ap.add_argument("--table-only", action="store_true",
+                    help="measure nothing: print the whole table from --json-out (every invocation's cells)")
     args = ap.parse_args()
+    if args.table_only:
+        print(render_table(args.json_out))
+        return 0
     codecs = [c for c in args.codecs.split(",") if c]
     rates = [float(r) for r in args.rates.split(",") if r]
     cells = {f"{c}@{r}": (c, r) for c in codecs for r in rates}
