@@ -30,7 +30,7 @@ EMB = "model.embed_tokens.weight"
 ROWS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
     "rtn3": ("rtn:bits=3,group_size=128", (), None),  # every tensor at 3.25 bpw (embedding and tied head too)
     "rtn3-ste": ("rtn:bits=3,group_size=128", (), None),  # rtn3, healed with its codes straight-through too
-    # rtn3's format with GPTQ-chosen codes (self-generated calibration): healing starts from x14, not x81
+    # rtn3's format with GPTQ-chosen codes (self-generated calibration): x14 at 2,048 tokens, x7 at 32,768, not x81
     "rtn3-gptq": ("rtn:bits=3,group_size=128,gptq=true", (), None),
     "rtn3-lin": ("rtn:bits=3,group_size=128", (f"{EMB}=lossless",), None),  # linears 3.25 bpw, embedding exact
     "see-emb-r8": ("lossless", (f"{EMB}=see:rank=8,units=256,core_bits=8",), None),  # 1.0 bpw: 16x < bf16

@@ -150,11 +150,17 @@ def render_table(path: str) -> str:
             out.append(f"| {codec} | {rate} | {v['bpw']:.3f} | {fmt(v['ptb-test'])} | ×{a:.3f} | "
                        f"{fmt(v['pydoc'])} | ×{b:.3f} | {ratio} |")
     if sqnr:
-        out += ["", "| codec | rate | bpw (MiniLM) | SQNR dB (36 linears) | SQNR dB (layer 5 only) |",
-                "|---|---|---|---|---|"]
-        for (codec, rate), r in sorted(sqnr.items(), key=lambda kv: (CODECS.index(kv[0][0]), -kv[0][1])):
-            l5 = "" if r["sqnr_db_layer5"] is None else f"{r['sqnr_db_layer5']:.2f}"
-            out.append(f"| {codec} | {rate} | {r['bpw']:.3f} | {r['sqnr_db']:.2f} | {l5} |")
+        out += ["", sqnr_table(r for _, r in sorted(sqnr.items(),
+                                                    key=lambda kv: (CODECS.index(kv[0][0]), -kv[0][1])))]
+    return "\n".join(out)
+
+
+def sqnr_table(rows) -> str:
+    """The MiniLM SQNR rows (``minilm_sqnr``'s records) as a Markdown table."""
+    out = ["| codec | rate | bpw (MiniLM) | SQNR dB (36 linears) | SQNR dB (layer 5 only) |", "|---|---|---|---|---|"]
+    for r in rows:
+        l5 = "" if r["sqnr_db_layer5"] is None else f"{r['sqnr_db_layer5']:.2f}"
+        out.append(f"| {r['codec']} | {r['rate']} | {r['bpw']:.3f} | {r['sqnr_db']:.2f} | {l5} |")
     return "\n".join(out)
 
 
@@ -214,10 +220,7 @@ def main() -> int:
         with open(args.json_out, "a") as f:
             for r in rows:
                 f.write(json.dumps(r | {"command": command}) + "\n")
-        print("\n| codec | rate | bpw (MiniLM) | SQNR dB (36 linears) | SQNR dB (layer 5 only) |\n|---|---|---|---|---|")
-        for r in rows:
-            l5 = "" if r["sqnr_db_layer5"] is None else f"{r['sqnr_db_layer5']:.2f}"
-            print(f"| {r['codec']} | {r['rate']} | {r['bpw']:.3f} | {r['sqnr_db']:.2f} | {l5} |")
+        print("\n" + sqnr_table(rows))
     return 0
 
 
