@@ -57,7 +57,7 @@ TINY_CONFIG = dict(SMOL_CONFIG, vocab_size=512, hidden_size=64, intermediate_siz
 
 
 # seconds a section may start new work for (then it stops, says so, and the next section runs)
-SECTION_BUDGET = {"correct": 70.0, "decode": 60.0, "gemv": 60.0}
+SECTION_BUDGET = {"correct": 70.0, "decode": 60.0, "gemv": 60.0, "sweep": 60.0}
 
 
 class Bench:
@@ -79,7 +79,7 @@ class Bench:
             print(f"[{name}] skipped: past the deadline", flush=True)
             return
         t = time.perf_counter()
-        self.section_end = self.elapsed() + SECTION_BUDGET.get(name, 1e9) * (2 if self.dry else 1)
+        self.section_end = self.elapsed() + self.args.budgets.get(name, 1e9) * (2 if self.dry else 1)
         print(f"[{name}] start at {self.elapsed():.1f} s", flush=True)
         try:
             out = fn()
@@ -149,6 +149,10 @@ class Bench:
         """Whether this section's time budget (SECTION_BUDGET) or the whole deadline has run out."""
         return self.elapsed() > min(self.section_end, self.args.deadline)
 
+    def codecs(self) -> list[str]:
+        """The codecs this run checks and times (``--codecs``, default every case)."""
+        return [c for c in CASES if c in self.args.codecs.split(",")]
+
     def shapes(self) -> list[tuple[int, int]]:
         if self.dry:
             return [(17, 100), (64, 256)]
@@ -207,7 +211,7 @@ class Bench:
     def correct(self) -> dict:
         out: dict[str, Any] = {}
         shapes = [(17, 100), (33, 257)] + ([] if self.dry else [(576, 576), (1536, 576)])
-        for name in CASES:
+        for name in self.codecs():
             rows = []
             if self.over():
                 out[name] = {"ok": False, "error": "not checked: the section's time ran out", "checks": rows}
@@ -323,6 +327,56 @@ class Bench:
                 except Exception as exc:  # noqa: BLE001
                     rows.append({"shape": list(shape), "error": f"{type(exc).__name__}: {exc}"[:500]})
             out[name] = rows
+        return out
+
+    # ---- 4b. split sweep -------------------------------------------------------------------------
+    def sweep(self) -> dict:
+        """Batch-1 fused GEMV on the large shape for several program counts (each kernel module's
+        split-K target, ``_TARGET_PROGRAMS`` / ``MIN_PROGRAMS``), against bf16 ``F.linear`` timed in
+        the same way: which count the module should default to. Each count's output is checked
+        against ``F.linear`` over the decoded weight first."""
+        out: dict[str, Any] = {}
+        shape = (64, 256) if self.dry else BIG
+        for name in [c for c in FUSED if c in self.args.sweep.split(",")]:
+            mod = self.kernel(name)
+            knob = "_TARGET_PROGRAMS" if hasattr(mod, "_TARGET_PROGRAMS") else "MIN_PROGRAMS"
+            base = getattr(mod, knob)
+            rows: list[dict] = []
+            out[name] = {"knob": knob, "default": base, "rows": rows}
+            try:
+                enc, spec, shared = self.payload(name, shape)
+                dense = self.decode_fast(name, enc, spec, shared, torch.bfloat16)
+                l2 = 3 * 60e6 if not self.dry else 0
+                w = mod.prepare(enc, spec)
+                nw = max(1, min(16, int(-(-l2 // int(w.nbytes)))))
+                nd = max(1, min(16, int(-(-l2 // (dense.numel() * 2)))))
+                ws = [w] + [mod.prepare(type(enc)({k: v.clone() for k, v in enc.fields.items()}, enc.params), spec)
+                            for _ in range(nw - 1)]
+                ds = [dense] + [dense.clone() for _ in range(nd - 1)]
+                x = torch.randn(1, shape[1], device=self.dev, dtype=torch.bfloat16)
+                yr = F.linear(x.float(), dense.float())
+                t_dense, _ = self.time_graph_ms(lambda: [F.linear(x, di) for di in ds], per_graph=2)
+                out[name]["bf16_linear_us"] = 1e3 * t_dense / len(ds)
+                for tp in (132, 264, 528, 1056, 2112, 4224):
+                    if self.over():
+                        break
+                    setattr(mod, knob, tp)
+                    try:
+                        y = mod.matmul(x, w).float()
+                        err = float((y - yr).norm() / yr.norm().clamp_min(1e-12))
+                        t_f, _ = self.time_graph_ms(lambda: [mod.matmul(x, wi) for wi in ws], per_graph=2)
+                        t_f /= len(ws)
+                        rows.append({"programs": tp, "rel_err": err, "ok": err <= 2e-2, "fused_us": 1e3 * t_f,
+                                     "speedup_vs_bf16": t_dense / len(ds) / t_f})
+                    except Exception as exc:  # noqa: BLE001
+                        rows.append({"programs": tp, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    print(f"  {name} {knob}={tp}: {_short_sweep(rows[-1])}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                out[name]["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            finally:
+                setattr(mod, knob, base)
+            self.save()
         return out
 
     # ---- 5. end to end --------------------------------------------------------------------------
@@ -554,6 +608,12 @@ def _short(d: Any) -> str:
     return str(d)[:400]
 
 
+def _short_sweep(r: dict) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"][:200]
+    return f"{r['fused_us']:.1f} us, x{r['speedup_vs_bf16']:.3f} of bf16, rel err {r['rel_err']:.1e}"
+
+
 def table(result: dict) -> str:
     lines = []
     s = result["sections"]
@@ -578,6 +638,10 @@ def table(result: dict) -> str:
             else:
                 lines.append(f"gemv {name:7s} {str(r['shape']):14s} m={r['rows']:2d} fused {r['fused_us']:8.1f} us "
                              f"bf16 {r['bf16_linear_us']:8.1f} us  x{r['speedup']:.2f}  mem /{r['weight_bytes_ratio']:.2f}")
+    for name, sw in (s.get("sweep", {}).get("result") or {}).items():
+        lines.append(f"sweep {name} (bf16 F.linear {sw.get('bf16_linear_us', float('nan')):.1f} us, "
+                     f"default {sw.get('knob')}={sw.get('default')}): " + "; ".join(
+                         f"{r['programs']}: {_short_sweep(r)}" for r in sw.get("rows", [])) + sw.get("error", ""))
     for key, r in (s.get("e2e", {}).get("result") or {}).items():
         lines.append(f"e2e {key}: {_short(r)}")
     for name, sec in s.items():
@@ -593,7 +657,12 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=320.0, help="seconds after which sections are skipped")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per configuration")
-    ap.add_argument("--sections", default="copy,correct,decode,gemv,e2e")
+    ap.add_argument("--sections", default="copy,correct,decode,gemv,e2e",
+                    help="any of copy,correct,decode,gemv,sweep,e2e, run in the order given")
+    ap.add_argument("--codecs", default=",".join(CASES), help="codecs the correct/decode/gemv sections take")
+    ap.add_argument("--sweep", default=",".join(FUSED), help="fused codecs the sweep section takes")
+    ap.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
+                    help="a section's own time budget (default correct=70, decode=60, gemv=60, sweep=60)")
     ap.add_argument("--e2e-codecs", default="rtn", help="codecs compressed for the end-to-end section")
     ap.add_argument("--big-nwc", action="store_true", help="also time nwc on 4096x11008 (slow to encode)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd dense baseline")
@@ -604,6 +673,13 @@ def main() -> int:
     elif not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on a CPU", file=sys.stderr)
         return 2
+    args.budgets = dict(SECTION_BUDGET)
+    for item in args.budget:
+        sec, _, secs = item.partition("=")
+        try:
+            args.budgets[sec] = float(secs)
+        except ValueError:
+            ap.error(f"--budget {item!r}: expected SECTION=SECONDS, e.g. correct=120")
     b = Bench(args)
     b.result["env"] = {"torch": torch.__version__, "python": sys.version.split()[0],
                        "triton": _version("triton"), "transformers": _version("transformers")}
