@@ -106,6 +106,7 @@ def test_matmul_matches_reference(device: torch.device, shape: tuple[int, int], 
     k = _kernels()
     if tiles == "wide-rows":
         monkeypatch.setattr(k, "_TARGET_PROGRAMS", 1)
+        monkeypatch.setattr(k, "_TARGET_PROGRAMS_GEMV", 1)
         monkeypatch.setattr(k, "_WIDE_AT", 0)
     enc, spec = _payload(shape, bits, g, hash((shape, bits, g, batch)) % 2**31, device)
     w = k.prepare(enc, spec)

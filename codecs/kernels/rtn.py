@@ -50,7 +50,12 @@ log = logging.getLogger(__name__)
 
 MAX_FUSED_ROWS = 16  # rows of x the fused kernel takes; more decode the weight and call F.linear
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TARGET_PROGRAMS = 132 * 4  # H200: 132 SMs, a few programs each
+# Programs a fused matmul aims for (row blocks x split-K), by rows of x. H200 (132 SMs), measured by
+# gpu_bench.py's sweep (docs/GPU.md): one row is fastest with many short splits (4224: 25.4 us on
+# 4096 x 11008 against 27.9 us at 528 and bf16 F.linear's 27.7); 8 and 16 rows (tl.dot, more
+# atomics per split) lose with them (x0.74 / x0.55 of bf16 at 4224 against x0.83 / x0.71 at 528).
+_TARGET_PROGRAMS = 132 * 4  # 2..16 rows
+_TARGET_PROGRAMS_GEMV = 132 * 32  # 1 row
 _WIDE_AT = 2**31 - 1  # offsets past int32: index in int64 (tests lower it)
 
 
@@ -324,9 +329,9 @@ def _matmul_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr, B, N, K, row_
         tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-def _matmul_config(w: RtnFusedWeight) -> tuple[int, int, bool, int]:
+def _matmul_config(w: RtnFusedWeight, target: int) -> tuple[int, int, bool, int]:
     """(BLOCK_N, BLOCK_K, aligned, num_warps) for a weight: K tiles inside one group when the group
-    allows; the widest row block that still leaves ~4 programs per SM after split-K (more bytes in
+    allows; the widest row block that still leaves ``target`` programs after split-K (more bytes in
     flight per program), 128 rows only for widths dividing 8 up to 4 (register budget)."""
     g = w.group_size
     bk = _pow2_divisor(g, 256)
@@ -339,7 +344,7 @@ def _matmul_config(w: RtnFusedWeight) -> tuple[int, int, bool, int]:
     n_tiles = triton.cdiv(w.in_features, bk)
     block_n = 32
     for bn in ((128, 64) if epb >= 2 else (64,)):
-        if triton.cdiv(w.out_features, bn) * n_tiles >= _TARGET_PROGRAMS:
+        if triton.cdiv(w.out_features, bn) * n_tiles >= target:
             block_n = bn
             break
     return block_n, bk, aligned, 8 if block_n == 128 or epb == 1 else 4  # gathers: 8 warps, fewer regs each
@@ -360,10 +365,11 @@ def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
         return x.new_empty(*lead, n_out)
     if batch > MAX_FUSED_ROWS:
         return torch.nn.functional.linear(x2, _decode_fused(w, x.dtype)).view(*lead, n_out)
-    block_n, block_k, aligned, warps = _matmul_config(w)
+    target = _TARGET_PROGRAMS_GEMV if batch == 1 else _TARGET_PROGRAMS
+    block_n, block_k, aligned, warps = _matmul_config(w, target)
     n_blocks = triton.cdiv(n_out, block_n)
     n_tiles = triton.cdiv(k, block_k)
-    split = max(1, min(n_tiles, triton.cdiv(_TARGET_PROGRAMS, n_blocks)))
+    split = max(1, min(n_tiles, triton.cdiv(target, n_blocks)))
     per = triton.cdiv(n_tiles, split)
     split = triton.cdiv(n_tiles, per)  # no empty programs
     use_dot = batch > 1
