@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(alloc=tensor: every tensor at BPW instead)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
                    help="nwc: rate-distortion trade-off (larger = more bits); same as --codec nwc:lam=L")
-    p.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",  # None: the pipeline's DEFAULT_CALIB_TOKENS
                    help="calibration tokens for cvxq's sensitivities and bias correction and for layer-input "
-                        "statistics (GPTQ, nwc levels) (default 2048)")
+                        "statistics (GPTQ, nwc levels) (default 32768; the text is cached per model)")
     p.add_argument("--calib", choices=["self", "ptb-train"], default=None,
                    help="calibration text: self = sampled from the dense model itself (seeded by --seed, cached "
                         "under $THAWED_CACHE/calib; the default), ptb-train = Penn Treebank train")

@@ -39,6 +39,8 @@ from thawed.codecs import EncodeContext, TensorSpec
 from thawed.codecs.cvxq import MAX_DEPTH, cvxq_nbytes, group_layout, group_stats
 from thawed.codecs.errors import ThawedError
 
+from .calib_data import DEFAULT_CALIB_TOKENS
+
 __all__ = ["GroupSet", "depths_at", "allocate", "plan_cvxq", "CvxqPlan", "estimate_header_bytes", "fixed_entry"]
 
 log = logging.getLogger(__name__)
@@ -170,7 +172,7 @@ class CvxqPlan:
 
 
 def plan_cvxq(src: str | Path, names: Iterable[str], shape_dtype: Callable, get: Callable,
-              roles: dict[str, str], choose: Callable, target_bpw: float, *, calib_tokens: int = 2048,
+              roles: dict[str, str], choose: Callable, target_bpw: float, *, calib_tokens: int = DEFAULT_CALIB_TOKENS,
               seed: int = 0, sensitivities: dict[str, Tensor] | None = None,
               input_means: dict[str, Tensor] | None = None, min_depth_nonlinear: int = 0,
               calib=None) -> CvxqPlan:

@@ -34,11 +34,19 @@ import torch
 
 from thawed.codecs.errors import ThawedError
 
-__all__ = ["CalibSpec", "CalibData", "calibration_data", "resolve_calibration", "self_generate", "SOURCES", "STARTS", "SELF_SEQ_LEN"]
+__all__ = ["CalibSpec", "CalibData", "calibration_data", "resolve_calibration", "self_generate", "SOURCES", "STARTS",
+           "SELF_SEQ_LEN", "DEFAULT_CALIB_TOKENS"]
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("self", "file", "ptb-train")
+# Calibration tokens of `thawed compress` (cvxq's sensitivities and bias correction, GPTQ's and nwc's
+# layer-input statistics). 32,768 (128 self-generated sequences of 256): on SmolLM2, cvxq at 4.25 bpw
+# went from x1.239 / x1.295 (PTB test / pydoc; pydoc's increase 1.24x PTB's) at 2,048 tokens to
+# x1.164 / x1.142 (0.86x), and rtn+GPTQ at 3.25 from x14.1 / x10.1 to x7.05 / x6.58 (docs/QUALITY.md).
+# GPTQ tools calibrate on more still (128-512 sequences of 2,048); here it costs cvxq's compression
+# 24 min instead of 2.3 on two CPU cores, once per model (the text is cached).
+DEFAULT_CALIB_TOKENS = 32768
 SELF_SEQ_LEN = 256  # tokens per self-generated sequence (start included)
 SELF_VERSION = 1  # bump when the generation procedure changes: old cache entries are then ignored
 # Short, domain-neutral openings (prose, dialogue, code, lists, numbers); the first is BOS alone.

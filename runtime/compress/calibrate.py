@@ -30,7 +30,7 @@ from torch import Tensor
 
 from thawed.codecs.errors import ThawedError
 
-from .calib_data import CalibData, CalibSpec, resolve_calibration
+from .calib_data import DEFAULT_CALIB_TOKENS, CalibData, CalibSpec, resolve_calibration
 
 __all__ = ["Calibration", "weight_sensitivities", "calibration_ids", "linear_input_means", "tensor_kl_sensitivities"]
 
@@ -102,7 +102,7 @@ def weight_sensitivities(src: str | Path, tokens: int = 4096, *, seq_len: int = 
     return Calibration(acc, data.tokens, windows, secs, data.record)
 
 
-def linear_input_means(src: str | Path, tokens: int = 2048, *, seq_len: int = 512,
+def linear_input_means(src: str | Path, tokens: int = DEFAULT_CALIB_TOKENS, *, seq_len: int = 512,
                        calib: CalibSpec | CalibData | str | None = None, device: str = "cpu") -> dict[str, Tensor]:
     """Mean input ``E[x]`` of every ``nn.Linear`` over the calibration tokens, keyed by the linear's
     weight name (``model.layers.0.mlp.down_proj.weight`` -> float32 ``[in_features]``).

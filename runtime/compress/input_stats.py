@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from thawed.codecs.errors import ThawedError
 
-from .calib_data import CalibData, CalibSpec
+from .calib_data import DEFAULT_CALIB_TOKENS, CalibData, CalibSpec
 
 __all__ = ["input_grams"]
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def input_grams(src: str | Path, tokens: int = 2048, *, seq_len: int = 512,
+def input_grams(src: str | Path, tokens: int = DEFAULT_CALIB_TOKENS, *, seq_len: int = 512,
                 calib: "CalibSpec | CalibData | str | None" = None) -> dict[str, Tensor]:
     """Weight name (``<module>.weight``) -> input Gram matrix [in, in] float32, averaged over tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,6 +21,7 @@ from thawed.codecs.errors import ThawedError
 
 from ..skeleton import build_skeleton, load_config, tensor_roles
 from ..validate import mark_nonfinite
+from .calib_data import DEFAULT_CALIB_TOKENS
 from .plan import CodecChoice, Plan
 from .source import SourceModel
 from .writer import CheckpointWriter, check_output_path
@@ -73,7 +74,7 @@ class CompressReport:
 
 
 def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | None = None,
-             seed: int = 0, target_bpw: float | None = None, calib_tokens: int = 2048,
+             seed: int = 0, target_bpw: float | None = None, calib_tokens: int | None = None,
              sensitivities: dict | None = None, input_means: dict | None = None,
              calib=None) -> CompressReport:
     """``target_bpw`` runs the cvxq planning step (calibration + bit allocation, see
@@ -84,8 +85,10 @@ def compress(src: str | Path, out: str | Path, plan: Plan, *, progress: bool | N
     seeded with ``seed``), produced once and shared by every calibrated stage. An nwc encoder with
     ``target_bpw`` and ``alloc=global`` has its tensors' rates planned together first
     (``runtime/compress/nwc_plan.py``: Fisher sensitivities, one Lagrange multiplier, the whole
-    file at the target); ``sensitivities`` reuses a calibration there too."""
+    file at the target); ``sensitivities`` reuses a calibration there too. ``calib_tokens``: tokens of
+    that text (default ``DEFAULT_CALIB_TOKENS``, 32,768)."""
     t0 = time.perf_counter()
+    calib_tokens = DEFAULT_CALIB_TOKENS if calib_tokens is None else calib_tokens
     src, out = Path(src), Path(out)
     check_output_path(out)  # before any work: new or empty, no leftover of an interrupted run
     config = load_config(src)
