@@ -303,6 +303,17 @@ class Bench:
         return out
 
     # ---- 4. fused GEMV --------------------------------------------------------------------------
+    def copies(self, mod, enc, spec, w, dense) -> tuple[list, list]:
+        """Copies of a prepared weight and of its bf16 decode to rotate over: together their bytes
+        pass the L2 (60 MB on an H200) several times, so that the timing reads memory, not the cache
+        (METHOD.md); SmolLM2's small shapes stay in L2 with any practical number of copies."""
+        l2 = 3 * 60e6 if not self.dry else 0
+        nw = max(1, min(16, int(-(-l2 // int(w.nbytes)))))
+        nd = max(1, min(16, int(-(-l2 // (dense.numel() * 2)))))
+        ws = [w] + [mod.prepare(type(enc)({k: v.clone() for k, v in enc.fields.items()}, enc.params), spec)
+                    for _ in range(nw - 1)]
+        return ws, [dense] + [dense.clone() for _ in range(nd - 1)]
+
     def gemv(self) -> dict:
         out: dict[str, Any] = {}
         for name in [c for c in FUSED if c in self.ok_codecs]:
@@ -318,15 +329,7 @@ class Bench:
                     enc, spec, shared = self.payload(name, shape)
                     w = mod.prepare(enc, spec)
                     dense = self.decode_fast(name, enc, spec, shared, torch.bfloat16)
-                    # Rotate over copies whose bytes together pass the L2 (60 MB on an H200) several
-                    # times, so that the timing reads memory, not the cache (METHOD.md); SmolLM2's
-                    # small shapes stay in L2 with any practical number of copies: said in the JSON.
-                    l2 = 3 * 60e6 if not self.dry else 0
-                    nw = max(1, min(16, int(-(-l2 // int(w.nbytes)))))
-                    nd = max(1, min(16, int(-(-l2 // (dense.numel() * 2)))))
-                    ws = [w] + [mod.prepare(type(enc)({k: v.clone() for k, v in enc.fields.items()}, enc.params), spec)
-                                for _ in range(nw - 1)]
-                    ds = [dense] + [dense.clone() for _ in range(nd - 1)]
+                    ws, ds = self.copies(mod, enc, spec, w, dense)
                     for m in (1, 8, 16):
                         x = torch.randn(m, shape[1], device=self.dev, dtype=torch.bfloat16)
                         t_fused, _ = self.time_graph_ms(lambda: [mod.matmul(x, wi) for wi in ws], per_graph=2)
@@ -360,13 +363,8 @@ class Bench:
             try:
                 enc, spec, shared = self.payload(name, shape)
                 dense = self.decode_fast(name, enc, spec, shared, torch.bfloat16)
-                l2 = 3 * 60e6 if not self.dry else 0
                 w = mod.prepare(enc, spec)
-                nw = max(1, min(16, int(-(-l2 // int(w.nbytes)))))
-                nd = max(1, min(16, int(-(-l2 // (dense.numel() * 2)))))
-                ws = [w] + [mod.prepare(type(enc)({k: v.clone() for k, v in enc.fields.items()}, enc.params), spec)
-                            for _ in range(nw - 1)]
-                ds = [dense] + [dense.clone() for _ in range(nd - 1)]
+                ws, ds = self.copies(mod, enc, spec, w, dense)
                 x = torch.randn(1, shape[1], device=self.dev, dtype=torch.bfloat16)
                 yr = F.linear(x.float(), dense.float())
                 t_dense, _ = self.time_graph_ms(lambda: [F.linear(x, di) for di in ds], per_graph=2)
