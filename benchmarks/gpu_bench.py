@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import statistics
@@ -191,17 +192,13 @@ class Bench:
         except ImportError:
             return None
 
-    def decode_fast(self, name: str, enc, spec, shared, dtype, out=None, timing: bool = False):
-        """The device decode of a payload: the kernel module's decode where there is one, else the
-        codec's decode on this device (which dispatches to its kernels). ``timing``: as the runtime
-        re-decodes an already validated payload (lossless: ``check=False``, no host sync)."""
-        import inspect
-
+    def decode_fast(self, name: str, enc, spec, shared, dtype, out=None, **kw):
+        """The device decode of a payload: the kernel module's decode where there is one (``kw`` goes
+        to it), else the codec's decode on this device (which dispatches to its kernels)."""
         from thawed.codecs import get_codec
 
         mod = self.kernel(name)
         if mod is not None and hasattr(mod, "decode"):
-            kw = {"check": False} if timing and "check" in inspect.signature(mod.decode).parameters else {}
             return mod.decode(enc, spec, dtype, out=out, shared=shared, **kw)
         return get_codec(name).decode(enc, spec, shared, self.dev, dtype)
 
@@ -265,6 +262,11 @@ class Bench:
         copy = getattr(self, "copy_gbs", float("nan"))
         for name in self.ok_codecs:
             rows = []
+            # as the runtime re-decodes an already validated payload (lossless: check=False, no host
+            # sync); decided once, outside the timed calls
+            mod = self.kernel(name)
+            kw = ({"check": False} if mod is not None and hasattr(mod, "decode")
+                  and "check" in inspect.signature(mod.decode).parameters else {})
             for shape in self.shapes():
                 if self.over():
                     rows.append({"shape": list(shape), "error": "skipped: the section's time ran out"})
@@ -275,7 +277,7 @@ class Bench:
                     enc, spec, shared = self.payload(name, shape)
                     buf = torch.empty(spec.shape, dtype=torch.bfloat16, device=self.dev)
                     def run() -> Any:
-                        return self.decode_fast(name, enc, spec, shared, torch.bfloat16, out=buf, timing=True)
+                        return self.decode_fast(name, enc, spec, shared, torch.bfloat16, out=buf, **kw)
 
                     if name in UNCAPTURABLE:
                         ms, graphed = self.time_ms(run), False
@@ -314,6 +316,10 @@ class Bench:
                     for _ in range(nw - 1)]
         return ws, [dense] + [dense.clone() for _ in range(nd - 1)]
 
+    def per_copy_ms(self, fn: Callable[[Any], Any], copies: list) -> float:
+        """Milliseconds of one ``fn(copy)``, from CUDA graphs of calls over every copy in turn."""
+        return self.time_graph_ms(lambda: [fn(c) for c in copies], per_graph=2)[0] / len(copies)
+
     def gemv(self) -> dict:
         out: dict[str, Any] = {}
         for name in [c for c in FUSED if c in self.ok_codecs]:
@@ -332,9 +338,8 @@ class Bench:
                     ws, ds = self.copies(mod, enc, spec, w, dense)
                     for m in (1, 8, 16):
                         x = torch.randn(m, shape[1], device=self.dev, dtype=torch.bfloat16)
-                        t_fused, _ = self.time_graph_ms(lambda: [mod.matmul(x, wi) for wi in ws], per_graph=2)
-                        t_dense, _ = self.time_graph_ms(lambda: [F.linear(x, di) for di in ds], per_graph=2)
-                        t_fused, t_dense = t_fused / len(ws), t_dense / len(ds)
+                        t_fused = self.per_copy_ms(lambda wi: mod.matmul(x, wi), ws)
+                        t_dense = self.per_copy_ms(lambda di: F.linear(x, di), ds)
                         rows.append({"shape": list(shape), "rows": m, "fused_us": 1e3 * t_fused,
                                      "bf16_linear_us": 1e3 * t_dense, "speedup": t_dense / t_fused,
                                      "copies_rotated": [len(ws), len(ds)],
@@ -349,9 +354,10 @@ class Bench:
     # ---- 4b. split sweep -------------------------------------------------------------------------
     def sweep(self) -> dict:
         """Batch-1 fused GEMV on the large shape for several program counts (each kernel module's
-        split-K target for one row: ``_TARGET_PROGRAMS_GEMV``, ``_TARGET_PROGRAMS`` or ``MIN_PROGRAMS``), against bf16 ``F.linear`` timed in
-        the same way: which count the module should default to. Each count's output is checked
-        against ``F.linear`` over the decoded weight first."""
+        split-K target for one row: ``_TARGET_PROGRAMS_GEMV``, ``_TARGET_PROGRAMS`` or
+        ``MIN_PROGRAMS``), against bf16 ``F.linear`` timed in the same way: which count the module
+        should default to. Each count's output is checked against ``F.linear`` over the decoded
+        weight first."""
         out: dict[str, Any] = {}
         shape = (64, 256) if self.dry else BIG
         for name in [c for c in FUSED if c in self.args.sweep.split(",")]:
@@ -367,8 +373,8 @@ class Bench:
                 ws, ds = self.copies(mod, enc, spec, w, dense)
                 x = torch.randn(1, shape[1], device=self.dev, dtype=torch.bfloat16)
                 yr = F.linear(x.float(), dense.float())
-                t_dense, _ = self.time_graph_ms(lambda: [F.linear(x, di) for di in ds], per_graph=2)
-                out[name]["bf16_linear_us"] = 1e3 * t_dense / len(ds)
+                t_dense = self.per_copy_ms(lambda di: F.linear(x, di), ds)
+                out[name]["bf16_linear_us"] = 1e3 * t_dense
                 for tp in (132, 264, 528, 1056, 2112, 4224):
                     if self.over():
                         break
@@ -376,10 +382,9 @@ class Bench:
                     try:
                         y = mod.matmul(x, w).float()
                         err = float((y - yr).norm() / yr.norm().clamp_min(1e-12))
-                        t_f, _ = self.time_graph_ms(lambda: [mod.matmul(x, wi) for wi in ws], per_graph=2)
-                        t_f /= len(ws)
+                        t_f = self.per_copy_ms(lambda wi: mod.matmul(x, wi), ws)
                         rows.append({"programs": tp, "rel_err": err, "ok": err <= 2e-2, "fused_us": 1e3 * t_f,
-                                     "speedup_vs_bf16": t_dense / len(ds) / t_f})
+                                     "speedup_vs_bf16": t_dense / t_f})
                     except Exception as exc:  # noqa: BLE001
                         rows.append({"programs": tp, "error": f"{type(exc).__name__}: {exc}"[:300]})
                     print(f"  {name} {knob}={tp}: {_short_sweep(rows[-1])}", flush=True)

@@ -127,7 +127,7 @@ def _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8):
 
 
 @triton.jit
-def _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, n, G, NC, nbytes,
+def _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst, r, j0, m, n, G, NC, nbytes,
             nscale, BJ: tl.constexpr, CH: tl.constexpr):
     """Per-group state of columns ``j0 .. j0+BJ`` of row block ``r``, each [1, BJ, 1]: depth, pointer
     to the byte of its first code and the bit inside it, whether it has codes, scale, location and
@@ -143,7 +143,7 @@ def _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, s
     hit = d[:, None] == bins[None, :]  # [BJ, 16]
     onehot = hit.to(tl.int32)
     t = r * NC + j0 // CH
-    T = tl.num_programs(0) * NC  # chunks in the table: the grid has one program row per row block
+    T = (m + G - 1) // G * NC  # chunks in the table: R row blocks of NC chunks (group_layout's R)
     pre = tl.load(prefix_ptr + bins.to(tl.int64) * T + (t - 1), mask=bins < tl.where((t > 0) & (j0 < n), 9, 0),
                   other=0)
     rank = tl.cumsum(onehot, 0) - onehot + pre[None, :]
@@ -195,7 +195,7 @@ def _decode_kernel(out_ptr, codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr
     j0 = tl.program_id(1) * BJ
     seg, sst = _bases(S1, S2, S3, S4, S5, S6, S7, S8, C1, C2, C3, C4, C5, C6, C7, C8)
     d, gp, gsh, coded, sc, lo, lvp = _groups(codes_ptr, depth_ptr, loc_ptr, scale_ptr, prefix_ptr, lv_ptr, seg, sst,
-                                             r, j0, n, G, NC, nbytes, nscale, BJ, CH)
+                                             r, j0, m, n, G, NC, nbytes, nscale, BJ, CH)
     j = (j0 + tl.arange(0, BJ))[None, :, None]
     base = tl.arange(0, BI // 32)[:, None, None] * 32 + tl.arange(0, 32)[None, None, :]  # [NREP, 1, 32]
     for i0 in range(0, G, BI):
