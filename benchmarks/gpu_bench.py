@@ -353,19 +353,16 @@ class Bench:
 
     # ---- 4b. split sweep -------------------------------------------------------------------------
     def sweep(self) -> dict:
-        """Batch-1 fused GEMV on the large shape for several program counts (each kernel module's
-        split-K target for one row: ``_TARGET_PROGRAMS_GEMV``, ``_TARGET_PROGRAMS`` or
-        ``MIN_PROGRAMS``), against bf16 ``F.linear`` timed in the same way: which count the module
-        should default to. Each count's output is checked against ``F.linear`` over the decoded
-        weight first."""
+        """Batch-1 fused GEMV on the large shape for several split-K program counts (each kernel's
+        ``matmul(..., programs=N)``; its default for one row is the module's ``_TARGET_PROGRAMS_GEMV``),
+        against bf16 ``F.linear`` timed in the same way: which count the module should default to.
+        Each count's output is checked against ``F.linear`` over the decoded weight first."""
         out: dict[str, Any] = {}
         shape = (64, 256) if self.dry else BIG
         for name in [c for c in FUSED if c in self.args.sweep.split(",")]:
             mod = self.kernel(name)
-            knob = next(k for k in ("_TARGET_PROGRAMS_GEMV", "_TARGET_PROGRAMS", "MIN_PROGRAMS") if hasattr(mod, k))
-            base = getattr(mod, knob)
             rows: list[dict] = []
-            out[name] = {"knob": knob, "default": base, "rows": rows}
+            out[name] = {"default": mod._TARGET_PROGRAMS_GEMV, "rows": rows}
             try:
                 enc, spec, shared = self.payload(name, shape)
                 dense = self.decode_fast(name, enc, spec, shared, torch.bfloat16)
@@ -378,21 +375,18 @@ class Bench:
                 for tp in (132, 264, 528, 1056, 2112, 4224):
                     if self.over():
                         break
-                    setattr(mod, knob, tp)
                     try:
-                        y = mod.matmul(x, w).float()
+                        y = mod.matmul(x, w, programs=tp).float()
                         err = float((y - yr).norm() / yr.norm().clamp_min(1e-12))
-                        t_f = self.per_copy_ms(lambda wi: mod.matmul(x, wi), ws)
+                        t_f = self.per_copy_ms(lambda wi, tp=tp: mod.matmul(x, wi, programs=tp), ws)
                         rows.append({"programs": tp, "rel_err": err, "ok": err <= 2e-2, "fused_us": 1e3 * t_f,
                                      "speedup_vs_bf16": t_dense / t_f})
                     except Exception as exc:  # noqa: BLE001
                         rows.append({"programs": tp, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                    print(f"  {name} {knob}={tp}: {_short_sweep(rows[-1])}", flush=True)
+                    print(f"  {name} programs={tp}: {_short_sweep(rows[-1])}", flush=True)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 out[name]["error"] = f"{type(exc).__name__}: {exc}"[:1000]
-            finally:
-                setattr(mod, knob, base)
             self.save()
         return out
 
@@ -657,7 +651,7 @@ def table(result: dict) -> str:
                              f"bf16 {r['bf16_linear_us']:8.1f} us  x{r['speedup']:.2f}  mem /{r['weight_bytes_ratio']:.2f}")
     for name, sw in (s.get("sweep", {}).get("result") or {}).items():
         lines.append(f"sweep {name} (bf16 F.linear {sw.get('bf16_linear_us', float('nan')):.1f} us, "
-                     f"default {sw.get('knob')}={sw.get('default')}): " + "; ".join(
+                     f"default {sw.get('default')}): " + "; ".join(
                          f"{r['programs']}: {_short_sweep(r)}" for r in sw.get("rows", [])) + sw.get("error", ""))
     for key, r in (s.get("e2e", {}).get("result") or {}).items():
         lines.append(f"e2e {key}: {_short(r)}")

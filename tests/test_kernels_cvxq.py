@@ -93,15 +93,14 @@ def test_decode_with_bias_field_and_into_a_ring_slice(device: torch.device) -> N
 
 @pytest.mark.parametrize("rows,dtype", [(r, torch.bfloat16) for r in (1, 3, 16, 17)]
                          + [(r, d) for r in (1, 3) for d in (torch.float16, torch.float32)], ids=str)
-def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype, monkeypatch) -> None:
-    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 6)  # two splits: fewer programs under the interpreter
+def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dtype) -> None:
     shape, g = (40, 70), 16
     enc, spec = _payload(shape, g, seed=rows)
     w = kc.prepare(enc.to(device), spec)
     r, n = enc.fields["loc"].shape
     assert w.nbytes <= enc.nbytes + 4 * r * n + 240 * r  # + a 16-bit column per group, scales of depth-0 groups, class tables
     x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
-    y = kc.matmul(x.to(device), w).cpu()
+    y = kc.matmul(x.to(device), w, programs=6).cpu()  # two splits: fewer programs under the interpreter
     assert y.shape == (rows, shape[0]) and y.dtype == dtype and torch.isfinite(y.float()).all()
     wref = _reference(enc, spec).to(dtype).float()
     expect = x.float() @ wref.T
@@ -109,25 +108,24 @@ def test_matmul_matches_linear(device: torch.device, rows: int, dtype: torch.dty
     torch.testing.assert_close(y.float(), expect, rtol=tol, atol=tol)
 
 
-def test_matmul_and_decode_with_groups_taller_than_a_tile(device: torch.device, monkeypatch) -> None:
-    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 1)  # no split-K: fewer programs under the interpreter
+def test_matmul_and_decode_with_groups_taller_than_a_tile(device: torch.device) -> None:
     enc, spec = _payload((520, 20), 300, seed=11)  # G = 300: two 256-row tiles per block, last block 220 rows
     _check_decode(enc, spec, device, torch.float32)
     w = kc.prepare(enc.to(device), spec)
     x = torch.randn(3, 20, generator=torch.Generator().manual_seed(4)).bfloat16()
     ref = _reference(enc, spec).bfloat16().float()
     for rows in (1, 3):
-        y = kc.matmul(x[:rows].to(device), w).cpu()
+        y = kc.matmul(x[:rows].to(device), w, programs=1).cpu()  # no split-K: fewer programs (interpreter)
         torch.testing.assert_close(y.float(), x[:rows].float() @ ref.T, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("programs", [1, 528])
-def test_matmul_mixed_depths_odd_shape(device: torch.device, programs: int, monkeypatch) -> None:
-    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", programs)  # 1: no split-K, the column loop runs 5 tiles
+def test_matmul_mixed_depths_odd_shape(device: torch.device, programs: int) -> None:
+    """programs 1: no split-K, the column loop runs 5 tiles."""
     enc, spec = _payload((33, 257), 12, seed=9)
     w = kc.prepare(enc.to(device), spec)
     x = torch.randn(5, 1, 257, generator=torch.Generator().manual_seed(3)).bfloat16()
-    y = kc.matmul(x.to(device), w).cpu()
+    y = kc.matmul(x.to(device), w, programs=programs).cpu()
     assert y.shape == (5, 1, 33)
     expect = F.linear(x.float(), _reference(enc, spec).bfloat16().float())
     torch.testing.assert_close(y.float(), expect, rtol=2e-2, atol=2e-2)
@@ -201,18 +199,17 @@ def test_kernels_compile_for_sm90(device: torch.device) -> None:
 
 # ---- prepare's depth-uniform layout (columns sorted by depth per row block, codes in 4/2/1-bit planes)
 @pytest.mark.parametrize("depths", ["0", "3", "8", "mixed"])
-def test_matmul_depth_classes_partial_last_group(device: torch.device, depths: str, monkeypatch) -> None:
+def test_matmul_depth_classes_partial_last_group(device: torch.device, depths: str) -> None:
     """G = 10 (not a multiple of 8: rows padded to 16 per group), last block 7 rows, odd n."""
-    monkeypatch.setattr(kc, "_TARGET_PROGRAMS", 4)
     enc, spec = _payload((27, 37), 10, seed=20 + len(depths), depths=depths)
     w = kc.prepare(enc.to(device), spec)
     assert tuple(w.cs[:, -1].cpu().tolist()) == (37,) * 3 and (w.cs[:, 1:] >= w.cs[:, :-1]).all()
     wref = _reference(enc, spec)
     x = torch.randn(3, 37, generator=torch.Generator().manual_seed(7))
-    y1 = kc.matmul(x[:1].to(device), w).cpu()
+    y1 = kc.matmul(x[:1].to(device), w, programs=4).cpu()
     torch.testing.assert_close(y1, x[:1] @ wref.T, rtol=1e-5, atol=1e-5)
     xb = x.bfloat16()
-    y3 = kc.matmul(xb.to(device), w).cpu()
+    y3 = kc.matmul(xb.to(device), w, programs=4).cpu()
     torch.testing.assert_close(y3.float(), xb.float() @ wref.bfloat16().float().T, rtol=2e-2, atol=2e-2)
 
 

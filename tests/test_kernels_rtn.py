@@ -104,9 +104,9 @@ def test_matmul_matches_reference(device: torch.device, shape: tuple[int, int], 
     """``split-k``: tiny shapes get 32-row blocks and split K (fp32 atomics); ``wide-rows``: the
     128/64-row blocks of large weights, one program per row block (no split), int64 code offsets."""
     k = _kernels()
+    programs = None  # the modules' own targets
     if tiles == "wide-rows":
-        monkeypatch.setattr(k, "_TARGET_PROGRAMS", 1)
-        monkeypatch.setattr(k, "_TARGET_PROGRAMS_GEMV", 1)
+        programs = 1
         monkeypatch.setattr(k, "_WIDE_AT", 0)
     enc, spec = _payload(shape, bits, g, hash((shape, bits, g, batch)) % 2**31, device)
     w = k.prepare(enc, spec)
@@ -116,11 +116,11 @@ def test_matmul_matches_reference(device: torch.device, shape: tuple[int, int], 
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, shape[1], generator=gen)
     ref = x @ wref.T
-    y = k.matmul(x.to(device), w)
+    y = k.matmul(x.to(device), w, programs=programs)
     assert y.shape == (batch, shape[0]) and y.dtype == torch.float32 and torch.isfinite(y).all()
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-4, atol=1e-4)
     xb = x.to(device, torch.bfloat16)
-    yb = k.matmul(xb, w)
+    yb = k.matmul(xb, w, programs=programs)
     assert yb.dtype == torch.bfloat16 and torch.isfinite(yb).all()
     refb = xb.float().cpu() @ wref.to(torch.bfloat16).float().T
     torch.testing.assert_close(yb.cpu().float(), refb, rtol=2e-2, atol=2e-2)

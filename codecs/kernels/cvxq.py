@@ -81,7 +81,11 @@ __all__ = ["decode", "prepare", "matmul", "CvxqFusedWeight", "CHUNK", "MAX_FUSED
 CHUNK = 32  # columns per prefix-table row; every kernel's BJ is a multiple of it
 MAX_FUSED_ROWS = 16  # matmul rows handled by the fused kernel; more: decode + F.linear
 TILE_COLS = 32  # matmul tile width (sorted columns of one depth class)
-_TARGET_PROGRAMS = 132 * 4  # H200: 132 SMs, about 4 programs each
+# Programs a fused matmul aims for (row tiles x split-K), by rows of x. H200 (132 SMs), measured by
+# gpu_bench.py's sweep on 4096 x 11008 (docs/GPU.md, two runs): one row 101.1 us at 1056 against
+# 119.2 us at 528 (132: 167.8, 4224: 122.1).
+_TARGET_PROGRAMS = 132 * 4  # 2..16 rows
+_TARGET_PROGRAMS_GEMV = 132 * 8  # 1 row
 _SCALARS = ["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8"]
 _LEVELS: dict[torch.device, Tensor] = {}
 
@@ -581,9 +585,9 @@ def prepare(enc: Encoded, spec: TensorSpec) -> CvxqFusedWeight:
                            int(ts[:, 9].max()) if r else 0, spec.name)
 
 
-def _split(row_tiles: int, col_tiles: int) -> tuple[int, int]:
-    """(splits, column tiles per split): enough programs to fill the GPU, no empty split."""
-    want = max(1, min(col_tiles, -(-_TARGET_PROGRAMS // row_tiles)))
+def _split(row_tiles: int, col_tiles: int, target: int) -> tuple[int, int]:
+    """(splits, column tiles per split): about ``target`` programs, no empty split."""
+    want = max(1, min(col_tiles, -(-target // row_tiles)))
     per = -(-col_tiles // want)
     return -(-col_tiles // per), per
 
@@ -601,11 +605,15 @@ def _decode_packed(w: CvxqFusedWeight, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def matmul(x: Tensor, w: CvxqFusedWeight) -> Tensor:
+def matmul(x: Tensor, w: CvxqFusedWeight, *, programs: int | None = None) -> Tensor:
     """``x @ W^T``: x [..., n] in bfloat16/float16/float32 -> [..., m] in x's dtype (no bias).
 
     At most ``MAX_FUSED_ROWS`` rows: one fused kernel (fp32 accumulation, split-K partial sums);
-    more rows (or several fp32 rows): the weight is decoded into a temporary and ``F.linear`` runs."""
+    more rows (or several fp32 rows): the weight is decoded into a temporary and ``F.linear`` runs.
+    ``programs``: the split-K target (default ``_TARGET_PROGRAMS_GEMV`` for one row,
+    ``_TARGET_PROGRAMS`` for more; gpu_bench.py's sweep passes others)."""
+    if programs is not None and programs < 1:
+        raise CodecError(f"tensor {w.name!r}: matmul programs must be >= 1, got {programs}")
     if x.shape[-1] != w.n:
         raise CodecError(f"tensor {w.name!r}: matmul input has {x.shape[-1]} features, the weight takes {w.n}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -623,7 +631,9 @@ def matmul(x: Tensor, w: CvxqFusedWeight) -> Tensor:
     # 16 weights per thread, two plane loads at most per 8 weights.
     bi = _tile_rows(w.g)
     row_tiles = w.r * triton.cdiv(w.g, bi)
-    splits, per = _split(row_tiles, w.tiles)
+    if programs is None:
+        programs = _TARGET_PROGRAMS_GEMV if rows == 1 else _TARGET_PROGRAMS
+    splits, per = _split(row_tiles, w.tiles, programs)
     part = torch.empty((splits, rows, w.m), dtype=torch.float32, device=x.device)
     _matmul_kernel[(row_tiles, splits)](
         x2, part, w.perm, w.cs, w.ts, *_args(w)[2:], rows, w.m, w.n, w.g, triton.cdiv(w.g, 8), per,

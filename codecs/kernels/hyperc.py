@@ -52,7 +52,11 @@ log = logging.getLogger(__name__)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DECODE_TILE = 4096  # output elements per decode program (with 4 warps: 32 per thread)
 MAX_FUSED_ROWS = 16
-MIN_PROGRAMS = 132 * 4  # H200: 132 SMs, a few programs each
+# Programs a fused matmul aims for (column blocks x split-K), by rows of x. H200 (132 SMs), measured
+# by gpu_bench.py's sweep on 4096 x 11008 (docs/GPU.md): one row 44.2 us at 4224 against 48.2 us at
+# 528 (132: 79.1, 2112: 45.7). The column block width follows _TARGET_PROGRAMS whatever the target.
+_TARGET_PROGRAMS = 132 * 4  # 2..16 rows
+_TARGET_PROGRAMS_GEMV = 132 * 32  # 1 row
 FORCE_INT64 = False  # tests: run the 64-bit row math of huge tensors on small ones
 
 
@@ -467,26 +471,29 @@ def _dense(w: HypercFusedWeight, dtype: torch.dtype) -> Tensor:
     return torch.addcmul(of, x, sc).to(dtype)
 
 
-def _mm_config(N: int, n: int, M: int, use_dot: bool) -> tuple[int, int, int, int]:
-    """(BN, BKW, splits, slots per split) for ``N`` outputs, ``n`` inputs, ``M`` rows."""
+def _mm_config(N: int, n: int, use_dot: bool, target: int) -> tuple[int, int, int, int]:
+    """(BN, BKW, splits, slots per split) for ``N`` outputs, ``n`` inputs, about ``target`` programs."""
     nslots = -(-n // 8)
     bkw = 8 if not interpreting() else min(8, _pow2(nslots))
-    bn = 64 if N >= 64 * MIN_PROGRAMS // 8 else 32
+    bn = 64 if N >= 64 * _TARGET_PROGRAMS // 8 else 32
     if use_dot:
         bn = max(bn, 32)
     nb = -(-N // bn)
-    splits = max(1, min(-(-MIN_PROGRAMS // nb), -(-nslots // bkw)))
+    splits = max(1, min(-(-target // nb), -(-nslots // bkw)))
     per = -(-(-(-nslots // splits)) // bkw) * bkw
     splits = -(-nslots // per)
     return bn, bkw, splits, per
 
 
-def matmul(x: Tensor, w: HypercFusedWeight) -> Tensor:
+def matmul(x: Tensor, w: HypercFusedWeight, *, programs: int | None = None) -> Tensor:
     """``x @ W^T`` for x ``[..., in]`` (bf16/fp16/fp32) -> ``[..., out]`` in x's dtype, without bias.
 
     Rows <= 16 of the fused form run one Triton kernel (fp32 accumulation); otherwise the weight
-    is decoded into a temporary and ``F.linear`` runs. CUDA-graph capturable.
+    is decoded into a temporary and ``F.linear`` runs. CUDA-graph capturable. ``programs``: the
+    split-K target (default ``_TARGET_PROGRAMS_GEMV`` for one row, ``_TARGET_PROGRAMS`` for more).
     """
+    if programs is not None and programs < 1:
+        raise CodecError(f"hyperc matmul: programs must be >= 1, got {programs}")
     if x.shape[-1] != w.in_features:
         raise CodecError(f"hyperc matmul: x has {x.shape[-1]} features, the weight takes {w.in_features}")
     if x.dtype not in OUT_DTYPES:
@@ -502,7 +509,9 @@ def matmul(x: Tensor, w: HypercFusedWeight) -> Tensor:
         x2 = x2.contiguous()
     use_dot = M > 1 and x.dtype != torch.float32
     bm = 16 if use_dot else _pow2(M)
-    bn, bkw, splits, per = _mm_config(N, n, M, use_dot)
+    if programs is None:
+        programs = _TARGET_PROGRAMS_GEMV if M == 1 else _TARGET_PROGRAMS
+    bn, bkw, splits, per = _mm_config(N, n, use_dot, programs)
     if splits == 1:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     else:

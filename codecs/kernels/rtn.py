@@ -350,10 +350,13 @@ def _matmul_config(w: RtnFusedWeight, target: int) -> tuple[int, int, bool, int]
     return block_n, bk, aligned, 8 if block_n == 128 or epb == 1 else 4  # gathers: 8 warps, fewer regs each
 
 
-def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
+def matmul(x: Tensor, w: RtnFusedWeight, *, programs: int | None = None) -> Tensor:
     """``x @ W^T`` with ``W`` decoded inside the kernel: x [..., in] (bf16/fp16/fp32) -> [..., out] in
     x's dtype, accumulated in fp32. Up to 16 rows run fused; more decode ``W`` once into a temporary
-    and call ``F.linear``. No bias. Graph-capturable (no host syncs)."""
+    and call ``F.linear``. No bias. Graph-capturable (no host syncs). ``programs``: the split-K
+    target (default ``_TARGET_PROGRAMS_GEMV`` for one row, ``_TARGET_PROGRAMS`` for more)."""
+    if programs is not None and programs < 1:
+        raise CodecError(f"rtn matmul: programs must be >= 1, got {programs}")
     if x.shape[-1] != w.in_features:
         raise CodecError(f"rtn matmul: x has {x.shape[-1]} input features, the weight {w.in_features}")
     if x.dtype not in _OUT_DTYPES:
@@ -365,7 +368,7 @@ def matmul(x: Tensor, w: RtnFusedWeight) -> Tensor:
         return x.new_empty(*lead, n_out)
     if batch > MAX_FUSED_ROWS:
         return torch.nn.functional.linear(x2, _decode_fused(w, x.dtype)).view(*lead, n_out)
-    target = _TARGET_PROGRAMS_GEMV if batch == 1 else _TARGET_PROGRAMS
+    target = programs if programs is not None else _TARGET_PROGRAMS_GEMV if batch == 1 else _TARGET_PROGRAMS
     block_n, block_k, aligned, warps = _matmul_config(w, target)
     n_blocks = triton.cdiv(n_out, block_n)
     n_tiles = triton.cdiv(k, block_k)
