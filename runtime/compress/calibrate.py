@@ -60,7 +60,7 @@ def calibration_ids(tokenizer, tokens: int, text: str | None = None) -> list[int
     return ids
 
 
-def weight_sensitivities(src: str | Path, tokens: int = 4096, *, seq_len: int = 512, seed: int = 0,
+def weight_sensitivities(src: str | Path, tokens: int = DEFAULT_CALIB_TOKENS, *, seq_len: int = 512, seed: int = 0,
                          calib: CalibSpec | CalibData | str | None = None, device: str = "cpu") -> Calibration:
     """Accumulated squared Fisher-sampled gradients for every 2-D parameter of the model at ``src``;
     ``calib``: the calibration data or where it comes from (default: self-generated, seeded)."""
