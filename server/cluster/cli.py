@@ -27,6 +27,8 @@ from thawed.server import cli as server_cli
 
 from .proxy import CALLBACK_ENV, CALLBACK_PATH
 
+READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+
 __all__ = ["main", "build_parser", "cluster_settings_from_args", "serve_cluster"]
 
 log = logging.getLogger("thawed")
@@ -100,17 +102,18 @@ def _import_ray():
 
 
 @contextmanager
-def _environ(name: str, value: str):
-    """``os.environ[name] = value`` for the duration (the processes Ray starts inherit it)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def _environ(values: dict[str, str]):
+    """``os.environ.update(values)`` for the duration (the processes Ray starts inherit it)."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def serve_cluster(settings, cluster, stop: threading.Event | None = None,
@@ -135,8 +138,11 @@ def serve_cluster(settings, cluster, stop: threading.Event | None = None,
     if started_ray:
         if cluster.ray_address is None:
             # Serve's proxy in a cluster started here inherits this environment (read when Ray starts):
-            # it ends the streams of a replica that dies with an error event
-            with _environ(CALLBACK_ENV, os.environ.get(CALLBACK_ENV) or CALLBACK_PATH):
+            # it ends the streams of a replica that dies with an error event; and on a loaded machine
+            # its start can outlast Serve's 5 s readiness check three times (then Serve kills it and
+            # serve.start fails), so a cluster started here waits 30 s per check unless told otherwise
+            with _environ({CALLBACK_ENV: os.environ.get(CALLBACK_ENV) or CALLBACK_PATH,
+                           READY_ENV: os.environ.get(READY_ENV) or "30"}):
                 ray.init(include_dashboard=False, logging_level=logging.WARNING)
         else:
             if os.environ.get(CALLBACK_ENV) != CALLBACK_PATH:
