@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "in code steps (default 0.05)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--calib-tokens", type=int, default=4096, metavar="N", help="calibration tokens (default 4096)")
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",  # None: HealConfig's DEFAULT_CALIB_TOKENS
+                   help="calibration tokens (default 32768, compress's: the same cached text)")
     p.add_argument("--calib", choices=["self", "ptb-train"], default=None,
                    help="calibration text: self = sampled from the dense model itself (the default), ptb-train")
     p.add_argument("--calib-text", default=None, metavar="FILE",
@@ -246,7 +247,8 @@ def _cmd_heal(args: argparse.Namespace) -> int:
     config = HealConfig(minutes=args.minutes or None, block_steps=args.block_steps, steps=args.steps, tokens=args.tokens,
                         block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e, ste=args.ste,
                         lr_codes=args.lr_codes, batch=args.batch,
-                        seq_len=args.seq_len, calib_tokens=args.calib_tokens, seed=args.seed, stages=stages,
+                        seq_len=args.seq_len, seed=args.seed, stages=stages,
+                        **({} if args.calib_tokens is None else {"calib_tokens": args.calib_tokens}),
                         ste_stages=tuple(s.strip() for s in args.ste_stages.split(",") if s.strip()))
     try:
         res = heal(args.ckpt, args.out, config, source=args.source, calib=calib, resume=args.resume)

@@ -83,12 +83,16 @@ def test_bad_calibration_choices_fail_clearly(tiny_llama_dir: Path, tmp_path: Pa
         CalibSpec("wiki")
 
 
-def test_cli_help_states_the_pipeline_default_calibration_tokens():
+def test_cli_help_states_the_pipeline_default_calibration_tokens_for_compress_and_heal():
     """The CLI may not import the compressor (tests/test_layout.py), so its help states the default
     as text: it must be the pipeline's constant."""
     from thawed.runtime.cli import build_parser
     from thawed.runtime.compress.calib_data import DEFAULT_CALIB_TOKENS
 
     sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "compress" in a.choices)
-    opt = next(a for a in sub.choices["compress"]._actions if "--calib-tokens" in a.option_strings)
-    assert opt.default is None and f"default {DEFAULT_CALIB_TOKENS}" in opt.help
+    for command in ("compress", "heal"):
+        opt = next(a for a in sub.choices[command]._actions if "--calib-tokens" in a.option_strings)
+        assert opt.default is None and f"default {DEFAULT_CALIB_TOKENS}" in opt.help, command
+    from thawed.runtime.compress.heal import HealConfig
+
+    assert HealConfig().calib_tokens == DEFAULT_CALIB_TOKENS

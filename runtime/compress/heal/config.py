@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 from thawed.codecs.errors import ThawedError
 
+from ..calib_data import DEFAULT_CALIB_TOKENS
+
 __all__ = ["HealConfig", "STAGES"]
 
 STAGES = ("block", "e2e")
@@ -38,7 +40,7 @@ class HealConfig:
     ste_stages: tuple[str, ...] = STAGES
     batch: int = 2  # sequences per step
     seq_len: int = 256
-    calib_tokens: int = 4096
+    calib_tokens: int = DEFAULT_CALIB_TOKENS  # compress's own: the same cached self-generated text
     seed: int = 0
     stages: tuple[str, ...] = STAGES
     log_every: float = 10.0  # seconds between progress lines
