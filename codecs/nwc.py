@@ -322,7 +322,7 @@ class Nwc(Codec, name="nwc", version=1):
         lv = column_levels(r, cols, imp, self._net.grid, self.levels)
         gram = ctx.extras.get("input_gram") if self.ec else None
         if gram is not None:
-            sym = self._encode_ec(w, scale, lv, gram.to(torch.float32), spec.name)
+            lv, sym = self._encode_ec(w, scale, lv, gram.to(torch.float32), spec.name)
         else:
             sym, _ = self._quant(wn_t, lv)
             lv, sym = self._unsaturate(wn_t, lv, sym, spec.name)
@@ -358,8 +358,11 @@ class Nwc(Codec, name="nwc", version=1):
         log.debug("tensor %s: %d column rate steps lowered to avoid saturated latents", name, lowered)
         return lv, sym
 
-    def _encode_ec(self, w: Tensor, scale: Tensor, lv: Tensor, gram: Tensor, name: str) -> Tensor:
-        """GPTQ error feedback through the shared stage (``codecs/gptq.py``); symbols [cols, P] uint8."""
+    def _encode_ec(self, w: Tensor, scale: Tensor, lv: Tensor, gram: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        """GPTQ error feedback through the shared stage (``codecs/gptq.py``) -> (rate indices [cols],
+        symbols [cols, P] uint8). A column whose latents saturate at its rate index (see
+        ``_unsaturate``; the feedback moves weights too, so this is checked on the updated column,
+        when GPTQ quantises it) is quantised again one index lower until none does."""
         from .gptq import GptqConfig, gptq
 
         rows, cols = w.shape
@@ -369,15 +372,25 @@ class Nwc(Codec, name="nwc", version=1):
         sym = torch.empty(cols, p, dtype=torch.uint8)
         col = torch.zeros(1, p)
         inv_scale = 1.0 / scale
+        lv = lv.clone()
+        top = ALPHABET - 1
+        lowered = 0
 
         def column(j: int, x: Tensor) -> Tensor:
+            nonlocal lowered
             col[0, :rows] = x * inv_scale
             s, rec = self._quant(col, lv[j:j + 1])
+            while int(lv[j]) > 0 and bool(((s == 0) | (s == top)).any()):
+                lv[j] -= 1
+                lowered += 1
+                s, rec = self._quant(col, lv[j:j + 1])
             sym[j] = s[0]
             return rec[0, :rows] * scale
 
         gptq(w, gram, column, GptqConfig(damp=self.damp, act_order=self.act_order), name=name)
-        return sym
+        if lowered:
+            log.debug("tensor %s: %d column rate steps lowered to avoid saturated latents (error feedback)", name, lowered)
+        return lv, sym
 
     def shared_tensors(self) -> dict[str, Tensor]:
         if not self._used:
