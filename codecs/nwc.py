@@ -38,9 +38,9 @@ three matmuls, each band stored straight into the weight with its row scales; on
 (the reference, ``rans_backend="torch"``, other devices): ``nwc_net.decode_columns`` over columns
 grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks, then the transpose and the row
 scales. The two agree to float32 round-off (tests/test_codec_nwc_cpu.py). Decoding is integer-exact up to
-the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, needs the layer's
-input Gram matrix from calibration in ``ctx.extras["input_gram"]``; off by default because on SmolLM2
-it measured worse, docs/NWC.md): the shared GPTQ stage (``codecs/gptq.py``: dampening ``damp``,
+the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, the default since stop 17;
+it uses the layer's input Gram matrix from calibration in ``ctx.extras["input_gram"]`` and encodes
+without feedback where there is none, e.g. the embedding; docs/NWC.md): the shared GPTQ stage (``codecs/gptq.py``: dampening ``damp``,
 lazy block updates, ``act_order``) with the network as its per-column quantiser, each column's
 error pushed onto the not-yet-encoded columns through the Cholesky factor of the inverse Hessian. Quality floor and speed: docs/NWC.md.
 """
@@ -158,7 +158,7 @@ class Nwc(Codec, name="nwc", version=1):
 
     roles = ("linear", "embedding", "lm_head")
 
-    def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = False,
+    def __init__(self, lam: float | None = None, target_bpw: float | None = None, ec: bool = True,
                  levels: bool = True, network: str = "default", steps: int = 2048, damp: float = 0.01,
                  act_order: bool = True, alloc: str = "global", spread: float | None = None,
                  sens: str = "fisher") -> None:
