@@ -38,11 +38,14 @@ three matmuls, each band stored straight into the weight with its row scales; on
 (the reference, ``rans_backend="torch"``, other devices): ``nwc_net.decode_columns`` over columns
 grouped by rate index in blocks of ``DECODE_BLOCK_*`` chunks, then the transpose and the row
 scales. The two agree to float32 round-off (tests/test_codec_nwc_cpu.py). Decoding is integer-exact up to
-the MLP, so devices agree to float tolerance. Error compensation (``ec=True``, the default since stop 17;
-it uses the layer's input Gram matrix from calibration in ``ctx.extras["input_gram"]`` and encodes
-without feedback where there is none, e.g. the embedding; docs/NWC.md): the shared GPTQ stage (``codecs/gptq.py``: dampening ``damp``,
-lazy block updates, ``act_order``) with the network as its per-column quantiser, each column's
-error pushed onto the not-yet-encoded columns through the Cholesky factor of the inverse Hessian. Quality floor and speed: docs/NWC.md.
+the MLP, so devices agree to float tolerance.
+
+Error compensation (``ec=True``, the default since stop 17; it uses the layer's input Gram matrix
+from calibration in ``ctx.extras["input_gram"]`` and encodes without feedback where there is none,
+e.g. the embedding): the shared GPTQ stage (``codecs/gptq.py``: dampening ``damp``, lazy block
+updates, ``act_order``) with the network as its per-column quantiser, each column's error pushed
+onto the not-yet-encoded columns through the Cholesky factor of the inverse Hessian. Quality floor
+and speed: docs/NWC.md.
 """
 
 from __future__ import annotations
@@ -389,7 +392,8 @@ class Nwc(Codec, name="nwc", version=1):
 
         gptq(w, gram, column, GptqConfig(damp=self.damp, act_order=self.act_order), name=name)
         if lowered:
-            log.debug("tensor %s: %d column rate steps lowered to avoid saturated latents (error feedback)", name, lowered)
+            log.debug("tensor %s: %d column rate steps lowered to avoid saturated latents (error feedback)",
+                      name, lowered)
         return lv, sym
 
     def shared_tensors(self) -> dict[str, Tensor]:
