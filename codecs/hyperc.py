@@ -306,7 +306,18 @@ class HyperC(GroupedAffineHealing, Codec, name="hyperc", version=1):
     # Optional[...] rather than ``X | None``: ``Codec.from_options`` recognises typing.Union only.
     def __init__(self, target_bpw: Optional[float] = None, dim: int = 2, index_bits: int = 9,
                  group_size: int = 128, points: Optional[int] = None, generator: Optional[int] = None,
-                 clip_search: bool = True, refine: bool = True) -> None:
+                 clip_search: bool = True, refine: bool = True, gptq: bool = False, damp: float = 0.01,
+                 act_order: bool = True) -> None:
+        if not isinstance(gptq, bool) or not isinstance(act_order, bool):
+            raise CodecError(f"codec 'hyperc' options 'gptq' and 'act_order' must be true or false, got {gptq!r}, "
+                             f"{act_order!r}")
+        if gptq and target_bpw is None and dim != 1:
+            raise CodecError(f"codec 'hyperc' option 'gptq' needs 1-D codebooks (dim=1), got dim={dim}: GPTQ "
+                             "quantises one column at a time")
+        from .gptq import GptqConfig
+
+        self._gptq_config = GptqConfig(damp=float(damp), act_order=act_order)  # checks damp
+        self.gptq, self.damp, self.act_order = gptq, damp, act_order
         if target_bpw is not None:
             if isinstance(target_bpw, bool) or not isinstance(target_bpw, (int, float)) or not 1.5 <= target_bpw <= 16:
                 raise CodecError(f"codec 'hyperc' option 'target_bpw' must be a number in 1.5..16, got {target_bpw!r}")
@@ -336,6 +347,11 @@ class HyperC(GroupedAffineHealing, Codec, name="hyperc", version=1):
         self.clip_search = clip_search
         self.refine = refine
 
+    @property
+    def needs_input_grams(self) -> bool:
+        """The compression pipeline calibrates layer inputs (``runtime/compress/input_stats.py``) when True."""
+        return self.gptq
+
     def _z(self) -> tuple[list[int], int]:
         K = self.points or (1 << self.index_bits)
         a = self.generator if self.generator is not None else good_generator(self.dim, K)
@@ -360,13 +376,22 @@ class HyperC(GroupedAffineHealing, Codec, name="hyperc", version=1):
             if peak > F16_MAX / 2:
                 raise CodecError(f"tensor {spec.name!r} has |w| up to {peak:g}, beyond the F16 range of hyperc's "
                                  "scale/offset; use 'lossless' or 'raw'")
+        gram = ctx.extras.get("input_gram") if self.gptq and len(spec.shape) == 2 and w.numel() else None
         if self.target_bpw is None:
             z, K = self._z()
             g = self.group_size or max(self.dim, -(-n // self.dim) * self.dim)
-            return _encode_one(w, z, K, self.index_bits, g, self.clip_search, self.refine)[0]
+            return _encode_one(w, z, K, self.index_bits, g, self.clip_search, self.refine, gram, self._gptq_config,
+                               spec.name)[0]
         # target_bpw: the model's best (index_bits, group_size) for each dim at this row length
         # (so the tensor's own bpw meets the target), then the one with the lowest squared error.
         cands = rate_candidates(float(self.target_bpw), n) or {self.dim: (self.index_bits, self.group_size)}
+        if gram is not None:  # GPTQ quantises one column at a time: the 1-D candidate only
+            one = rate_candidates(float(self.target_bpw), n).get(1)
+            if one is not None:
+                bits, g = one
+                K = 1 << bits
+                return _encode_one(w, _korobov(good_generator(1, K), 1, K), K, bits, g, self.clip_search,
+                                   self.refine, gram, self._gptq_config, spec.name)[0]
         best: tuple[Encoded, float] | None = None
         for dim, (bits, g) in sorted(cands.items()):
             K = 1 << bits
@@ -444,15 +469,44 @@ class HyperC(GroupedAffineHealing, Codec, name="hyperc", version=1):
 
 
 def _encode_one(w: Tensor, z: list[int], K: int, B: int, g: int, clip_search: bool,
-                refine: bool = True) -> tuple[Encoded, float]:
-    """Encode a float32 ``[m, n]`` matrix with one configuration -> (payload, squared error)."""
+                refine: bool = True, gram: Tensor | None = None, gptq_config=None,
+                name: str = "") -> tuple[Encoded, float]:
+    """Encode a float32 ``[m, n]`` matrix with one configuration -> (payload, squared error).
+    ``gram`` (1-D codebooks): the group boxes come from the weights as without it (GPTQ's static
+    groups), then GPTQ chooses every index with error feedback (``_gptq_indices``)."""
     k, scale, offset, sse = quantize(w, z, K, g, clip_search=clip_search, refine=refine)
+    if gram is not None and len(z) == 1:
+        k, sse = _gptq_indices(w, K, g, scale, offset, gram, gptq_config, name)
     fields = {"codes_lo": pack_bits(k & 0xFF if B > 8 else k, min(B, 8))}  # [packed_nbytes(m*V, min(B,8))]
     if B > 8:
         fields["codes_hi"] = pack_bits(k >> 8, B - 8)  # [packed_nbytes(m*V, B-8)] uint8
     fields["scale"] = scale.contiguous()  # [m, G] f16
     fields["offset"] = offset.contiguous()  # [m, G] f16
     return Encoded(fields, {"dim": len(z), "index_bits": B, "points": K, "generator": list(z), "group_size": g}), sse
+
+
+def _gptq_indices(w: Tensor, K: int, g: int, scale16: Tensor, offset16: Tensor, gram: Tensor, config,
+                  name: str) -> tuple[Tensor, float]:
+    """Indices int64 ``[m*n]`` of a 1-D codebook (point ``j`` = ``j/K``, the decoder's table) chosen
+    by GPTQ (``codecs/gptq.py``) on the fixed group boxes, and the squared weight error."""
+    from .gptq import gptq
+
+    m, n = w.shape
+    sc, of = scale16.float(), offset16.float()
+    table = codebook([1], K).view(-1)  # the decoder's values, so encode and decode agree bit for bit
+    group = torch.arange(n) // g
+    k = torch.empty((m, n), dtype=torch.int64)
+    safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+
+    def column(j: int, col: Tensor) -> Tensor:
+        s, o = sc[:, group[j]], of[:, group[j]]
+        kj = ((col - o) / safe[:, group[j]] * K).round_().clamp_(0, K - 1).long()
+        k[:, j] = kj
+        return torch.addcmul(o, table[kj], s)
+
+    gptq(w, gram.to(torch.float32), column, config, name=name)
+    rec = torch.addcmul(of.repeat_interleave(g, 1)[:, :n], table[k], sc.repeat_interleave(g, 1)[:, :n])
+    return k.reshape(-1), float((rec - w).square().sum())
 
 
 def _unpack_index(f: dict[str, Tensor], B: int, count: int) -> Tensor:

@@ -103,3 +103,28 @@ def test_cvxq_gptq_lowers_output_error_at_equal_bits() -> None:
     assert layer_output_error(w, fed, gram) < 0.8 * layer_output_error(w, plain, gram)
     held = x_new.t() @ x_new / x_new.shape[0]
     assert layer_output_error(w, fed, held) < 0.85 * layer_output_error(w, plain, held)
+
+
+@pytest.mark.parametrize("opts", [{"dim": 1, "index_bits": 3, "group_size": 64}, {"target_bpw": 3.5}], ids=str)
+def test_hyperc_1d_gptq_lowers_output_error_at_equal_bits(opts: dict) -> None:
+    """hyperc with 1-D codebooks (the form ``target_bpw`` picks when GPTQ is on) takes GPTQ's per-column
+    indices on the boxes it would have used anyway: same fields, same sizes, lower output error."""
+    from thawed.codecs.hyperc import HyperC
+
+    w, gram, x_new = _layer(5, m=48, n=128)
+    spec = TensorSpec(name="layer.weight", shape=tuple(w.shape), dtype=torch.float32, role="linear")
+    ctx = EncodeContext(name=spec.name, role="linear", extras={"input_gram": gram})
+    eb = HyperC(**opts, gptq=True).encode(w, spec, ctx)
+    assert eb.params["dim"] == 1
+    # plain rounding with the same 1-D codebook and groups
+    ea = HyperC(dim=1, index_bits=eb.params["index_bits"], group_size=eb.params["group_size"]).encode(w, spec, ctx)
+    assert ea.params == eb.params
+    assert {k: v.shape for k, v in ea.fields.items()} == {k: v.shape for k, v in eb.fields.items()}
+    assert torch.equal(ea.fields["scale"], eb.fields["scale"]) and torch.equal(ea.fields["offset"], eb.fields["offset"])
+    plain, fed = (HyperC.decode(e, spec, {}, torch.device("cpu"), torch.float32) for e in (ea, eb))
+    assert layer_output_error(w, fed, gram) < 0.8 * layer_output_error(w, plain, gram)
+    held = x_new.t() @ x_new / x_new.shape[0]
+    assert layer_output_error(w, fed, held) < 0.85 * layer_output_error(w, plain, held)
+    assert HyperC(dim=1, gptq=True).needs_input_grams and not HyperC().needs_input_grams
+    with pytest.raises(CodecError, match="dim=1"):
+        HyperC(dim=2, gptq=True)
