@@ -384,9 +384,10 @@ class HyperC(GroupedAffineHealing, Codec, name="hyperc", version=1):
                                spec.name)[0]
         # target_bpw: the model's best (index_bits, group_size) for each dim at this row length
         # (so the tensor's own bpw meets the target), then the one with the lowest squared error.
-        cands = rate_candidates(float(self.target_bpw), n) or {self.dim: (self.index_bits, self.group_size)}
+        found = rate_candidates(float(self.target_bpw), n)
+        cands = found or {self.dim: (self.index_bits, self.group_size)}
         if gram is not None:  # GPTQ quantises one column at a time: the 1-D candidate only
-            one = rate_candidates(float(self.target_bpw), n).get(1)
+            one = found.get(1)
             if one is not None:
                 bits, g = one
                 K = 1 << bits

@@ -156,6 +156,11 @@ class RateProfile:
     side_bits: float  # row scales, levels, rANS lane heads
 
 
+def _saturated(sym: Tensor) -> Tensor:
+    """Columns [c] of symbols [c, P] that touch either end of the symbol range (clipped latents)."""
+    return ((sym == 0) | (sym == ALPHABET - 1)).any(1)
+
+
 class Nwc(Codec, name="nwc", version=1):
     """Learned transform + entropy-coded latents; the decoder network and tables live in the file."""
 
@@ -345,8 +350,7 @@ class Nwc(Codec, name="nwc", version=1):
         weights, |w| ~ 10x the row RMS, times a high index's gain) are clipped, and the error grows
         20-100x instead of shrinking: such a column's index is lowered until nothing saturates
         (SmolLM2's down_proj outlier columns at the top indices; found by the global allocation)."""
-        top = ALPHABET - 1
-        bad = ((sym == 0) | (sym == top)).any(1) & (lv > 0)
+        bad = _saturated(sym) & (lv > 0)
         if not bool(bad.any()):
             return lv, sym
         lv, sym = lv.clone(), sym.clone()
@@ -356,7 +360,7 @@ class Nwc(Codec, name="nwc", version=1):
             lv[idx] -= 1
             s, _ = self._quant(wn_t[idx], lv[idx])
             sym[idx] = s
-            bad[idx] = ((s == 0) | (s == top)).any(1) & (lv[idx] > 0)
+            bad[idx] = _saturated(s) & (lv[idx] > 0)
             lowered += len(idx)
         log.debug("tensor %s: %d column rate steps lowered to avoid saturated latents", name, lowered)
         return lv, sym
@@ -376,14 +380,13 @@ class Nwc(Codec, name="nwc", version=1):
         col = torch.zeros(1, p)
         inv_scale = 1.0 / scale
         lv = lv.clone()
-        top = ALPHABET - 1
         lowered = 0
 
         def column(j: int, x: Tensor) -> Tensor:
             nonlocal lowered
             col[0, :rows] = x * inv_scale
             s, rec = self._quant(col, lv[j:j + 1])
-            while int(lv[j]) > 0 and bool(((s == 0) | (s == top)).any()):
+            while int(lv[j]) > 0 and bool(_saturated(s)[0]):
                 lv[j] -= 1
                 lowered += 1
                 s, rec = self._quant(col, lv[j:j + 1])
