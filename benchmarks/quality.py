@@ -1,7 +1,7 @@
 """Two-domain quality on the real SmolLM2-135M: calibrated codecs under different calibration text.
 
     python benchmarks/quality.py [--rows dense,rtn4,rtn4-gptq,cvxq4.25-self,cvxq4.25-ptb] [--tokens 8192]
-                                 [--corpora ptb-test,pydoc] [--calib-tokens 2048] [--work DIR] [--json-out FILE]
+                                 [--corpora ptb-test,pydoc] [--calib-tokens 32768] [--work DIR] [--json-out FILE]
 
 Every row is compressed from the dense model (``runtime/compress/pipeline.py``, calibration as the row
 says: ``self`` = text the model generates itself, the default; ``ptb`` = Penn Treebank train),
@@ -63,8 +63,16 @@ def _bpw(path: Path) -> dict:
             "file_bytes": rep["total"]["file_bytes"], "tensor_bytes": rep["total"]["tensor_bytes"]}
 
 
-def _compress(src: Path, work: Path, row: str, calib_tokens: int, seed: int) -> tuple[Path, dict]:
+def calib_spec(calib: str | None, seed: int):
+    """A row's calibration source: ``self`` (or None), ``ptb-train``, or ``file:PATH`` (``--calib-text``)."""
     from thawed.runtime.compress.calib_data import CalibSpec
+
+    if calib and calib.startswith("file:"):
+        return CalibSpec("file", Path(calib[len("file:"):]), seed=seed)
+    return CalibSpec(calib or "self", seed=seed)
+
+
+def _compress(src: Path, work: Path, row: str, calib_tokens: int, seed: int) -> tuple[Path, dict]:
     from thawed.runtime.compress.pipeline import compress
     from thawed.runtime.compress.plan import Plan, parse_codec_choice
 
@@ -76,7 +84,7 @@ def _compress(src: Path, work: Path, row: str, calib_tokens: int, seed: int) -> 
             shutil.rmtree(path)
         t0 = time.perf_counter()
         rep = compress(src, path, Plan(parse_codec_choice(codec)), progress=False, seed=seed, target_bpw=target,
-                       calib_tokens=calib_tokens, calib=CalibSpec(calib or "self", seed=seed))
+                       calib_tokens=calib_tokens, calib=calib_spec(calib, seed))
         info["compress_seconds"] = round(rep.seconds, 1)
         info["wall_seconds"] = round(time.perf_counter() - t0, 1)
     from thawed.runtime.checkpoint import Checkpoint
@@ -115,11 +123,13 @@ def _row(row: str, src: Path, work: Path, corpora: list[str], args, command: str
 
 
 def main() -> None:
+    from thawed.runtime.compress.calib_data import DEFAULT_CALIB_TOKENS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="dense,rtn4,rtn4-gptq,cvxq4.25-self,cvxq4.25-ptb")
     ap.add_argument("--corpora", default="ptb-test,pydoc")
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=1, help="rows measured in parallel processes (default 1)")

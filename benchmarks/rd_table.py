@@ -5,6 +5,7 @@ MiniLM's genuine fp32 linears.
     python benchmarks/rd_table.py [--codecs rtn,rtn-gptq,hqq,cvxq,nwc,hyperc] [--rates 2.5,3.25,4.25]
                                   [--tokens 20000] [--corpora ptb-test,pydoc] [--jobs 1] [--threads 2]
                                   [--cells CODEC@RATE,...] [--no-minilm | --minilm-only] [--work out/rd] [--json-out out/rd/results.jsonl]
+                                  [--calib-compare CODEC@RATE [--calib-text FILE]] [--calib-tokens 32768]
     python benchmarks/rd_table.py --table-only [--json-out out/rd/results.jsonl]   # the table so far
 
 Rows and protocol are ``benchmarks/quality.py``'s (compress from the dense model with the row's
@@ -23,6 +24,10 @@ first ``--tokens`` tokens of each corpus, no BOS, window 1024, stride 512). Each
 rtn's bpw is ``bits + 32 / group`` (f16 scale and offset per group); SmolLM2's 576-wide rows end in
 a partial group of 64 at g128, so rtn and hqq sit slightly above their nominal rate: the table
 prints every row's measured file bpw next to its nominal one.
+
+Calibration sources (``--calib-compare cvxq@4.25``): the same cell again with PTB train as calibration
+(row ``cvxq@4.25+ptb-train``) and, with ``--calib-text FILE``, with that file (row ``cvxq@4.25+text``),
+measured in the same run; the table then gains a section comparing the three sources on both domains.
 
 MiniLM SQNR (``--no-minilm`` skips it): the calibration-free codecs (rtn, hqq, hyperc, nwc without
 importance) encode each of all-MiniLM-L6-v2's 36 encoder linears alone; SQNR over all of them
@@ -149,6 +154,18 @@ def render_table(path: str) -> str:
             ratio = f"{(b - 1) / (a - 1):.2f}" if a > 1 else ""
             out.append(f"| {codec} | {rate} | {v['bpw']:.3f} | {fmt(v['ptb-test'])} | ×{a:.3f} | "
                        f"{fmt(v['pydoc'])} | ×{b:.3f} | {ratio} |")
+    for base in sorted({row.split("+")[0] for row in ppl if "+" in row}):
+        out += ["", f"Calibration sources, {base} (same run, same dense):", "",
+                "| calibration | file bpw | PTB test ppl | × dense | pydoc ppl | × dense | pydoc increase / PTB increase |",
+                "|---|---|---|---|---|---|---|"]
+        for tag, label in (("", "self-generated (default)"), ("+ptb-train", "PTB train"), ("+text", "--calib-text")):
+            v = ppl.get(base + tag)
+            if not v or "ptb-test" not in v or "pydoc" not in v:
+                continue
+            a, b = v["ptb-test"] / d["ptb-test"], v["pydoc"] / d["pydoc"]
+            ratio = f"{(b - 1) / (a - 1):.2f}" if a > 1 else ""
+            out.append(f"| {label} | {v['bpw']:.3f} | {fmt(v['ptb-test'])} | ×{a:.3f} | {fmt(v['pydoc'])} | ×{b:.3f} | "
+                       f"{ratio} |")
     if sqnr:
         out += ["", sqnr_table(r for _, r in sorted(sqnr.items(),
                                                     key=lambda kv: (CODECS.index(kv[0][0]), -kv[0][1])))]
@@ -165,6 +182,8 @@ def sqnr_table(rows) -> str:
 
 
 def main() -> int:
+    from thawed.runtime.compress.calib_data import DEFAULT_CALIB_TOKENS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--rates", default="2.5,3.25,4.25")
@@ -173,7 +192,10 @@ def main() -> int:
                          "interrupted run had not reached; dense is measured again in this run)")
     ap.add_argument("--corpora", default="ptb-test,pydoc")
     ap.add_argument("--tokens", type=int, default=20000)
-    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS)
+    ap.add_argument("--calib-compare", default=None, metavar="CODEC@RATE",
+                    help="also measure this cell calibrated on PTB train and (with --calib-text) on FILE")
+    ap.add_argument("--calib-text", default=None, metavar="FILE", help="the user-text row of --calib-compare")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=1)
@@ -202,6 +224,25 @@ def main() -> int:
         rates = sorted({r for _, r in cells.values()})
     for name, (c, r) in cells.items():
         quality.ROWS[name] = row_spec(c, r)
+    if args.calib_text and not args.calib_compare:
+        raise SystemExit("--calib-text is the user-text row of --calib-compare CODEC@RATE; give both")
+    if args.calib_compare:  # first in the run: their compressions are the slow part
+        c, sep, r = args.calib_compare.partition("@")
+        codec, target, calib = row_spec(c, float(r)) if sep else (None, None, None)
+        if calib is None:
+            raise SystemExit(f"--calib-compare {args.calib_compare!r}: name a calibrated cell, e.g. cvxq@4.25 "
+                             "or rtn-gptq@4.25")
+        base = f"{c}@{float(r)}"
+        extra = {base + "+ptb-train": (codec, target, "ptb-train")}
+        if args.calib_text:
+            if not Path(args.calib_text).is_file():
+                raise SystemExit(f"--calib-text {args.calib_text} is not a file")
+            extra[base + "+text"] = (codec, target, f"file:{Path(args.calib_text).resolve()}")
+        quality.ROWS.update(extra)
+        cells = {name: (c, float(r)) for name in extra} | cells
+        if base not in cells:
+            cells[base] = (c, float(r))
+            quality.ROWS[base] = (codec, target, calib)
     command = "python benchmarks/rd_table.py " + " ".join(sys.argv[1:])
     qargs = ["--rows", ",".join(["dense", *cells]), "--corpora", args.corpora, "--tokens", str(args.tokens),
              "--calib-tokens", str(args.calib_tokens), "--seed", str(args.seed), "--threads", str(args.threads),

@@ -4,6 +4,7 @@ choices fail with errors that name the option."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def test_calib_text_file_is_used(tiny_llama_dir: Path, tmp_path: Path) -> None:
     data = calibration_data(tiny_llama_dir, 50, CalibSpec.from_args(None, text), seq_len=16)
     ids = AutoTokenizer.from_pretrained(str(tiny_llama_dir))(text.read_text(), add_special_tokens=False)["input_ids"]
     assert data.flat() == ids[:50] and data.record["source"] == "file" and data.record["path"] == str(text)
+    assert data.record["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()  # which text, not just where
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") * 10)
+    with pytest.raises(ThawedError, match="not UTF-8.*convert"):
+        calibration_data(tiny_llama_dir, 50, CalibSpec.from_args(None, latin), seq_len=16)
 
 
 def test_compress_records_the_calibration_it_used(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -118,8 +118,14 @@ def calibration_data(src: str | Path, tokens: int, spec: CalibSpec | None = None
     t0 = time.perf_counter()
     if spec.source == "self":
         return _self_data(src, tokenizer, tokens, spec, seq_len)
+    extra: dict = {}
     if spec.source == "file":
-        text = Path(spec.path).read_text(encoding="utf-8")  # type: ignore[arg-type]
+        raw = Path(spec.path).read_bytes()  # type: ignore[arg-type]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ThawedError(f"--calib-text {spec.path} is not UTF-8 text ({e}); convert it to UTF-8") from None
+        extra["sha256"] = hashlib.sha256(raw).hexdigest()  # the checkpoint records which text it saw
     else:
         from ..eval import load_corpus
 
@@ -130,7 +136,7 @@ def calibration_data(src: str | Path, tokens: int, spec: CalibSpec | None = None
         raise ThawedError(f"the calibration text ({spec.source}{'' if spec.path is None else ' ' + str(spec.path)}) "
                           "has fewer than 2 tokens; give a longer --calib-text")
     windows = tuple(tuple(ids[i:i + seq_len]) for i in range(0, len(ids), seq_len) if len(ids[i:i + seq_len]) >= 2)
-    rec = spec.describe() | {"tokens": len(ids), "seconds": round(time.perf_counter() - t0, 2)}
+    rec = spec.describe() | extra | {"tokens": len(ids), "seconds": round(time.perf_counter() - t0, 2)}
     return CalibData(windows, rec)
 
 
