@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .errors import CodecError
 
-__all__ = ["GptqConfig", "gptq", "layer_output_error"]
+__all__ = ["GptqConfig", "gptq", "grid_codes", "layer_output_error"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,32 @@ def gptq(weight: Tensor, hessian: Tensor, quantize: Callable[[int, Tensor], Tens
     out = torch.empty_like(Q)
     out[:, perm] = Q
     return out
+
+
+def grid_codes(weight: Tensor, hessian: Tensor, scale: Tensor, offset: Tensor, group_size: int, table: Tensor,
+               config: GptqConfig = GptqConfig(), *, steps_per_unit: float = 1.0, name: str = "") -> Tensor:
+    """GPTQ on a fixed affine grid per row group (rtn's integer grid, hyperc's 1-D codebook): the
+    weight ``[m, n]``'s column ``j`` lies in group ``j // group_size``, whose ``scale`` and
+    ``offset`` ``[m, G]`` were fitted on the original weights (static groups). Code ``k`` means
+    ``offset + table[k] * scale``; ``table`` is the decoder's own (so encode and decode agree bit
+    for bit), uniform with ``steps_per_unit`` points per unit starting at 0. Returns the codes
+    int64 ``[m, n]``."""
+    m, n = weight.shape
+    sc, of = scale.float(), offset.float()
+    safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+    table = table.to(torch.float32).view(-1)
+    top = table.numel() - 1
+    group = torch.arange(n) // group_size
+    codes = torch.empty((m, n), dtype=torch.int64)
+
+    def column(j: int, col: Tensor) -> Tensor:
+        s, o = sc[:, group[j]], of[:, group[j]]
+        k = ((col - o) / safe[:, group[j]] * steps_per_unit).round_().clamp_(0, top).long()
+        codes[:, j] = k
+        return torch.addcmul(o, table[k], s)
+
+    gptq(weight, hessian, column, config, name=name)
+    return codes
 
 
 def layer_output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:

@@ -489,23 +489,13 @@ def _encode_one(w: Tensor, z: list[int], K: int, B: int, g: int, clip_search: bo
 def _gptq_indices(w: Tensor, K: int, g: int, scale16: Tensor, offset16: Tensor, gram: Tensor, config,
                   name: str) -> tuple[Tensor, float]:
     """Indices int64 ``[m*n]`` of a 1-D codebook (point ``j`` = ``j/K``, the decoder's table) chosen
-    by GPTQ (``codecs/gptq.py``) on the fixed group boxes, and the squared weight error."""
-    from .gptq import gptq
+    by GPTQ (``codecs/gptq.py``'s ``grid_codes``) on the fixed group boxes, and the squared weight error."""
+    from .gptq import grid_codes
 
-    m, n = w.shape
-    sc, of = scale16.float(), offset16.float()
+    n = w.shape[1]
     table = codebook([1], K).view(-1)  # the decoder's values, so encode and decode agree bit for bit
-    group = torch.arange(n) // g
-    k = torch.empty((m, n), dtype=torch.int64)
-    safe = torch.where(sc > 0, sc, torch.ones_like(sc))
-
-    def column(j: int, col: Tensor) -> Tensor:
-        s, o = sc[:, group[j]], of[:, group[j]]
-        kj = ((col - o) / safe[:, group[j]] * K).round_().clamp_(0, K - 1).long()
-        k[:, j] = kj
-        return torch.addcmul(o, table[kj], s)
-
-    gptq(w, gram.to(torch.float32), column, config, name=name)
+    k = grid_codes(w, gram.to(torch.float32), scale16, offset16, g, table, config, steps_per_unit=K, name=name)
+    sc, of = scale16.float(), offset16.float()
     rec = torch.addcmul(of.repeat_interleave(g, 1)[:, :n], table[k], sc.repeat_interleave(g, 1)[:, :n])
     return k.reshape(-1), float((rec - w).square().sum())
 

@@ -165,22 +165,11 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
 
     def _gptq_codes(self, w: Tensor, scale16: Tensor, offset16: Tensor, gram: Tensor, name: str) -> Tensor:
         """Codes [m, n] uint8 chosen by GPTQ on the fixed (static) group grid."""
-        from .gptq import gptq
+        from .gptq import grid_codes
 
-        m, n = w.shape
-        qmax = (1 << self.bits) - 1
-        sc, of = scale16.float(), offset16.float()
-        group = torch.arange(n) // self.group_size
-        codes = torch.empty((m, n), dtype=torch.uint8)
-
-        def column(j: int, col: Tensor) -> Tensor:
-            s, o = sc[:, group[j]], of[:, group[j]]
-            qj = ((col - o) / s).round_().clamp_(0, qmax)
-            codes[:, j] = qj.to(torch.uint8)
-            return torch.addcmul(o, qj, s)
-
-        gptq(w, gram, column, self._gptq_config, name=name)
-        return codes
+        grid = torch.arange(1 << self.bits, dtype=torch.float32)  # code k means offset + k * scale
+        return grid_codes(w, gram, scale16, offset16, self.group_size, grid, self._gptq_config,
+                          name=name).to(torch.uint8)
 
     # ---- healing: the codes straight-through ----------------------------------------------------
     @classmethod
