@@ -124,7 +124,8 @@ def main() -> None:
     ap.add_argument("--block-share", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--lr-e2e", type=float, default=1e-4)
-    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=None,
+                    help="calibration tokens for healing (default: HealConfig's, the compressor's 32,768)")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -168,8 +169,10 @@ def main() -> None:
         row["sizes"].pop("tensor_bytes")
         for c in CORPORA:
             row[f"{c}_before"] = _ppl(ck, ids[c], c, args.tokens)[0]
-        opts = dict(minutes=args.minutes, block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e,
-                    calib_tokens=args.calib_tokens) | ROW_HEAL.get(label, {})
+        opts = dict(minutes=args.minutes, block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e)
+        if args.calib_tokens is not None:
+            opts["calib_tokens"] = args.calib_tokens
+        opts |= ROW_HEAL.get(label, {})
         healed_dir = work / (f"{label}-healed-" + "-".join(
             f"{k}{v:g}" if isinstance(v, float) else f"{k}{'+'.join(v)}" if isinstance(v, tuple) else f"{k}{v}"
             for k, v in sorted(opts.items())))
