@@ -49,3 +49,24 @@ def test_table_refuses_disagreeing_dense(tmp_path):
     _lines(path, 41.0)
     r = _run(path)
     assert r.returncode != 0 and "different dense perplexities" in r.stderr
+
+
+def test_calibration_sources_section(tmp_path):
+    """--calib-compare's rows (``cell+ptb-train``, ``cell+text``) print beside the cell's own (self-calibrated) row."""
+    path = tmp_path / "results.jsonl"
+    _lines(path, 40.0)
+    extra = [{"row": "cvxq@4.25", "corpus": "ptb-test", "file_bpw": 4.25, "perplexity": 48.0},
+             {"row": "cvxq@4.25", "corpus": "pydoc", "file_bpw": 4.25, "perplexity": 11.0},
+             {"row": "cvxq@4.25+ptb-train", "corpus": "ptb-test", "file_bpw": 4.25, "perplexity": 44.0},
+             {"row": "cvxq@4.25+ptb-train", "corpus": "pydoc", "file_bpw": 4.25, "perplexity": 12.0},
+             {"row": "cvxq@4.25+text", "corpus": "ptb-test", "file_bpw": 4.25, "perplexity": 50.0},
+             {"row": "cvxq@4.25+text", "corpus": "pydoc", "file_bpw": 4.25, "perplexity": 12.5}]
+    with path.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in extra))
+    r = _run(path)
+    assert r.returncode == 0, r.stderr
+    section = r.stdout.split("Calibration sources, cvxq@4.25")[1]
+    assert "| self-generated (default) | 4.250 | 48.00 | ×1.200 | 11.00 | ×1.100 | 0.50 |" in section
+    assert "| PTB train | 4.250 | 44.00 | ×1.100 | 12.00 | ×1.200 | 2.00 |" in section
+    assert "| --calib-text | 4.250 | 50.00 | ×1.250 | 12.50 | ×1.250 | 1.00 |" in section
+    assert "cvxq+ptb" not in r.stdout and "| cvxq | 4.25 | 4.250 | 48.00 |" in r.stdout  # the main table keeps one row
