@@ -44,9 +44,9 @@ __all__ = ["TensorCurve", "tensor_curve", "fisher_weights", "kl_weights", "probe
 log = logging.getLogger(__name__)
 
 STEP = 0.05  # grid positions between candidate rates (~0.0125 bit per weight)
-SHARED_ENTRY_BYTES = 100
-FILL_REACH = 8
-KL_TOKENS = 512  # calibration tokens of each per-tensor KL probe (sens=kl)  # candidate steps a budget-filling move may jump  # header bytes per shared-state tensor (name, dtype, shape, offsets, checksum)
+SHARED_ENTRY_BYTES = 100  # header bytes per shared-state tensor (name, dtype, shape, offsets, checksum)
+FILL_REACH = 8  # candidate steps a budget-filling move may jump
+KL_TOKENS = 512  # calibration tokens of each per-tensor KL probe (sens=kl)
 
 
 @dataclass
