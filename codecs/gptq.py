@@ -114,13 +114,14 @@ def gptq(weight: Tensor, hessian: Tensor, quantize: Callable[[int, Tensor], Tens
 
 
 def grid_codes(weight: Tensor, hessian: Tensor, scale: Tensor, offset: Tensor, group_size: int, table: Tensor,
-               config: GptqConfig = GptqConfig(), *, steps_per_unit: float = 1.0, name: str = "") -> Tensor:
+               config: GptqConfig = GptqConfig(), *, steps_per_unit: float = 1.0,
+               name: str = "") -> tuple[Tensor, Tensor]:
     """GPTQ on a fixed affine grid per row group (rtn's integer grid, hyperc's 1-D codebook): the
     weight ``[m, n]``'s column ``j`` lies in group ``j // group_size``, whose ``scale`` and
     ``offset`` ``[m, G]`` were fitted on the original weights (static groups). Code ``k`` means
     ``offset + table[k] * scale``; ``table`` is the decoder's own (so encode and decode agree bit
     for bit), uniform with ``steps_per_unit`` points per unit starting at 0. Returns the codes
-    int64 ``[m, n]``."""
+    int64 ``[m, n]`` and the weight they decode to (float32 ``[m, n]``)."""
     m, n = weight.shape
     sc, of = scale.float(), offset.float()
     safe = torch.where(sc > 0, sc, torch.ones_like(sc))
@@ -135,8 +136,7 @@ def grid_codes(weight: Tensor, hessian: Tensor, scale: Tensor, offset: Tensor, g
         codes[:, j] = k
         return torch.addcmul(o, table[k], s)
 
-    gptq(weight, hessian, column, config, name=name)
-    return codes
+    return codes, gptq(weight, hessian, column, config, name=name)
 
 
 def layer_output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:

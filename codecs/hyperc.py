@@ -492,11 +492,8 @@ def _gptq_indices(w: Tensor, K: int, g: int, scale16: Tensor, offset16: Tensor, 
     by GPTQ (``codecs/gptq.py``'s ``grid_codes``) on the fixed group boxes, and the squared weight error."""
     from .gptq import grid_codes
 
-    n = w.shape[1]
     table = codebook([1], K).view(-1)  # the decoder's values, so encode and decode agree bit for bit
-    k = grid_codes(w, gram.to(torch.float32), scale16, offset16, g, table, config, steps_per_unit=K, name=name)
-    sc, of = scale16.float(), offset16.float()
-    rec = torch.addcmul(of.repeat_interleave(g, 1)[:, :n], table[k], sc.repeat_interleave(g, 1)[:, :n])
+    k, rec = grid_codes(w, gram.to(torch.float32), scale16, offset16, g, table, config, steps_per_unit=K, name=name)
     return k.reshape(-1), float((rec - w).square().sum())
 
 

@@ -168,8 +168,8 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
         from .gptq import grid_codes
 
         grid = torch.arange(1 << self.bits, dtype=torch.float32)  # code k means offset + k * scale
-        return grid_codes(w, gram, scale16, offset16, self.group_size, grid, self._gptq_config,
-                          name=name).to(torch.uint8)
+        codes, _ = grid_codes(w, gram, scale16, offset16, self.group_size, grid, self._gptq_config, name=name)
+        return codes.to(torch.uint8)
 
     # ---- healing: the codes straight-through ----------------------------------------------------
     @classmethod
