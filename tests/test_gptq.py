@@ -128,3 +128,27 @@ def test_hyperc_1d_gptq_lowers_output_error_at_equal_bits(opts: dict) -> None:
     assert HyperC(dim=1, gptq=True).needs_input_grams and not HyperC().needs_input_grams
     with pytest.raises(CodecError, match="dim=1"):
         HyperC(dim=2, gptq=True)
+
+
+def test_tied_head_gram_goes_under_the_stored_embedding_name(tmp_path) -> None:
+    """A tied lm_head's input matrix is keyed by the name the checkpoint stores the shared tensor by,
+    so GPTQ reaches the head's weights as it does an untied head's (before stop 27 it was filed under
+    ``lm_head.weight``, a name a tied checkpoint has no tensor for, and the head was rounded plainly)."""
+    from models_fixtures import make_tiny_llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from thawed.runtime.compress.input_stats import input_grams
+
+    text = " ".join(["the king of france is in paris and the queen of england is in london"] * 20)
+    tied = make_tiny_llama(tmp_path / "tied")
+    g = input_grams(tied, tokens=200, calib=text)
+    assert "model.embed_tokens.weight" in g and "lm_head.weight" not in g
+    model = AutoModelForCausalLM.from_pretrained(str(tied), dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    toks = AutoTokenizer.from_pretrained(str(tied))(text, add_special_tokens=False)["input_ids"][:200]
+    with torch.no_grad():
+        h = model.model(input_ids=torch.tensor([toks])).last_hidden_state[0]  # the head's input: final norm's output
+    assert torch.allclose(g["model.embed_tokens.weight"], h.t() @ h / h.shape[0], rtol=1e-4, atol=1e-5)
+    untied = make_tiny_llama(tmp_path / "untied", tie=False, seed=1)
+    gu = input_grams(untied, tokens=200, calib=text)
+    assert "lm_head.weight" in gu and "model.embed_tokens.weight" not in gu

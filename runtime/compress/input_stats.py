@@ -55,7 +55,11 @@ def input_grams(src: str | Path, tokens: int = DEFAULT_CALIB_TOKENS, *, seq_len:
             grams[name] = grams[name] + g if name in grams else g.clone()
         return hook
 
-    hooks = [mod.register_forward_hook(make_hook(f"{name}.weight"))
+    # a tied lm_head's weight is the embedding tensor: its matrix goes under the name the checkpoint
+    # stores it by (the first name of the shared parameter), so the head's weights get the same
+    # error feedback as an untied head's
+    stored = {id(p): n for n, p in model.named_parameters()}
+    hooks = [mod.register_forward_hook(make_hook(stored.get(id(mod.weight), f"{name}.weight")))
              for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     n_tok = 0
     try:
