@@ -141,13 +141,14 @@ def test_empty_tensor() -> None:
 
 def test_options_are_validated() -> None:
     for kwargs, name in (({"bits": 1}, "bits"), ({"bits": 9}, "bits"), ({"bits": True}, "bits"),
-                         ({"group_size": 0}, "group_size"), ({"hqq_iters": -1}, "hqq_iters")):
+                         ({"group_size": 0}, "group_size"), ({"hqq_iters": -1}, "hqq_iters"),
+                         ({"clip_search": 1}, "clip_search")):
         with pytest.raises(CodecError, match=f"'{name}'"):
             Rtn(**kwargs)
     enc = get_codec("rtn").from_options({"bits": "3", "group_size": "64", "hqq": "true"})
     assert (enc.bits, enc.group_size, enc.hqq) == (3, 64, True)
     assert enc.options() == {"bits": 3, "group_size": 64, "hqq": True, "hqq_iters": 20, "gptq": False, "damp": 0.01,
-                             "act_order": True}
+                             "act_order": True, "clip_search": False}
     with pytest.raises(CodecError, match="no option 'bitz'"):
         get_codec("rtn").from_options({"bitz": "3"})
 
@@ -237,3 +238,21 @@ def test_compiled_cpu_decode_is_bit_exact(bits: int, shape: tuple[int, int], gro
     reference = Rtn.decode(enc, spec, {}, CPU, torch.float32, fast=False)
     assert torch.equal(compiled, reference)
     assert torch.equal(Rtn.decode(enc, spec, {}, CPU, torch.bfloat16), reference.to(torch.bfloat16))
+
+
+def test_clip_search_lowers_the_weighted_error_and_keeps_the_format() -> None:
+    """``clip_search``: per group the shrunk range with the lowest importance-weighted squared error
+    (full range included, so never worse per group); decoding is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.distributions.StudentT(4.0).sample((64, 256)) * 0.05  # heavy tails: min/max wastes levels
+    imp = torch.rand(256, generator=g) ** 3
+    spec = TensorSpec(name="layer.weight", shape=(64, 256), dtype=torch.float32, role="linear")
+    errs = {}
+    for cs in (False, True):
+        enc = Rtn(bits=3, group_size=128, clip_search=cs).encode(w, spec, EncodeContext(name=spec.name, importance=imp))
+        out = Rtn.decode(enc, spec, {}, torch.device("cpu"), torch.float32)
+        e = (out - w).square()
+        errs[cs] = ((e * imp).view(64, 2, 128).sum(-1), float(e.mean()))
+        assert enc.params == {"bits": 3, "group_size": 128} and enc.fields["codes"].numel() == 64 * 256 * 3 // 8
+    assert bool((errs[True][0] <= errs[False][0] * (1 + 1e-6)).all())  # every group at least as good
+    assert float(errs[True][0].sum()) < 0.85 * float(errs[False][0].sum())
