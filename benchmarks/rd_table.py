@@ -15,7 +15,7 @@ first ``--tokens`` tokens of each corpus, no BOS, window 1024, stride 512). Each
 | codec | 2.5 | 3.25 | 4.25 | calibration |
 |---|---|---|---|---|
 | rtn | b2 g64 | b3 g128 | b4 g128 | none |
-| rtn-gptq | the same + ``gptq=true`` | | | self |
+| rtn-gptq | the same + ``gptq=true,clip_search=true`` (since stop 27) | | | self |
 | hqq | the same + ``hqq=true`` (thawed's HQQ refinement of scale and zero) | | | none |
 | cvxq | ``target_bpw`` | | | self (sensitivities, bias means) |
 | nwc | ``target_bpw`` | | | self (importance levels) |
@@ -63,7 +63,7 @@ def row_spec(codec: str, rate: float) -> tuple[str, float | None, str | None]:
             raise SystemExit(f"rtn-family rows exist at {sorted(RTN_AT)} bpw, not {rate}")
         b, g = RTN_AT[rate]
         base = f"rtn:bits={b},group_size={g}"
-        return {"rtn": (base, None, None), "rtn-gptq": (base + ",gptq=true", None, "self"),
+        return {"rtn": (base, None, None), "rtn-gptq": (base + ",gptq=true,clip_search=true", None, "self"),
                 "hqq": (base + ",hqq=true", None, None)}[codec]
     if codec == "cvxq":
         return ("cvxq", rate, "self")

@@ -173,12 +173,9 @@ class Cvxq(Codec, name="cvxq", version=1):
             raise CodecError(f"codec 'cvxq' option 'bits' must be an integer in 0..{MAX_DEPTH}, got {bits!r}")
         if not isinstance(bias, bool):
             raise CodecError(f"codec 'cvxq' option 'bias' must be true or false, got {bias!r}")
-        if not isinstance(gptq, bool) or not isinstance(act_order, bool):
-            raise CodecError(f"codec 'cvxq' options 'gptq' and 'act_order' must be true or false, got {gptq!r}, "
-                             f"{act_order!r}")
-        from .gptq import GptqConfig
+        from .gptq import gptq_options
 
-        self._gptq_config = GptqConfig(damp=float(damp), act_order=act_order)  # checks damp
+        self._gptq_config = gptq_options("cvxq", gptq, damp, act_order)
         self.group_rows = group_rows
         self.bits = bits
         self.bias = bias

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .errors import CodecError
 
-__all__ = ["GptqConfig", "gptq", "grid_codes", "layer_output_error"]
+__all__ = ["GptqConfig", "gptq", "gptq_options", "grid_codes", "layer_output_error"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,15 @@ class GptqConfig:
             raise CodecError(f"GPTQ option 'damp' must be in [0, 10], got {self.damp!r} (0.01 is usual)")
         if not 1 <= self.block <= 1 << 16:
             raise CodecError(f"GPTQ option 'block' must be in 1..65536, got {self.block!r} (128 is usual)")
+
+
+def gptq_options(codec: str, gptq: object, damp: object, act_order: object) -> GptqConfig:
+    """Check the options every codec with error feedback takes (``gptq``, ``damp``, ``act_order``)
+    and return the configuration it runs GPTQ with."""
+    if not isinstance(gptq, bool) or not isinstance(act_order, bool):
+        raise CodecError(f"codec {codec!r} options 'gptq' and 'act_order' must be true or false, got {gptq!r}, "
+                         f"{act_order!r}")
+    return GptqConfig(damp=float(damp), act_order=act_order)  # checks damp
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor | None:

@@ -308,15 +308,12 @@ class HyperC(GroupedAffineHealing, Codec, name="hyperc", version=1):
                  group_size: int = 128, points: Optional[int] = None, generator: Optional[int] = None,
                  clip_search: bool = True, refine: bool = True, gptq: bool = False, damp: float = 0.01,
                  act_order: bool = True) -> None:
-        if not isinstance(gptq, bool) or not isinstance(act_order, bool):
-            raise CodecError(f"codec 'hyperc' options 'gptq' and 'act_order' must be true or false, got {gptq!r}, "
-                             f"{act_order!r}")
+        from .gptq import gptq_options
+
+        self._gptq_config = gptq_options("hyperc", gptq, damp, act_order)
         if gptq and target_bpw is None and dim != 1:
             raise CodecError(f"codec 'hyperc' option 'gptq' needs 1-D codebooks (dim=1), got dim={dim}: GPTQ "
                              "quantises one column at a time")
-        from .gptq import GptqConfig
-
-        self._gptq_config = GptqConfig(damp=float(damp), act_order=act_order)  # checks damp
         self.gptq, self.damp, self.act_order = gptq, damp, act_order
         if target_bpw is not None:
             if isinstance(target_bpw, bool) or not isinstance(target_bpw, (int, float)) or not 1.5 <= target_bpw <= 16:

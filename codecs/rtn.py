@@ -117,12 +117,9 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
                 raise CodecError(f"codec 'rtn' option {opt!r} must be true or false, got {v!r}")
         if isinstance(hqq_iters, bool) or not isinstance(hqq_iters, int) or not 0 <= hqq_iters <= 1000:
             raise CodecError(f"codec 'rtn' option 'hqq_iters' must be an integer in 0..1000, got {hqq_iters!r}")
-        if not isinstance(gptq, bool) or not isinstance(act_order, bool):
-            raise CodecError(f"codec 'rtn' options 'gptq' and 'act_order' must be true or false, got {gptq!r}, "
-                             f"{act_order!r}")
-        from .gptq import GptqConfig
+        from .gptq import gptq_options
 
-        self._gptq_config = GptqConfig(damp=float(damp), act_order=act_order)  # checks damp
+        self._gptq_config = gptq_options("rtn", gptq, damp, act_order)
         self.bits = bits
         self.group_size = group_size
         self.hqq = hqq
