@@ -40,6 +40,9 @@ ROWS: dict[str, tuple[str, tuple[str, ...], float | None]] = {
     "see-emb-r10": ("lossless", (f"{EMB}=see:rank=10,units=256,core_bits=8",), None),  # ~1.45 bpw: 11x < bf16
     "rtn2-emb": ("lossless", (f"{EMB}=rtn:bits=2,group_size=64",), None),  # 2.5 bpw: 6.4x < bf16
     "rtn3-emb": ("lossless", (f"{EMB}=rtn:bits=3,group_size=128",), None),  # 3.25 bpw: 4.9x < bf16
+    # the same two with GPTQ on the tied embedding (the head's input Hessian) after a clip search (stop 27)
+    "rtn2-emb-gc": ("lossless", (f"{EMB}=rtn:bits=2,group_size=64,gptq=true,clip_search=true",), None),
+    "rtn3-emb-gc": ("lossless", (f"{EMB}=rtn:bits=3,group_size=128,gptq=true,clip_search=true",), None),
     "hyperc-3.25": ("hyperc:target_bpw=3.25", (), None),
     "cvxq-3.25": ("cvxq", (), 3.25),
     "cvxq-2.5": ("cvxq", (), 2.5),
