@@ -157,7 +157,8 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
                     "use 'lossless' or 'raw'"
                 )
         q, scale, offset = quantize(w, self.bits, self.group_size, hqq=self.hqq, hqq_iters=self.hqq_iters,
-                                    clip_search=self.clip_search, importance=ctx.importance)
+                                    clip_search=self.clip_search,
+                                    importance=ctx.importance if self.clip_search and ctx is not None else None)
         gram = ctx.extras.get("input_gram") if self.gptq else None
         if gram is not None and len(spec.shape) == 2 and w.numel():
             q = self._gptq_codes(w, scale, offset, gram, spec.name)
