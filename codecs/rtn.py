@@ -432,9 +432,7 @@ def quantize(w: Tensor, bits: int, group_size: int, *, hqq: bool = False, hqq_it
         mask = mask.view(1, groups, g)
     wg = w.view(m, groups, g)
     lo, hi = wg.amin(-1), wg.amax(-1)
-    offset16, scale16 = _grid(lo, hi, qmax)
-    if clip_search:
-        offset16, scale16 = _clip_search(wg, lo, hi, mask, qmax, importance, n)
+    offset16, scale16 = _clip_search(wg, lo, hi, mask, qmax, importance, n) if clip_search else _grid(lo, hi, qmax)
     scale = scale16.float()
     q = _codes(wg, scale, offset16.float(), qmax)
     if hqq and hqq_iters > 0:
@@ -468,17 +466,13 @@ def _clip_search(wg: Tensor, lo: Tensor, hi: Tensor, mask: Tensor | None, qmax: 
         weight = torch.cat([imp, imp.new_zeros(groups * g - n)]).view(1, groups, g)
     if mask is not None:
         weight = mask if weight is None else weight * mask
-    best_off, best_sc = _grid(lo, hi, qmax)
-    best = None
-    for a in CLIP_GRID:
+    best = best_off = best_sc = None
+    for a in CLIP_GRID:  # the first, 1.0, is the plain min/max grid
         off16, sc16 = _grid(lo * a, hi * a, qmax)
         sc, off = sc16.float(), off16.float()
-        err = torch.addcmul(off.unsqueeze(-1), _codes(wg, sc, off, qmax), sc.unsqueeze(-1)).sub_(wg).square_()
-        if weight is not None:
-            err.mul_(weight)
-        err = err.sum(-1)
+        err = _group_sq_err(wg, _codes(wg, sc, off, qmax), sc, off, weight)
         if best is None:
-            best = err
+            best, best_off, best_sc = err, off16, sc16
             continue
         better = err < best
         best = torch.where(better, err, best)
