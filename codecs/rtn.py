@@ -196,8 +196,11 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
     @classmethod
     def ste_start(cls, name: str, fields: Mapping[str, Tensor], spec: TensorSpec, params: Mapping[str, Any],
                   dense: Tensor | None = None) -> Tensor:
-        """The stored code plus the dense weight's rounding remainder ``(w - offset) / scale - code``,
-        clipped to +-0.49 so that it still rounds to the stored code (GPTQ's codes too)."""
+        """The stored code plus the dense weight's rounding remainder ``(w - offset) / scale - code``
+        where the stored code is the dense weight's rounding (the remainder is within half a step),
+        the stored code itself elsewhere: a code GPTQ (or clipping) moved away from the dense
+        weight's rounding starts in the middle of its step, not on the edge where any gradient
+        would flip it back."""
         q = cls.ste_values(name, fields, spec, params)
         if name != "codes" or dense is None:
             return q
@@ -206,7 +209,9 @@ class Rtn(GroupedAffineHealing, Codec, name="rtn", version=1):
         sc = expand_groups(fields["scale"].float(), g, n)
         unit = (dense.detach().float().reshape(m, n) - expand_groups(fields["offset"].float(), g, n)) / sc.where(
             sc != 0, torch.ones_like(sc))
-        return q + (unit - q).clamp(-0.49, 0.49).where(sc != 0, torch.zeros_like(q))
+        rem = unit - q
+        keep = (rem.abs() <= 0.5) & (sc != 0)
+        return q + rem.clamp(-0.49, 0.49).where(keep, torch.zeros_like(q))
 
     @classmethod
     def ste_pack(cls, name: str, values: Tensor, spec: TensorSpec, params: Mapping[str, Any]) -> Tensor:

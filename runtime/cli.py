@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="block,e2e", help="block, e2e or both (default block,e2e)")
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of stage (a) (default 5e-4)")
     p.add_argument("--lr-e2e", type=float, default=1e-4, help="Adam learning rate of stage (b) (default 1e-4)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate over each layer's and the end-to-end stage's budget: constant (default) or "
+                        "cosine decay to 0")
     p.add_argument("--ste", action="store_true", help="also train the codes a codec allows straight-through "
                    "(rtn's codes, SEE's per-token core codes; rounded in the forward pass)")
     p.add_argument("--ste-stages", default="block,e2e", help="the stages that train straight-through codes "
@@ -245,7 +248,7 @@ def _cmd_heal(args: argparse.Namespace) -> int:
     calib = CalibSpec.from_args(args.calib, args.calib_text, seed=args.seed)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     config = HealConfig(minutes=args.minutes or None, block_steps=args.block_steps, steps=args.steps, tokens=args.tokens,
-                        block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e, ste=args.ste,
+                        block_share=args.block_share, lr=args.lr, lr_e2e=args.lr_e2e, schedule=args.schedule, ste=args.ste,
                         lr_codes=args.lr_codes, batch=args.batch,
                         seq_len=args.seq_len, seed=args.seed, stages=stages,
                         **({} if args.calib_tokens is None else {"calib_tokens": args.calib_tokens}),

@@ -226,3 +226,43 @@ def test_rtn_codes_straight_through_move_only_in_the_stages_asked(rtn2, healed, 
     assert e2e.record["kl_after"] < e2e.record["kl_before"]  # the scales and offsets still trained
     with pytest.raises(ThawedError, match="--ste-stages"):
         HealConfig(minutes=1, ste_stages=("sideways",))
+
+
+def test_cosine_schedule_decays_over_each_unit_and_resumes_bit_equal(rtn2, healed, tmp_path):
+    from thawed.runtime.compress.heal.loop import Limits, lr_factor, unit_fraction
+    from thawed.runtime.compress.heal.state import Progress
+
+    p = Progress()
+    p.step, p.unit_start, p.seconds = 5, 100.0, 130.0
+    assert unit_fraction(Limits(20, None, None), p, 64) == 0.25
+    assert unit_fraction(Limits(None, 64 * 10, None), p, 64) == 0.5
+    assert unit_fraction(Limits(20, None, 160.0), p, 64) == 0.5  # the limit nearest to its end decides
+    assert unit_fraction(Limits(None, None, None), p, 64) == 0.0
+    assert [lr_factor("cosine", f) for f in (0.0, 0.5, 1.0, 2.0)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert lr_factor("constant", 0.9) == 1.0
+    with pytest.raises(ThawedError, match="--schedule"):
+        HealConfig(schedule="linear")
+
+    cfg = dataclasses.replace(CFG, schedule="cosine")
+    whole = heal(rtn2, tmp_path / "whole", cfg, calib=TEXT)
+    assert whole.record["schedule"] == "cosine"
+    with Checkpoint.open(healed.path.parent) as a, Checkpoint.open(whole.path.parent) as b:  # not the constant run
+        assert any(not torch.equal(a.encoded(n).fields["scale"], b.encoded(n).fields["scale"])
+                   for n in a.index if "scale" in a.encoded(n).fields)
+    stop_at = {(1, 3), (2, 20)}
+
+    def on_step(progress) -> None:
+        if (progress.unit, progress.step) in stop_at:
+            stop_at.discard((progress.unit, progress.step))
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "resumed"
+    for _ in range(2):
+        with pytest.raises(HealInterrupted):
+            heal(rtn2, out, cfg, calib=TEXT, on_step=on_step, resume=state_dir(out).exists())
+    res = heal(rtn2, out, cfg, calib=TEXT, resume=True)
+    with Checkpoint.open(whole.path.parent) as a, Checkpoint.open(out) as b:
+        for name in a.index:
+            for k, v in a.encoded(name).fields.items():
+                assert torch.equal(v, b.encoded(name).fields[k]), (name, k)
+    assert res.record["kl_after"] == whole.record["kl_after"]

@@ -149,3 +149,11 @@ def test_rtn_straight_through_start_rounds_to_the_stored_codes_and_carries_the_r
     stored = cls.ste_values("codes", enc.fields, spec, enc.params)
     assert float((start - stored).abs().max()) <= 0.4901 and float((start - stored).abs().mean()) > 0.1
     assert torch.equal(cls.ste_start("codes", enc.fields, spec, enc.params, None), stored)
+    # a code moved off the dense weight's rounding (GPTQ's error feedback) starts mid-step, where a small
+    # gradient does not flip it at once
+    moved = stored.clone()
+    moved[0, :4] = (moved[0, :4] + torch.where(moved[0, :4] < 7, 1.0, -1.0))
+    fields = dict(enc.fields, codes=cls.ste_pack("codes", moved, spec, enc.params))
+    start = cls.ste_start("codes", fields, spec, enc.params, w)
+    assert torch.equal(start[0, :4], moved[0, :4])
+    assert torch.equal(start[1:], cls.ste_start("codes", enc.fields, spec, enc.params, w)[1:])

@@ -19,9 +19,10 @@ from thawed.codecs.errors import ThawedError
 
 from ..calib_data import DEFAULT_CALIB_TOKENS
 
-__all__ = ["HealConfig", "STAGES"]
+__all__ = ["HealConfig", "SCHEDULES", "STAGES"]
 
 STAGES = ("block", "e2e")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class HealConfig:
     block_share: float = 0.5
     lr: float = 5e-4  # stage (a), Adam (SmolLM2 rtn b3, 4-min runs: 5e-4 beat 1e-4 and 2e-3 on PTB)
     lr_e2e: float = 1e-4  # stage (b), Adam
+    # learning rate over each unit (a layer of stage (a), stage (b)): constant, or cosine decay to 0
+    # over the unit's budget (its first limit to be reached: steps, tokens or its share of the time)
+    schedule: str = "constant"
     ste: bool = False  # also train the codes a codec allows straight-through (SEE's per-token cores)
     lr_codes: float = 0.05  # Adam learning rate of straight-through code values (in code steps)
     # the stages that train straight-through codes: rtn's codes only block by block (EfficientQAT's
@@ -65,6 +69,8 @@ class HealConfig:
         if self.calib_tokens < self.seq_len:
             raise ThawedError(f"--calib-tokens ({self.calib_tokens}) must cover one sequence of --seq-len "
                               f"({self.seq_len}) tokens")
+        if self.schedule not in SCHEDULES:
+            raise ThawedError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         bad_ste = [s for s in self.ste_stages if s not in STAGES]
         if bad_ste:
             raise ThawedError(f"--ste-stages takes a comma-separated subset of {', '.join(STAGES)}, got "
@@ -86,4 +92,5 @@ class HealConfig:
         mine.pop("log_every")
         theirs = dict(other)
         theirs.pop("log_every", None)
+        theirs.setdefault("schedule", "constant")  # states saved before the option existed
         return mine == theirs

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .state import Progress
 
-__all__ = ["Limits", "train_unit", "UnitResult"]
+__all__ = ["Limits", "lr_factor", "train_unit", "unit_fraction", "UnitResult"]
 
 log = logging.getLogger("thawed.runtime.compress.heal")
 
@@ -46,13 +46,36 @@ def _reached(lim: Limits, step: int, tokens: int, seconds: float) -> str | None:
     return None
 
 
+def unit_fraction(lim: Limits, progress: Progress, tokens_per_step: int) -> float:
+    """How far the unit is through its budget, 0..1: the largest share used of any limit it has
+    (steps, tokens, or its time from ``progress.unit_start`` to ``lim.until_seconds``); 0 without limits."""
+    used = []
+    if lim.steps:
+        used.append(progress.step / lim.steps)
+    if lim.tokens:
+        used.append(progress.step * tokens_per_step / lim.tokens)
+    if lim.until_seconds is not None:
+        span = lim.until_seconds - progress.unit_start
+        used.append((progress.seconds - progress.unit_start) / span if span > 0 else 1.0)
+    return min(1.0, max(used)) if used else 0.0
+
+
+def lr_factor(schedule: str, fraction: float) -> float:
+    """The learning rate's multiplier at ``fraction`` of the unit: 1 (constant) or cosine decay to 0."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
+    return 1.0
+
+
 def train_unit(label: str, params: list[tuple[str, nn.Parameter, float]], loss_at: Callable[[int], Tensor],
                tokens_per_step: int, lim: Limits, progress: Progress, clock: Callable[[], float],
                should_stop: Callable[[], bool], optim_state: dict[str, Tensor] | None,
                on_stop: Callable[[torch.optim.Adam, list[str]], None], log_every: float,
-               on_step: Callable[[Progress], None] | None = None) -> UnitResult:
+               on_step: Callable[[Progress], None] | None = None, schedule: str = "constant") -> UnitResult:
     """Steps from ``progress.step`` on; ``progress`` is updated after every step (step, seconds).
-    ``params``: (name, parameter, learning rate); one Adam group per learning rate."""
+    ``params``: (name, parameter, learning rate); one Adam group per learning rate, scaled each step
+    by ``lr_factor(schedule, unit_fraction(...))`` (a function of the progress, so a resumed unit
+    continues the same schedule)."""
     from .state import restore_optimizer
 
     lrs = list(dict.fromkeys(r for _, _, r in params))
@@ -70,6 +93,9 @@ def train_unit(label: str, params: list[tuple[str, nn.Parameter, float]], loss_a
         if should_stop():
             on_stop(opt, names)
             return UnitResult(False, first, last, progress.step - step0, "interrupted")
+        f = lr_factor(schedule, unit_fraction(lim, progress, tokens_per_step))
+        for group, want in zip(opt.param_groups, lrs):
+            group["lr"] = want * f
         opt.zero_grad(set_to_none=True)
         loss = loss_at(progress.step)
         if not math.isfinite(float(loss.detach())):

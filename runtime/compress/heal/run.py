@@ -183,7 +183,7 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                                   codes="block" in config.ste_stages)
                 res = train_unit(f"block {u + 1}/{n_layers}", params, block.loss, batches.tokens_per_batch,
                                  Limits(config.block_steps, None, until), progress, clock, stop.event.is_set,
-                                 optim_state, saver, config.log_every, on_step) if params else None
+                                 optim_state, saver, config.log_every, on_step, config.schedule) if params else None
                 if res is not None:
                     progress.block_steps += progress.step  # the unit's steps, over every session
                     progress.block_tokens += progress.step * batches.tokens_per_batch
@@ -200,7 +200,7 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                                   codes="e2e" in config.ste_stages)
                 res = train_unit("end-to-end", params, e2e_loss, batches.tokens_per_batch,
                                  Limits(config.steps, config.tokens, budget), progress, clock, stop.event.is_set,
-                                 optim_state, saver, config.log_every, on_step)
+                                 optim_state, saver, config.log_every, on_step, config.schedule)
                 progress.e2e_steps += progress.step
                 progress.e2e_tokens += progress.step * batches.tokens_per_batch
                 progress.history.append(_unit_record("end-to-end", progress, res))
@@ -215,7 +215,7 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
             "seconds_per_e2e_step": round(_unit_seconds(progress, True) / progress.e2e_steps, 3) if progress.e2e_steps else None,
             "seconds_per_block_step": (round(_unit_seconds(progress, False) / progress.block_steps, 3)
                                        if progress.block_steps else None),
-            "lr": config.lr, "lr_e2e": config.lr_e2e, "ste": config.ste, "lr_codes": config.lr_codes if config.ste else None,
+            "lr": config.lr, "lr_e2e": config.lr_e2e, "schedule": config.schedule, "ste": config.ste, "lr_codes": config.lr_codes if config.ste else None,
             "ste_stages": list(config.ste_stages) if config.ste else None,
             "batch": config.batch, "seq_len": config.seq_len,
             "seed": config.seed, "minutes": config.minutes, "kl_before": meta.get("kl_before"),
