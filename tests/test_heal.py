@@ -228,7 +228,7 @@ def test_rtn_codes_straight_through_move_only_in_the_stages_asked(rtn2, healed, 
         HealConfig(minutes=1, ste_stages=("sideways",))
 
 
-def test_cosine_schedule_decays_over_each_unit_and_resumes_bit_equal(rtn2, healed, tmp_path):
+def test_cosine_schedule_decays_over_each_unit_and_resumes_bit_equal(rtn2, healed, tmp_path, capsys):
     from thawed.runtime.compress.heal.loop import Limits, lr_factor, unit_fraction
     from thawed.runtime.compress.heal.state import Progress
 
@@ -246,6 +246,8 @@ def test_cosine_schedule_decays_over_each_unit_and_resumes_bit_equal(rtn2, heale
     cfg = dataclasses.replace(CFG, schedule="cosine")
     whole = heal(rtn2, tmp_path / "whole", cfg, calib=TEXT)
     assert whole.record["schedule"] == "cosine"
+    assert main(["inspect", str(whole.path.parent)]) == 0
+    assert "lr 0.003/0.003 cosine" in capsys.readouterr().out
     with Checkpoint.open(healed.path.parent) as a, Checkpoint.open(whole.path.parent) as b:  # not the constant run
         assert any(not torch.equal(a.encoded(n).fields["scale"], b.encoded(n).fields["scale"])
                    for n in a.index if "scale" in a.encoded(n).fields)
