@@ -55,17 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     probe = torch.tensor([ids[:64]])
     with torch.no_grad():
         ref = tied(input_ids=probe, use_cache=False).logits
-    for role in ROLES:
-        m = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32, tie_word_embeddings=False).eval()
-        dense = tied.model.embed_tokens.weight.detach().clone()
-        m.model.embed_tokens.weight = torch.nn.Parameter(q.clone() if role in ("input", "both") else dense.clone())
-        m.lm_head.weight = torch.nn.Parameter(q.clone() if role in ("head", "both") else dense)
+    dense = tied.model.embed_tokens.weight.detach().clone()
+    del tied
+    m = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32, tie_word_embeddings=False).eval()
+    for role in ROLES:  # one untied model, its two tables swapped per row
+        m.model.embed_tokens.weight = torch.nn.Parameter(q if role in ("input", "both") else dense)
+        m.lm_head.weight = torch.nn.Parameter(q if role in ("head", "both") else dense)
         if role == "dense":  # correctness first: untied with the dense table on both sides is the shipped model
             with torch.no_grad():
                 torch.testing.assert_close(m(input_ids=probe, use_cache=False).logits, ref, rtol=0, atol=1e-4)
         if role == "both":
             assert torch.equal(m.model.embed_tokens.weight, q) and torch.equal(m.lm_head.weight, q)
-        r = perplexity(lambda x, m=m: m(input_ids=x, use_cache=False).logits, ids, corpus=name)
+        r = perplexity(lambda x: m(input_ids=x, use_cache=False).logits, ids, corpus=name)
         print(f"{role:6s} perplexity {r.perplexity:9.3f}  ({r.scored_tokens} tokens of {name})", flush=True)
     return 0
 

@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="block,e2e", help="block, e2e or both (default block,e2e)")
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate of stage (a) (default 5e-4)")
     p.add_argument("--lr-e2e", type=float, default=1e-4, help="Adam learning rate of stage (b) (default 1e-4)")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+    p.add_argument("--schedule", default="constant",
                    help="learning rate over each layer's and the end-to-end stage's budget: constant (default) or "
-                        "cosine decay to 0")
+                        "cosine (decay to 0)")
     p.add_argument("--ste", action="store_true", help="also train the codes a codec allows straight-through "
                    "(rtn's codes, SEE's per-token core codes; rounded in the forward pass)")
     p.add_argument("--ste-stages", default="block,e2e", help="the stages that train straight-through codes "

@@ -173,6 +173,7 @@ def test_cli_heal_and_clean_errors(rtn2, tmp_path, capsys):
         (base + ["--out", str(tmp_path / "b"), "--resume"], "no saved healing state"),
         (base + ["--out", str(tmp_path / "c"), "--source", str(tmp_path)], "--source"),
         (base + ["--out", str(tmp_path / "d"), "--stages", "block,typo"], "--stages"),
+        (base + ["--out", str(tmp_path / "f"), "--schedule", "linear"], "--schedule"),
         (["heal", str(tmp_path / "nope"), "--out", str(tmp_path / "e")], "nope"),
     ]
     for argv, needle in cases:
@@ -242,6 +243,8 @@ def test_cosine_schedule_decays_over_each_unit_and_resumes_bit_equal(rtn2, heale
     assert lr_factor("constant", 0.9) == 1.0
     with pytest.raises(ThawedError, match="--schedule"):
         HealConfig(schedule="linear")
+    old_state = {k: v for k, v in CFG.as_dict().items() if k != "schedule"}  # saved before the option existed
+    assert CFG.same_run(old_state) and not dataclasses.replace(CFG, schedule="cosine").same_run(old_state)
 
     cfg = dataclasses.replace(CFG, schedule="cosine")
     whole = heal(rtn2, tmp_path / "whole", cfg, calib=TEXT)

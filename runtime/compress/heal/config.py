@@ -87,10 +87,11 @@ class HealConfig:
         return d
 
     def same_run(self, other: dict) -> bool:
-        """Whether a saved state's settings are this run's (what resume requires), ``log_every`` aside."""
+        """Whether a saved state's settings are this run's (what resume requires), ``log_every`` aside.
+        A setting the saved state lacks (it predates the option) counts as its default, which is what
+        that run did."""
         mine = self.as_dict()
         mine.pop("log_every")
-        theirs = dict(other)
+        theirs = {k: other.get(k, v) for k, v in HealConfig().as_dict().items()} | dict(other)
         theirs.pop("log_every", None)
-        theirs.setdefault("schedule", "constant")  # states saved before the option existed
         return mine == theirs
