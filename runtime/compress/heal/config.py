@@ -13,6 +13,7 @@ fields, interrupted and resumed or not.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from thawed.codecs.errors import ThawedError
@@ -42,6 +43,14 @@ class HealConfig:
     # the stages that train straight-through codes: rtn's codes only block by block (EfficientQAT's
     # Block-AP; its end-to-end stage trains the step sizes only), SEE's per-token cores end to end
     ste_stages: tuple[str, ...] = STAGES
+    # stage (b) only: the tensors whose codes it trains straight-through (a regular expression searched
+    # in the tensor name; None = every tensor), and their learning rate (None = ``lr_codes``)
+    ste_e2e_tensors: str | None = None
+    lr_codes_e2e: float | None = None
+    # the stages whose forward and backward run their matrix products in bfloat16 (torch.autocast; the
+    # fields, their gradients, Adam and the losses stay float32): about twice the steps on a CPU with
+    # AVX512-BF16 or AMX, at bf16's rounding in the activations
+    bf16_stages: tuple[str, ...] = ()
     batch: int = 2  # sequences per step
     seq_len: int = 256
     calib_tokens: int = DEFAULT_CALIB_TOKENS  # compress's own: the same cached self-generated text
@@ -64,6 +73,14 @@ class HealConfig:
         if not (self.lr > 0 and self.lr_e2e > 0 and self.lr_codes > 0):
             raise ThawedError(f"learning rates must be > 0, got --lr {self.lr} --lr-e2e {self.lr_e2e} "
                               f"--lr-codes {self.lr_codes}")
+        if self.lr_codes_e2e is not None and not self.lr_codes_e2e > 0:
+            raise ThawedError(f"--lr-codes-e2e must be > 0, got {self.lr_codes_e2e}")
+        if self.ste_e2e_tensors is not None:
+            try:
+                re.compile(self.ste_e2e_tensors)
+            except re.error as exc:
+                raise ThawedError(f"--ste-e2e-tensors is not a regular expression ({exc}): "
+                                  f"{self.ste_e2e_tensors!r}; give e.g. 'embed_tokens'") from None
         if self.batch < 1 or self.seq_len < 2:
             raise ThawedError(f"--batch must be >= 1 and --seq-len >= 2, got {self.batch} and {self.seq_len}")
         if self.calib_tokens < self.seq_len:
@@ -75,6 +92,9 @@ class HealConfig:
         if bad_ste:
             raise ThawedError(f"--ste-stages takes a comma-separated subset of {', '.join(STAGES)}, got "
                               f"{','.join(self.ste_stages)}")
+        if any(s not in STAGES for s in self.bf16_stages):
+            raise ThawedError(f"--bf16-stages takes a comma-separated subset of {', '.join(STAGES)}, got "
+                              f"{','.join(self.bf16_stages)}")
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ThawedError(f"--stages takes a comma-separated subset of {', '.join(STAGES)}, got "
@@ -84,6 +104,7 @@ class HealConfig:
         d = asdict(self)
         d["stages"] = list(self.stages)
         d["ste_stages"] = list(self.ste_stages)
+        d["bf16_stages"] = list(self.bf16_stages)
         return d
 
     def same_run(self, other: dict) -> bool:

@@ -10,6 +10,7 @@ bit, as one that was never interrupted (step limits only; a time budget depends 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import signal
 import threading
@@ -181,7 +182,8 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                 until = None if budget is None else budget * config.block_share * (u + 1) / n_layers
                 params = _with_lr(tc, tc.named_parameters(block.prefix(u)), config.lr, config.lr_codes,
                                   codes="block" in config.ste_stages)
-                res = train_unit(f"block {u + 1}/{n_layers}", params, block.loss, batches.tokens_per_batch,
+                loss = _bf16(block.loss, "block" in config.bf16_stages)
+                res = train_unit(f"block {u + 1}/{n_layers}", params, loss, batches.tokens_per_batch,
                                  Limits(config.block_steps, None, until), progress, clock, stop.event.is_set,
                                  optim_state, saver, config.log_every, on_step, config.schedule) if params else None
                 if res is not None:
@@ -196,9 +198,11 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                         dense = run_model(teacher, None, ids)
                     return kl_dense_student(dense, run_model(student, tc.weights(), ids))
 
-                params = _with_lr(tc, tc.named_parameters(), config.lr_e2e, config.lr_codes,
-                                  codes="e2e" in config.ste_stages)
-                res = train_unit("end-to-end", params, e2e_loss, batches.tokens_per_batch,
+                params = _with_lr(tc, tc.named_parameters(), config.lr_e2e,
+                                  config.lr_codes if config.lr_codes_e2e is None else config.lr_codes_e2e,
+                                  codes="e2e" in config.ste_stages, codes_of=config.ste_e2e_tensors)
+                res = train_unit("end-to-end", params, _bf16(e2e_loss, "e2e" in config.bf16_stages),
+                                 batches.tokens_per_batch,
                                  Limits(config.steps, config.tokens, budget), progress, clock, stop.event.is_set,
                                  optim_state, saver, config.log_every, on_step, config.schedule)
                 progress.e2e_steps += progress.step
@@ -217,14 +221,35 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                                        if progress.block_steps else None),
             "lr": config.lr, "lr_e2e": config.lr_e2e, "schedule": config.schedule, "ste": config.ste, "lr_codes": config.lr_codes if config.ste else None,
             "ste_stages": list(config.ste_stages) if config.ste else None,
+            **({"ste_e2e_tensors": config.ste_e2e_tensors, "lr_codes_e2e": config.lr_codes_e2e}
+               if config.ste and "e2e" in config.ste_stages else {}),
+            **({"bf16_stages": list(config.bf16_stages)} if config.bf16_stages else {}),
             "batch": config.batch, "seq_len": config.seq_len,
             "seed": config.seed, "minutes": config.minutes, "kl_before": meta.get("kl_before"),
             "trainable_fields": tc.count(), "units": progress.history}
 
 
-def _with_lr(tc: TrainableCheckpoint, params, lr: float, lr_codes: float, codes: bool = True) -> list:
-    """(name, parameter, learning rate); straight-through code fields only when ``codes``."""
-    return [(k, p, lr_codes if tc.is_ste(k) else lr) for k, p in params if codes or not tc.is_ste(k)]
+def _bf16(loss: Callable[[int], torch.Tensor], on: bool) -> Callable[[int], torch.Tensor]:
+    """``loss`` with its forward's matrix products in bfloat16 (CPU autocast) when ``on``; the backward
+    follows the forward's dtypes, the fields and their gradients stay float32."""
+    if not on:
+        return loss
+
+    def in_bf16(step: int) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss(step)
+
+    return in_bf16
+
+
+def _with_lr(tc: TrainableCheckpoint, params, lr: float, lr_codes: float, codes: bool = True,
+             codes_of: str | None = None) -> list:
+    """(name, parameter, learning rate); straight-through code fields only when ``codes``, and then
+    only of the tensors whose name ``codes_of`` (a regular expression) is found in, when given."""
+    def keep(k: str) -> bool:
+        return not tc.is_ste(k) or codes and (codes_of is None or re.search(codes_of, k.rpartition("::")[0]) is not None)
+
+    return [(k, p, lr_codes if tc.is_ste(k) else lr) for k, p in params if keep(k)]
 
 
 def _unit_record(name: str, progress: Progress, res) -> dict:
