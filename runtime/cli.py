@@ -116,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. embed_tokens; default every tensor)")
     p.add_argument("--lr-codes-e2e", type=float, default=None, help="end-to-end stage: learning rate of the "
                    "straight-through codes (default --lr-codes)")
-    p.add_argument("--bf16-stages", default="", metavar="STAGES", help="comma-separated stages (block, e2e) whose "
-                   "matrix products run in bfloat16 (torch.autocast; fields, gradients, Adam and losses stay "
-                   "float32): about 2x the steps on a CPU with AVX512-BF16/AMX (default none)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",  # None: HealConfig's DEFAULT_CALIB_TOKENS
@@ -261,8 +258,7 @@ def _cmd_heal(args: argparse.Namespace) -> int:
                         lr_codes_e2e=args.lr_codes_e2e, batch=args.batch,
                         seq_len=args.seq_len, seed=args.seed, stages=stages,
                         **({} if args.calib_tokens is None else {"calib_tokens": args.calib_tokens}),
-                        ste_stages=tuple(s.strip() for s in args.ste_stages.split(",") if s.strip()),
-                        bf16_stages=tuple(s.strip() for s in args.bf16_stages.split(",") if s.strip()))
+                        ste_stages=tuple(s.strip() for s in args.ste_stages.split(",") if s.strip()))
     try:
         res = heal(args.ckpt, args.out, config, source=args.source, calib=calib, resume=args.resume)
     except HealInterrupted as exc:

@@ -129,8 +129,7 @@ def healed_summary(settings: dict | None) -> str | None:
     if "lr" in h:
         parts.append(f"lr {h['lr']:g}/{h.get('lr_e2e', h['lr']):g}"
                      + (f" {h['schedule']}" if h.get("schedule", "constant") != "constant" else "")
-                     + (" +STE codes" if h.get("ste") else "")
-                     + (f" bf16 {'+'.join(h['bf16_stages'])}" if h.get("bf16_stages") else ""))
+                     + (" +STE codes" if h.get("ste") else ""))
     if h.get("kl_before") is not None and h.get("kl_after") is not None:
         parts.append(f"calibration KL {h['kl_before']:.4g} -> {h['kl_after']:.4g}")
     return "healed: " + ", ".join(parts)

@@ -47,10 +47,6 @@ class HealConfig:
     # in the tensor name; None = every tensor), and their learning rate (None = ``lr_codes``)
     ste_e2e_tensors: str | None = None
     lr_codes_e2e: float | None = None
-    # the stages whose forward and backward run their matrix products in bfloat16 (torch.autocast; the
-    # fields, their gradients, Adam and the losses stay float32): about twice the steps on a CPU with
-    # AVX512-BF16 or AMX, at bf16's rounding in the activations
-    bf16_stages: tuple[str, ...] = ()
     batch: int = 2  # sequences per step
     seq_len: int = 256
     calib_tokens: int = DEFAULT_CALIB_TOKENS  # compress's own: the same cached self-generated text
@@ -92,9 +88,6 @@ class HealConfig:
         if bad_ste:
             raise ThawedError(f"--ste-stages takes a comma-separated subset of {', '.join(STAGES)}, got "
                               f"{','.join(self.ste_stages)}")
-        if any(s not in STAGES for s in self.bf16_stages):
-            raise ThawedError(f"--bf16-stages takes a comma-separated subset of {', '.join(STAGES)}, got "
-                              f"{','.join(self.bf16_stages)}")
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ThawedError(f"--stages takes a comma-separated subset of {', '.join(STAGES)}, got "
@@ -104,7 +97,6 @@ class HealConfig:
         d = asdict(self)
         d["stages"] = list(self.stages)
         d["ste_stages"] = list(self.ste_stages)
-        d["bf16_stages"] = list(self.bf16_stages)
         return d
 
     def same_run(self, other: dict) -> bool:

@@ -182,8 +182,7 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                 until = None if budget is None else budget * config.block_share * (u + 1) / n_layers
                 params = _with_lr(tc, tc.named_parameters(block.prefix(u)), config.lr, config.lr_codes,
                                   codes="block" in config.ste_stages)
-                loss = _bf16(block.loss, "block" in config.bf16_stages)
-                res = train_unit(f"block {u + 1}/{n_layers}", params, loss, batches.tokens_per_batch,
+                res = train_unit(f"block {u + 1}/{n_layers}", params, block.loss, batches.tokens_per_batch,
                                  Limits(config.block_steps, None, until), progress, clock, stop.event.is_set,
                                  optim_state, saver, config.log_every, on_step, config.schedule) if params else None
                 if res is not None:
@@ -201,8 +200,7 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
                 params = _with_lr(tc, tc.named_parameters(), config.lr_e2e,
                                   config.lr_codes if config.lr_codes_e2e is None else config.lr_codes_e2e,
                                   codes="e2e" in config.ste_stages, codes_of=config.ste_e2e_tensors)
-                res = train_unit("end-to-end", params, _bf16(e2e_loss, "e2e" in config.bf16_stages),
-                                 batches.tokens_per_batch,
+                res = train_unit("end-to-end", params, e2e_loss, batches.tokens_per_batch,
                                  Limits(config.steps, config.tokens, budget), progress, clock, stop.event.is_set,
                                  optim_state, saver, config.log_every, on_step, config.schedule)
                 progress.e2e_steps += progress.step
@@ -223,23 +221,9 @@ def _train(teacher, student, tc: TrainableCheckpoint, batches: Batches, config: 
             "ste_stages": list(config.ste_stages) if config.ste else None,
             **({"ste_e2e_tensors": config.ste_e2e_tensors, "lr_codes_e2e": config.lr_codes_e2e}
                if config.ste and "e2e" in config.ste_stages else {}),
-            **({"bf16_stages": list(config.bf16_stages)} if config.bf16_stages else {}),
             "batch": config.batch, "seq_len": config.seq_len,
             "seed": config.seed, "minutes": config.minutes, "kl_before": meta.get("kl_before"),
             "trainable_fields": tc.count(), "units": progress.history}
-
-
-def _bf16(loss: Callable[[int], torch.Tensor], on: bool) -> Callable[[int], torch.Tensor]:
-    """``loss`` with its forward's matrix products in bfloat16 (CPU autocast) when ``on``; the backward
-    follows the forward's dtypes, the fields and their gradients stay float32."""
-    if not on:
-        return loss
-
-    def in_bf16(step: int) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return loss(step)
-
-    return in_bf16
 
 
 def _with_lr(tc: TrainableCheckpoint, params, lr: float, lr_codes: float, codes: bool = True,
