@@ -16,6 +16,7 @@ model's logits. Perplexity with ``thawed.runtime.eval.perplexity`` (``thawed eva
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = TensorSpec(name=EMB, shape=tuple(dense.shape), dtype=dense.dtype, role="embedding")
 
     def encode(damp: float) -> tuple[torch.Tensor, int]:
-        codec = choice.__class__(choice.name, choice.options + (("damp", repr(damp)),)).build()
+        codec = dataclasses.replace(choice, options=choice.options + (("damp", repr(damp)),)).build()
         enc = codec.encode(dense.clone(), spec, EncodeContext(name=EMB, role="embedding", extras={"input_gram": gram},
                                                               importance=torch.diagonal(gram).clone()))
         return type(codec).decode(enc, spec, {}, torch.device("cpu"), torch.float32), enc.nbytes
